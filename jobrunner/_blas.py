@@ -1,0 +1,55 @@
+"""Load OpenBLAS into the process before ``mlx.core`` is imported (Linux CPU builds).
+
+MLX's CPU backend resolves its BLAS symbols at import time; with OpenBLAS loaded first with
+``RTLD_GLOBAL`` its matrix products run about 30x faster than with the reference BLAS. Loading
+after ``mlx.core`` is imported has no effect, so call ``load_openblas()`` first thing.
+
+``JOBRUNNER_BLAS`` overrides the search: a path to load, or ``none`` to load nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from pathlib import Path
+
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+)
+_loaded: list[str] = []  # the path loaded by an earlier call, if any
+
+
+def _candidates() -> list[str]:
+    override = os.environ.get("JOBRUNNER_BLAS", "").strip()
+    if override:
+        return [] if override.lower() == "none" else [override]
+    if not sys.platform.startswith("linux"):
+        return []  # macOS MLX uses Accelerate
+    found = [path for path in _CANDIDATES if Path(path).exists()]
+    name = ctypes.util.find_library("openblas")
+    return found + ([name] if name else [])
+
+
+def load_openblas() -> str | None:
+    """Load OpenBLAS globally, once.
+
+    Returns:
+        The library path or name that was loaded, or None when none was found or it is disabled.
+        An explicit ``JOBRUNNER_BLAS`` path that cannot be loaded raises ``OSError``.
+    """
+    if _loaded:
+        return _loaded[0]
+    explicit = bool(os.environ.get("JOBRUNNER_BLAS", "").strip())
+    for path in _candidates():
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            if explicit:
+                raise
+            continue
+        _loaded.append(path)
+        return path
+    return None

@@ -1,0 +1,68 @@
+"""Key/value cache for batched decoding.
+
+One ``KVCache`` per decoder layer holds keys and values of shape ``[batch, kv_heads, capacity,
+head_dim]``. Storage grows in blocks of ``step`` positions (or is reserved up front with
+``reserve``), and new keys are written in place, so a decode step costs O(1) copies instead of the
+O(length) copy that growing by concatenation costs. All rows share one offset: rows are
+left-padded, so position ``offset`` is the next slot of every row.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    step = 256
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+        self.reserved = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        batch, heads, _, k_dim = keys.shape
+        v_dim = values.shape[3]
+        blocks = -(-max(needed, self.reserved) // self.step)
+        new_k = mx.zeros((batch, heads, blocks * self.step, k_dim), keys.dtype)
+        new_v = mx.zeros((batch, heads, blocks * self.step, v_dim), values.dtype)
+        if self.keys is not None:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def reserve(self, total: int) -> None:
+        """Make the next allocation hold ``total`` positions, so decoding never reallocates."""
+        self.reserved = total
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write ``keys``/``values`` ``[B, H, L, D]`` at the current offset; return all so far."""
+        start = self.offset
+        end = start + keys.shape[2]
+        if end > self.capacity:
+            self._grow(keys, values, end)
+        self.keys[..., start:end, :] = keys
+        self.values[..., start:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def filter(self, rows: mx.array) -> None:
+        """Keep only the batch rows in ``rows`` (finished rows leave the batch)."""
+        if self.keys is not None:
+            self.keys = self.keys[rows]
+            self.values = self.values[rows]
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | None:
+        if self.keys is None:
+            return None
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+
+def make_cache(num_layers: int) -> list[KVCache]:
+    return [KVCache() for _ in range(num_layers)]

@@ -1,0 +1,167 @@
+"""Load a Phi-3-V model and its processor from a local directory or a Hugging Face hub id.
+
+Hub ids go through ``huggingface_hub.snapshot_download`` (``HF_HUB_OFFLINE=1`` uses only the
+cache). Both the original Microsoft checkpoints and MLX-converted ones (channels-last conv,
+quantized modules carrying ``.scales``/``.biases``) load through one ``sanitize``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .phi3_v import Model, sanitize
+from .processing import Processor
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or its files do not fit the architecture."""
+
+
+def resolve_model_path(path_or_hub_id: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded or taken from the cache."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1:
+        raise ModelLoadError(f"model directory not found: {path_or_hub_id}")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(
+            snapshot_download(
+                path_or_hub_id,
+                revision=revision,
+                allow_patterns=_HUB_FILES,
+                local_files_only=offline,
+            )
+        )
+    except Exception as err:  # the hub client raises many kinds; all mean "not available"
+        where = "the local cache (HF_HUB_OFFLINE is set)" if offline else "the cache or the hub"
+        raise ModelLoadError(
+            f"model {path_or_hub_id!r} is not a local directory and could not be loaded from "
+            f"{where}: {type(err).__name__}"
+        ) from None
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    try:
+        params = json.loads((model_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{model_dir} has no config.json") from None
+    try:
+        return ModelConfig.from_dict(params)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"{model_dir / 'config.json'}: {err}") from None
+
+
+def read_weights(model_dir: Path) -> dict[str, mx.array]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weight files")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        weights.update(mx.load(str(file)))
+    return weights
+
+
+def weights_identity(model_dir: Path) -> str:
+    """A cheap hash of the weight files: names, sizes and safetensors headers (not the data)."""
+    digest = hashlib.sha256()
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            digest.update(file.name.encode() + f.read(min(size, 64 << 20)))
+        digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}")
+    if wrong:
+        problems.append(f"tensors of the wrong shape: {', '.join(wrong[:10])}")
+    if problems:
+        raise ModelLoadError("checkpoint does not fit the config: " + "; ".join(problems))
+
+
+def default_dtype() -> str:
+    """float32 on the CPU; bfloat16 on a GPU."""
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
+def _is_decoder_linear(path: str, module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear) or module.weight.shape[-1] % 64:
+        return False
+    return path.startswith("model.layers.") or path == "lm_head"
+
+
+def build_model(model_dir: Path, dtype: str | None = None, quantize: int | None = None) -> Model:
+    """Build the model from ``config.json`` and the safetensors in ``model_dir``."""
+    config = read_config(model_dir)
+    model = Model(config)
+    weights = sanitize(read_weights(model_dir))
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q.get("group_size", 64),
+            bits=q.get("bits", 4),
+            class_predicate=lambda path, _: f"{path}.scales" in weights,
+        )
+    _check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    target = DTYPES[dtype or default_dtype()]
+    model.apply(lambda x: x.astype(target) if mx.issubdtype(x.dtype, mx.floating) else x)
+    if quantize:
+        if quantize not in (4, 8):
+            raise ValueError("quantize must be 4 or 8")
+        nn.quantize(model, group_size=64, bits=quantize, class_predicate=_is_decoder_linear)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(
+    path_or_hub_id: str,
+    dtype: str | None = None,
+    quantize: int | None = None,
+    num_crops: int | None = None,
+    revision: str | None = None,
+) -> tuple[Model, Processor]:
+    """Load model and processor.
+
+    Args:
+        path_or_hub_id: a local directory in Hugging Face layout, or a hub id.
+        dtype: "float32", "bfloat16" or "float16"; default float32 on CPU, bfloat16 on GPU.
+        quantize: 4 or 8 to quantize the decoder's linear layers at load (group size 64).
+        num_crops: override ``num_crops`` of ``preprocessor_config.json``.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model_dir = resolve_model_path(path_or_hub_id, revision)
+    model = build_model(model_dir, dtype, quantize)
+    processor = Processor.from_pretrained(model_dir, model.config, num_crops=num_crops)
+    return model, processor

@@ -1,0 +1,187 @@
+"""Generation properties: batched == alone, cached == uncached, per-row sampling, stops."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.cache import make_cache
+from model.generate import (
+    GenerationParams,
+    _left_pad,
+    decode_step,
+    generate_batch,
+    image_features,
+    prefill,
+    row_seed,
+)
+from model.language import attention_mask, position_ids
+from model.loading import load
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load(str(tiny_model_dir))
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+MIXED_ROWS = [
+    ("Describe the picture.", (60, 200)),  # portrait
+    ("What colour is the circle in this image?", (300, 80)),  # landscape
+    ("Caption.", (10, 7)),  # tiny
+    ("Write one line about it.", (1500, 140)),  # huge and wide
+    ("Tell me a story about a red square and a blue circle on a hill.", None),  # text only
+    ("Hi", None),  # short text only
+    ("Is it a square?", (56, 56)),  # exactly one crop
+]
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(loaded):
+    _, processor = loaded
+    return [
+        processor.prepare(prompt, None if size is None else picture(*size, seed=i))
+        for i, (prompt, size) in enumerate(MIXED_ROWS)
+    ]
+
+
+def test_batched_greedy_equals_each_row_alone(loaded, mixed_batch):
+    model, processor = loaded
+    params = GenerationParams(max_tokens=12)
+    batched = generate_batch(model, processor, mixed_batch, params)
+    lengths = {len(row.input_ids) for row in mixed_batch}
+    assert len(lengths) >= 5  # really different prompt lengths
+    for row, together in zip(mixed_batch, batched, strict=True):
+        alone = generate_batch(model, processor, [row], params)[0]
+        assert together.token_ids == alone.token_ids
+        assert together.prompt_tokens == len(row.input_ids)
+    # the rows do not all say the same thing (the test would be weak otherwise)
+    assert len({tuple(r.token_ids) for r in batched}) > 1
+
+
+def test_sampled_rows_do_not_depend_on_their_batch(loaded, mixed_batch):
+    model, processor = loaded
+    params = GenerationParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50)
+    seeds = [row_seed(7, f"row-{i}") for i in range(len(mixed_batch))]
+    batched = generate_batch(model, processor, mixed_batch, params, seeds)
+    order = [3, 0, 5]
+    subset = generate_batch(
+        model, processor, [mixed_batch[i] for i in order], params, [seeds[i] for i in order]
+    )
+    for i, result in zip(order, subset, strict=True):
+        assert result.token_ids == batched[i].token_ids
+    greedy = generate_batch(model, processor, mixed_batch, GenerationParams(max_tokens=10))
+    assert any(s.token_ids != g.token_ids for s, g in zip(batched, greedy, strict=True))
+    other_seed = generate_batch(model, processor, mixed_batch[:1], params, [seeds[0] + 1])
+    reseeded = generate_batch(model, processor, mixed_batch[:1], params, [seeds[0]])
+    assert reseeded[0].token_ids == batched[0].token_ids
+    assert other_seed[0].token_ids != batched[0].token_ids
+
+
+def test_cached_decoding_equals_full_recompute(loaded, mixed_batch):
+    model, processor = loaded
+    rows = [mixed_batch[0], mixed_batch[4], mixed_batch[2]]
+    width = max(len(r.input_ids) for r in rows)
+    ids = np.full((len(rows), width), processor.pad_token_id, dtype=np.int32)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row.input_ids) :] = row.input_ids
+    pad = mx.array([width - len(r.input_ids) for r in rows])
+    features = image_features(model, rows)
+    cache = make_cache(len(model.layers))
+    logits = prefill(model, mx.array(ids), pad, cache, features, chunk=7)  # chunked prefill too
+    sequence = mx.array(ids)
+    for _ in range(6):
+        length = sequence.shape[1]
+        full = model(
+            sequence,
+            position_ids(pad, 0, length),
+            attention_mask(pad, 0, length),
+            image_features=features,
+        )[:, -1]
+        scale = float(mx.abs(full).max())
+        assert float(mx.abs(logits - full).max()) <= 1e-4 * scale
+        token = mx.argmax(logits, axis=-1)
+        sequence = mx.concatenate([sequence, token[:, None].astype(sequence.dtype)], axis=1)
+        logits = decode_step(model, token, pad, cache)
+
+
+def test_vision_tower_sees_only_real_crops(loaded, mixed_batch):
+    model, processor = loaded
+    images = [image for row in mixed_batch for image in row.images]
+    before = model.vision.crops_encoded
+    image_features(model, mixed_batch)
+    real = sum(1 + image.h_crop * image.w_crop for image in images)
+    assert model.vision.crops_encoded - before == real
+    assert real < len(images) * (processor.num_crops + 1)  # padding crops were skipped
+
+
+def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch):
+    model, processor = loaded
+    params = GenerationParams(max_tokens=8)
+    free = generate_batch(model, processor, mixed_batch[:3], params)
+    assert all(r.finish_reason == "length" and r.output_tokens == 8 for r in free)
+    stop = free[1].token_ids[2]  # make row 1's third token a stop token
+    original = set(processor.stop_token_ids)
+    processor.stop_token_ids = original | {stop}
+    try:
+        stopped = generate_batch(model, processor, mixed_batch[:3], params)
+    finally:
+        processor.stop_token_ids = original
+    first_stop = free[1].token_ids.index(stop)
+    assert stopped[1].finish_reason == "stop"
+    assert stopped[1].token_ids == free[1].token_ids[:first_stop]
+    assert stopped[1].output_tokens == first_stop
+    assert stopped[1].text == processor.decode(free[1].token_ids[:first_stop])
+    for i in (0, 2):  # the other rows go on as before, whether or not row 1 left the batch
+        cut = free[i].token_ids.index(stop) if stop in free[i].token_ids else 8
+        assert stopped[i].token_ids == free[i].token_ids[:cut]
+
+
+def test_generation_params_are_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        GenerationParams(max_tokens=0)
+
+
+def test_row_seed_depends_on_job_seed_and_id_only():
+    assert row_seed(1, "a") == row_seed(1, "a")
+    assert row_seed(1, "a") != row_seed(2, "a")
+    assert row_seed(1, "a") != row_seed(1, "b")
+    assert 0 <= row_seed(3, "x") < 2**32
+
+
+def test_batch_invariance_across_the_long_rope_switch(tmp_path):
+    """With the short/long RoPE switch at 24 positions, a short row padded past 24 must still
+    use its own positions (short factors), exactly as alone."""
+    from model.tiny import make_tiny_model
+
+    model, processor = load(str(make_tiny_model(tmp_path, original_max_position_embeddings=24)))
+    rows = [
+        processor.prepare("Hi", None),
+        processor.prepare("Tell me a story about a red square and a blue circle.", None),
+        processor.prepare("Describe it.", picture(120, 60, seed=1)),
+    ]
+    assert min(len(r.input_ids) for r in rows) < 24 - 8 < 24 < max(len(r.input_ids) for r in rows)
+    params = GenerationParams(max_tokens=8)
+    batched = generate_batch(model, processor, rows, params)
+    for row, together in zip(rows, batched, strict=True):
+        assert together.token_ids == generate_batch(model, processor, [row], params)[0].token_ids
+
+    # Logits too, which see every difference, not only those that flip a greedy choice.
+    def last_logits(group):
+        ids, pad = _left_pad(group, processor.pad_token_id)
+        cache = make_cache(len(model.layers))
+        return prefill(model, ids, pad, cache, image_features(model, group), chunk=64)
+
+    together = last_logits(rows)
+    for b, row in enumerate(rows):
+        alone = last_logits([row])[0]
+        assert float(mx.abs(together[b] - alone).max()) <= 1e-4 * float(mx.abs(alone).max())

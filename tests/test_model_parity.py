@@ -1,0 +1,165 @@
+"""Parity with the transformers reference on the same random weights (torch, CPU, float32)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.language import attention_mask, position_ids
+from model.phi3_v import Model, sanitize
+from model.processing import image_feature_index
+from model.tiny import random_weights, tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VISION_PREFIX = "model.vision_embed_tokens.img_processor."
+
+
+def mlx_model(config: dict, weights: dict[str, np.ndarray]) -> Model:
+    model = Model(ModelConfig.from_dict(config))
+    model.load_weights(list(sanitize({k: mx.array(v) for k, v in weights.items()}).items()))
+    return model
+
+
+def torch_phi3(config: dict, weights: dict[str, np.ndarray]):
+    rope = config["rope_scaling"]
+    torch_config = transformers.Phi3Config(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads"),
+        rms_norm_eps=config["rms_norm_eps"],
+        max_position_embeddings=config["max_position_embeddings"],
+        original_max_position_embeddings=config["original_max_position_embeddings"],
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": config["rope_theta"],
+            "short_factor": rope["short_factor"],
+            "long_factor": rope["long_factor"],
+            "original_max_position_embeddings": config["original_max_position_embeddings"],
+        },
+        pad_token_id=config["pad_token_id"],
+        bos_token_id=config["bos_token_id"],
+        eos_token_id=config["eos_token_id"],
+        tie_word_embeddings=False,
+    )
+    torch_config._attn_implementation = "eager"
+    model = transformers.Phi3ForCausalLM(torch_config).eval()
+    state = {k: torch.from_numpy(v) for k, v in weights.items() if not k.startswith("model.vision")}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    ("switch", "lengths"),
+    [(4096, [5, 17, 11, 1, 23]), (16, [20, 31, 17, 26])],
+    ids=["short-factors", "long-factors"],
+)
+def test_decoder_logits_match_transformers_left_padded(switch, lengths):
+    config = tiny_config(original_max_position_embeddings=switch)
+    weights = random_weights(config, seed=3)
+    rng = np.random.default_rng(0)
+    width = max(lengths)
+    pad_id = config["pad_token_id"]
+    ids = np.full((len(lengths), width), pad_id, dtype=np.int64)
+    real = np.zeros_like(ids, dtype=bool)
+    for b, n in enumerate(lengths):
+        ids[b, width - n :] = rng.integers(16, 500, size=n)
+        real[b, width - n :] = True
+    pad = mx.array([width - n for n in lengths])
+
+    ours = mlx_model(config, weights)(
+        mx.array(ids), position_ids(pad, 0, width), attention_mask(pad, 0, width)
+    )
+    hf_positions = np.where(real, np.cumsum(real, axis=1) - 1, 1)
+    with torch.no_grad():
+        ref = torch_phi3(config, weights)(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(real.astype(np.int64)),
+            position_ids=torch.from_numpy(hf_positions),
+        ).logits.numpy()
+    assert relative_error(np.array(ours)[real], ref[real]) <= 1e-4
+
+
+def test_clip_hidden_state_minus_two_matches_transformers():
+    config = tiny_config()
+    vision = config["img_processor"]["vision_config"]
+    weights = random_weights(config, seed=5)
+    torch_config = transformers.CLIPVisionConfig(
+        hidden_size=vision["hidden_size"],
+        intermediate_size=vision["intermediate_size"],
+        num_attention_heads=vision["num_attention_heads"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
+        hidden_act="quick_gelu",
+    )
+    torch_config._attn_implementation = "eager"
+    clip = transformers.CLIPVisionModel(torch_config).eval()
+    # transformers 5 keeps the CLIP tower's keys without the "vision_model." prefix.
+    prefix = VISION_PREFIX + "vision_model."
+    state = {
+        k[len(prefix) :]: torch.from_numpy(v) for k, v in weights.items() if k.startswith(prefix)
+    }
+    clip.load_state_dict(state, strict=True)
+    size = vision["image_size"]
+    pixels = np.random.default_rng(1).normal(size=(3, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = clip(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2].numpy()
+    ours = mlx_model(config, weights).vision.img_processor(mx.array(pixels.transpose(0, 2, 3, 1)))
+    assert relative_error(np.array(ours), ref) <= 1e-4
+
+
+def hd_layout_reference(merged, sub_gn, glb_gn, grids, t):
+    """The HD layout written out plainly: for each image, the tile map row by row with a
+    newline after each row, then glb_GN, then the global map with newlines."""
+    out, crop = [], 0
+    for h, w in grids:
+        glb, tiles = merged[crop], merged[crop + 1 : crop + 1 + h * w]
+        crop += 1 + h * w
+        for row in range(h * t):
+            for col in range(w * t):
+                tile = tiles[(row // t) * w + col // t]
+                out.append(tile[(row % t) * t + col % t])
+            out.append(sub_gn)
+        out.append(glb_gn)
+        for row in range(t):
+            out.extend(glb[row * t : (row + 1) * t])
+            out.append(sub_gn)
+    return np.stack(out)
+
+
+def test_hd_layout_and_projection_match_plain_reference():
+    config = tiny_config()
+    weights = random_weights(config, seed=7)
+    model = mlx_model(config, weights)
+    t = model.config.vision.tokens_per_side
+    grids = [(1, 3), (2, 2), (3, 1)]
+    n_crops = sum(1 + h * w for h, w in grids)
+    merged = np.random.default_rng(2).normal(size=(n_crops, t * t, 128)).astype(np.float32)
+    index, offset = [], 0
+    for h, w in grids:
+        index.append(image_feature_index(h, w, offset, t))
+        offset += 1 + h * w
+    vision = model.vision
+    ours = vision.project(mx.array(merged), mx.array(np.concatenate(index)))
+
+    sub_gn = weights["model.vision_embed_tokens.sub_GN"].reshape(-1)
+    glb_gn = weights["model.vision_embed_tokens.glb_GN"].reshape(-1)
+    x = torch.from_numpy(hd_layout_reference(merged, sub_gn, glb_gn, grids, t))
+    p = "model.vision_embed_tokens.img_projection."
+    w0, b0 = (torch.from_numpy(weights[p + n]) for n in ("0.weight", "0.bias"))
+    w2, b2 = (torch.from_numpy(weights[p + n]) for n in ("2.weight", "2.bias"))
+    ref = torch.nn.functional.gelu(x @ w0.T + b0) @ w2.T + b2
+    assert ours.shape == tuple(ref.shape)
+    assert relative_error(np.array(ours), ref.numpy()) <= 1e-5
