@@ -163,5 +163,18 @@ def load(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_path(path_or_hub_id, revision)
     model = build_model(model_dir, dtype, quantize)
-    processor = Processor.from_pretrained(model_dir, model.config, num_crops=num_crops)
+    processor = _quietly(Processor.from_pretrained, model_dir, model.config, num_crops=num_crops)
     return model, processor
+
+
+def _quietly(func, *args, **kwargs):
+    """Call ``func`` with transformers' logging at error level: AutoTokenizer reads config.json
+    and warns that it does not know ``phi3_v`` or rope type ``su``, which is harmless here."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return func(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)

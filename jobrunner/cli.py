@@ -1,0 +1,228 @@
+"""The ``jobrunner`` command: parse, build a job spec, call the library, report.
+
+Exit codes: 0 every row succeeded; 1 the job ran but some rows are error records; 2 usage or
+configuration error (nothing was run); 3 another run holds the job's lock; 130/143 interrupted
+by SIGINT/SIGTERM (resumable: the message gives the command).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class _ConfigError(click.ClickException):
+    exit_code = EXIT_CONFIG
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        k, n = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected K/N such as 0/4, got {value!r}") from None
+    return k, n
+
+
+def _run_options(func):
+    options = [
+        click.option("--model", help="Model directory or Hugging Face hub id."),
+        click.option("--output", type=click.Path(path_type=Path), help="Result .parquet file."),
+        click.option("--prompt", help="Prompt template for every row; {column} fields."),
+        click.option("--id-column"),
+        click.option("--image-column"),
+        click.option("--prompt-column"),
+        click.option("--keep-columns", help="Comma-separated input columns to copy."),
+        click.option("--max-tokens", type=int),
+        click.option("--temperature", type=float),
+        click.option("--top-p", type=float),
+        click.option("--top-k", type=int),
+        click.option("--seed", type=int),
+        click.option("--batch-size", type=int),
+        click.option("--max-batch-tokens", type=int),
+        click.option("--num-crops", type=int),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"])),
+        click.option("--quantize", type=click.Choice(["4", "8"])),
+        click.option("--shard", help="Run shard K of N: K/N (0-based)."),
+        click.option("--image-root", type=click.Path(path_type=Path)),
+        click.option("--checkpoint-every", type=int, help="Rows between checkpoints."),
+        click.option("--checkpoint-seconds", type=float, help="Seconds between checkpoints."),
+        click.option("--workers", type=int, help="Preprocessing threads."),
+        click.option("--sort-window", type=int, help="Rows sorted by length together."),
+        click.option("--max-image-pixels", type=int),
+        click.option("--no-chat", is_flag=True, default=None, help="Send prompts as they are."),
+        click.option("--overwrite", is_flag=True, default=None, help="Start over."),
+        click.option("--quiet", is_flag=True, default=None, help="No progress output."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="mlx-jobrunner")
+def main() -> None:
+    """Caption and question image datasets with Phi-3-Vision on MLX."""
+    from ._blas import load_openblas
+
+    load_openblas()
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@_run_options
+def run(input_path: Path, **flags) -> None:
+    """Run (or resume) a job: INPUT is a .jsonl or .parquet dataset, or a .toml job file."""
+    from .checkpoint import CheckpointError, FingerprintMismatch, LockHeld
+    from .progress import Reporter
+    from .runner import ConfigError, Interrupted, run_job
+
+    spec = _build_spec(input_path, flags)
+    reporter = Reporter(quiet=spec.quiet)
+    try:
+        result = run_job(spec, reporter)
+    except LockHeld as err:
+        click.echo(f"jobrunner: {err}", err=True)
+        sys.exit(EXIT_LOCKED)
+    except (ConfigError, FingerprintMismatch, CheckpointError) as err:
+        raise _ConfigError(str(err)) from None
+    except Interrupted as err:
+        reporter.close()
+        command = shlex.join(["jobrunner", *sys.argv[1:]]).replace(" --overwrite", "")
+        click.echo(f"jobrunner: interrupted by {err}; finished rows are saved.", err=True)
+        click.echo(f"jobrunner: resume with: {command}", err=True)
+        sys.exit(128 + err.signum)
+    if not spec.quiet and result.summary and not result.nothing_to_do:
+        s = result.summary
+        click.echo(
+            f"jobrunner: {s['rows_run']} rows in {s['seconds']:.1f}s "
+            f"({s['rows_per_second']} rows/s, {s['generated_tokens_per_second']} tok/s), "
+            f"padding {s['padding_fraction']:.1%}, errors {result.errors}",
+            err=True,
+        )
+    if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
+        sys.exit(EXIT_OK)
+    sys.exit(EXIT_ROW_ERRORS if result.errors else EXIT_OK)
+
+
+def _build_spec(input_path: Path, flags: dict):
+    from .spec import SpecError, build_spec, load_job_file
+
+    cli = {
+        "model": flags["model"],
+        "output": flags["output"],
+        "prompt": flags["prompt"],
+        "id_column": flags["id_column"],
+        "image_column": flags["image_column"],
+        "prompt_column": flags["prompt_column"],
+        "keep_columns": _split(flags["keep_columns"]),
+        "max_tokens": flags["max_tokens"],
+        "temperature": flags["temperature"],
+        "top_p": flags["top_p"],
+        "top_k": flags["top_k"],
+        "seed": flags["seed"],
+        "batch_size": flags["batch_size"],
+        "max_batch_tokens": flags["max_batch_tokens"],
+        "num_crops": flags["num_crops"],
+        "dtype": flags["dtype"],
+        "quantize": None if flags["quantize"] is None else int(flags["quantize"]),
+        "shard": _shard(flags["shard"]),
+        "image_root": flags["image_root"],
+        "checkpoint_every_rows": flags["checkpoint_every"],
+        "checkpoint_every_seconds": flags["checkpoint_seconds"],
+        "workers": flags["workers"],
+        "sort_window": flags["sort_window"],
+        "max_image_pixels": flags["max_image_pixels"],
+        "chat": None if flags["no_chat"] is None else not flags["no_chat"],
+        "overwrite": flags["overwrite"],
+        "quiet": flags["quiet"],
+    }
+    try:
+        if input_path.suffix == ".toml":
+            file_values = load_job_file(input_path)
+        else:
+            file_values = {"input": input_path.absolute()}
+        if cli["output"] is not None:
+            cli["output"] = cli["output"].absolute()
+        return build_spec(file_values, cli)
+    except SpecError as err:
+        raise _ConfigError(str(err)) from None
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(output: Path, as_json: bool) -> None:
+    """Progress of the job writing OUTPUT (done or not)."""
+    from .checkpoint import status as job_status
+
+    parts = output.with_name(output.name + ".parts")
+    if not parts.is_dir() and not output.exists():
+        raise _ConfigError(f"no job found for {output} (no {parts.name}/ and no output file)")
+    info = job_status(parts, output)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(_format_status(output, info))
+
+
+def _format_status(output: Path, info: dict) -> str:
+    lines = [f"{output}: {'complete' if info.get('output_exists') else 'not merged yet'}"]
+    for shard in info.get("shards", []):
+        done, total = shard.get("rows_done"), shard.get("rows_total")
+        state = "running" if shard.get("running") else "complete" if shard.get("complete") else ""
+        rate = shard.get("rows_per_second")
+        eta = shard.get("eta_seconds")
+        extra = f", {rate:.2f} rows/s" if rate else ""
+        extra += f", eta {eta:.0f}s" if eta else ""
+        lines.append(
+            f"  {shard.get('name')}: {done}/{total} rows, {shard.get('errors', 0)} errors"
+            f"{extra} {state}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+@main.command(name="merge")
+@click.argument("output", type=click.Path(path_type=Path))
+def merge_command(output: Path) -> None:
+    """Join the parts of every (finished) shard into OUTPUT."""
+    from .checkpoint import CheckpointError, merge
+
+    parts = output.with_name(output.name + ".parts")
+    try:
+        info = merge(parts, output)
+    except CheckpointError as err:
+        raise _ConfigError(str(err)) from None
+    click.echo(f"wrote {info.path}: {info.rows} rows, {info.errors} errors")
+    sys.exit(EXIT_ROW_ERRORS if info.errors else EXIT_OK)
+
+
+@main.command()
+@click.argument("output", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--limit", type=int, default=20, show_default=True)
+def show(output: Path, limit: int) -> None:
+    """Print the first rows of a result file as a table."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(output, columns=["id", "finish_reason", "output", "error"])
+    rows = table.slice(0, limit).to_pylist()
+    width = max([len(str(r["id"])) for r in rows] + [2])
+    click.echo(f"{'id':<{width}}  {'finish':<6}  output")
+    for r in rows:
+        text = r["output"] if r["output"] is not None else f"ERROR: {r['error']}"
+        click.echo(f"{str(r['id']):<{width}}  {r['finish_reason']:<6}  {text}")
+    if table.num_rows > limit:
+        click.echo(f"... {table.num_rows - limit} more rows")

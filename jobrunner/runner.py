@@ -1,0 +1,364 @@
+"""The run loop: read rows → plan batches → preprocess (threads) → generate → write parts.
+
+``run_job(spec)`` is the library entry point behind ``jobrunner run``. It validates the input and
+the model up front (``ConfigError``: nothing was run), takes the job's lock, resumes from the
+checkpoint, streams the rows this shard still owes, and writes results as durable parts. When the
+shard is finished and every shard is complete, it merges the parts into the output file and writes
+``OUTPUT.summary.json``.
+
+Rows that cannot be served (unreadable image, bad prompt, a failure inside generation) become
+error records; they never stop the job. SIGINT/SIGTERM finish the batch in flight, flush what is
+done and end with ``Interrupted``.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .batching import PlanStats, plan_batches
+from .checkpoint import CheckpointError, CheckpointStore, merge, shard_rows
+from .progress import Reporter
+from .readers import (
+    ImageError,
+    ReadOptions,
+    ReaderConfigError,
+    Row,
+    check_input,
+    count_rows,
+    image_size,
+    iter_rows,
+    load_image,
+)
+from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
+from .writers import ParquetOutputMetadata, PartWriter, write_summary
+
+PREFETCH_BATCHES = 2
+
+
+class ConfigError(Exception):
+    """The job cannot start as configured (exit code 2); nothing was run."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: work done so far is durable; the job resumes with the same command."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class RunResult:
+    rows_total: int
+    rows_done_before: int
+    rows_run: int
+    errors: int  # error records in the whole job (or shard, while others are unfinished)
+    merged: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    nothing_to_do: bool = False
+
+
+def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
+    """Resolve the model and identify its weights cheaply (for the fingerprint)."""
+    from model.loading import ModelLoadError, resolve_model_path, weights_identity
+
+    try:
+        model_dir = resolve_model_path(model)
+        identity = {"model": model, "weights": weights_identity(model_dir)}
+    except ModelLoadError as err:
+        raise ConfigError(str(err)) from None
+    if "snapshots" in model_dir.parts:  # a hub cache snapshot: its folder is the revision
+        identity["revision"] = model_dir.name
+    return model_dir, identity
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a flag checked between batches."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
+    """Run (or resume) one job or shard.
+
+    Raises:
+        ConfigError: bad input or model; nothing was run.
+        LockHeld: another run holds this shard's lock.
+        FingerprintMismatch: the checkpoint belongs to another job.
+        Interrupted: stopped by a signal after flushing finished rows.
+    """
+    reporter = reporter or Reporter(quiet=True)
+    options = ReadOptions.from_spec(spec)
+    try:
+        check_input(spec.input, options)
+        total = count_rows(spec.input)
+    except ReaderConfigError as err:
+        raise ConfigError(str(err)) from None
+    model_dir, identity = model_identity(spec.model)
+    fields = fingerprint_fields(spec, identity, input_identity(spec.input))
+    print_ = fingerprint(spec, identity, input_identity(spec.input))
+    store = CheckpointStore(spec.parts_dir, spec.shard)
+    with store.lock():
+        info = store.open_or_create(spec.to_dict(), print_, fields, spec.overwrite, total)
+        for note in info.cleaned:
+            reporter.event(f"checkpoint: {note}")
+        owed = shard_rows(total, store.k, store.n)
+        if info.complete and spec.output.exists():
+            reporter.event(f"nothing to do: {spec.output} is complete ({total} rows)")
+            return RunResult(total, info.rows_done, 0, info.errors, True, nothing_to_do=True)
+        if info.rows_done:
+            reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
+        session = _Session(spec, store, reporter, owed, info.rows_done)
+        if info.rows_done < owed:
+            session.run(model_dir)
+        store.mark_complete(total)
+        return session.finish(total, identity)
+
+
+class _Session:
+    """One run of the loop over the rows this shard still owes."""
+
+    def __init__(self, spec, store, reporter, owed, done_before):
+        self.spec, self.store, self.reporter = spec, store, reporter
+        self.owed, self.done_before = owed, done_before
+        self.writer = PartWriter(
+            store,
+            spec.keep_columns,
+            every_rows=spec.checkpoint_every_rows or None,
+            every_seconds=spec.checkpoint_every_seconds or None,
+        )
+        self.stats = PlanStats()
+        self.rows: dict[int, Row] = {}
+        self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
+        self.started = time.monotonic()
+        self.model_seconds = 0.0
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, model_dir: Path) -> None:
+        from model.generate import GenerationParams
+        from model.loading import load
+
+        spec = self.spec
+        try:
+            self.model, self.processor = load(
+                str(model_dir), spec.dtype, spec.quantize, spec.num_crops
+            )
+            self.params = GenerationParams(
+                max_tokens=spec.max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+            )
+        except Exception as err:  # a model that does not load is a configuration error
+            raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
+        self.reporter.start(self.owed, self.done_before)
+        with _StopFlag() as stop, ThreadPoolExecutor(max(1, spec.workers)) as pool:
+            batches = plan_batches(
+                self._estimates(), spec.batch_size, spec.max_batch_tokens, spec.sort_window
+            )
+            queue: deque[list[tuple[Row, Future]]] = deque()
+            for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
+                self._run_batch(batch)
+                self.writer.maybe_flush()
+                if stop.signum is not None:
+                    self.writer.flush()
+                    for pending in queue:
+                        for _, future in pending:
+                            future.cancel()
+                    raise Interrupted(stop.signum)
+        self.writer.flush()
+        self.reporter.close()
+
+    def _estimates(self) -> Iterator[tuple[int, int]]:
+        """(index, prompt length) of each runnable row; failed rows become error records."""
+        for row in iter_rows(self.spec.input, ReadOptions.from_spec(self.spec)):
+            if not self.spec.owns_row(row.index) or self.store.is_done(row.index):
+                continue
+            if row.error:
+                self._error(row, row.error)
+                continue
+            try:
+                size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
+                length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
+            except (ImageError, ValueError) as err:
+                self._error(row, str(err))
+                continue
+            self.rows[row.index] = row
+            yield row.index, length
+
+    def _submit(self, pool: ThreadPoolExecutor, batch: list[int]) -> list[tuple[Row, Future]]:
+        rows = [self.rows.pop(index) for index in batch]
+        return [(row, pool.submit(self._prepare, row)) for row in rows]
+
+    def _prepare(self, row: Row):
+        image = load_image(row.image, self.spec.max_image_pixels) if row.image else None
+        return self.processor.prepare(row.prompt, image, chat=self.spec.chat)
+
+    def _run_batch(self, batch: list[tuple[Row, Future]]) -> None:
+        ready = []
+        for row, future in batch:
+            try:
+                ready.append((row, future.result()))
+            except (ImageError, ValueError, OSError) as err:
+                self._error(row, str(err))
+        if not ready:
+            return
+        self.stats.add([len(prepared.input_ids) for _, prepared in ready])
+        started = time.monotonic()
+        for (row, prepared), result in zip(ready, self._generate(ready), strict=True):
+            if isinstance(result, str):
+                self._error(row, result, prompt_tokens=len(prepared.input_ids))
+            else:
+                self._result(row, result)
+        self.model_seconds += time.monotonic() - started
+        self.reporter.update(self.rows_run, self.generated, self.errors)
+
+    def _generate(self, ready: list) -> list:
+        """Results of a batch; if the batch fails, each row alone, failures as error text."""
+        from model.generate import generate_batch, row_seed
+
+        rows = [prepared for _, prepared in ready]
+        seeds = [row_seed(self.spec.seed, row.id) for row, _ in ready]
+        try:
+            return generate_batch(self.model, self.processor, rows, self.params, seeds)
+        except Exception:  # noqa: BLE001 - isolate the failing row below
+            if len(ready) == 1:
+                return [f"generation failed: {_describe(sys.exc_info()[1])}"]
+        return [self._generate([item])[0] for item in ready]
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _result(self, row: Row, result) -> None:
+        self.writer.add(
+            {
+                "index": row.index,
+                "id": row.id,
+                "output": result.text,
+                "finish_reason": result.finish_reason,
+                "error": None,
+                "prompt_tokens": result.prompt_tokens,
+                "output_tokens": result.output_tokens,
+                "extra": row.extra,
+            }
+        )
+        self.rows_run += 1
+        self.generated += result.output_tokens
+        self.prompt_tokens += result.prompt_tokens
+
+    def _error(self, row: Row, message: str, prompt_tokens: int = 0) -> None:
+        self.writer.add(
+            {
+                "index": row.index,
+                "id": row.id,
+                "output": None,
+                "finish_reason": "error",
+                "error": message,
+                "prompt_tokens": prompt_tokens,
+                "output_tokens": 0,
+                "extra": row.extra,
+            }
+        )
+        self.rows_run += 1
+        self.errors += 1
+        self.reporter.event(f"row {row.index} ({row.id}): {message}", error=True)
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def finish(self, total: int, identity: dict[str, Any]) -> RunResult:
+        spec, store = self.spec, self.store
+        summary = self.summary()
+        merged = False
+        try:
+            metadata = ParquetOutputMetadata(
+                spec=spec.to_dict(),
+                fingerprint="",
+                model_id=spec.model,
+                model_revision=identity.get("revision") or identity.get("weights"),
+            ).to_dict()
+            metadata.pop("fingerprint")  # merge takes it from the manifest
+            info = merge(spec.parts_dir, spec.output, total, metadata=metadata)
+            merged = True
+            summary |= {"rows_ok": info.rows - info.errors, "rows_error": info.errors}
+            write_summary(spec.output.with_name(spec.output.name + ".summary.json"), summary)
+            self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
+        except CheckpointError as err:  # other shards still running: the last one merges
+            self.reporter.event(f"shard done; not merged yet: {err}")
+        errors = summary.get("rows_error", store.errors)
+        return RunResult(total, self.done_before, self.rows_run, errors, merged, summary)
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        return {
+            "rows_total": self.owed,
+            "rows_done_before": self.done_before,
+            "rows_run": self.rows_run,
+            "rows_ok": self.rows_run - self.errors,
+            "rows_error": self.errors,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated,
+            "seconds": round(seconds, 3),
+            "model_seconds": round(self.model_seconds, 3),
+            "rows_per_second": round(self.rows_run / seconds, 3) if seconds else None,
+            "generated_tokens_per_second": round(self.generated / seconds, 3) if seconds else None,
+            "padding_fraction": round(self.stats.padding_fraction, 4),
+            "batches": self.stats.batches,
+            "peak_memory_bytes": peak_memory_bytes(),
+        }
+
+
+def _chain(batches, queue: deque, submit) -> Iterator:
+    """Keep ``PREFETCH_BATCHES`` batches submitted ahead of the one being run."""
+    for batch in batches:
+        queue.append(submit(batch))
+        if len(queue) > PREFETCH_BATCHES:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def _describe(err: BaseException | None) -> str:
+    return f"{type(err).__name__}: {err}" if err else "unknown error"
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss), plus MLX's peak device memory on GPU."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss *= 1 if sys.platform == "darwin" else 1024
+    try:
+        import mlx.core as mx
+
+        if mx.default_device() != mx.cpu:
+            return rss + mx.get_peak_memory()
+    except Exception:  # noqa: BLE001 - memory figures are informational
+        pass
+    return rss

@@ -1,0 +1,171 @@
+"""Loading: every checkpoint layout, quantization, config validation and clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from model.config import ModelConfig
+from model.generate import GenerationParams, generate_batch
+from model.loading import ModelLoadError, load, weights_identity
+from model.tiny import tiny_config
+
+PROMPT = "Describe the picture."
+
+
+def first_logits(model, processor):
+    row = processor.prepare(PROMPT, None)
+    ids = mx.array([row.input_ids])
+    return model(ids, mx.arange(ids.shape[1])[None])[0, -1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    model, processor = load(str(tiny_model_dir))
+    return first_logits(model, processor)
+
+
+@pytest.mark.parametrize(
+    "fixture", ["tiny_model_dir", "tiny_model_dir_sharded", "tiny_model_dir_mlx"]
+)
+def test_float_layouts_load_to_the_same_model(fixture, request, reference):
+    model, processor = load(str(request.getfixturevalue(fixture)))
+    assert mx.allclose(first_logits(model, processor), reference, atol=1e-5)
+    result = generate_batch(model, processor, [processor.prepare(PROMPT, None)], GenerationParams(4))
+    assert result[0].output_tokens == 4
+
+
+def test_quantized_checkpoint_loads_and_generates(tiny_model_dir_q4, reference):
+    model, processor = load(str(tiny_model_dir_q4))
+    assert isinstance(model.layers[0].self_attn.qkv_proj, nn.QuantizedLinear)
+    assert not isinstance(model.vision.img_projection[0], nn.QuantizedLinear)
+    logits = first_logits(model, processor)
+    assert float(mx.abs(logits - reference).max()) < 0.25 * float(mx.abs(reference).max())
+    result = generate_batch(model, processor, [processor.prepare(PROMPT, None)], GenerationParams(4))
+    assert result[0].output_tokens == 4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_at_load(tiny_model_dir, reference, bits):
+    model, processor = load(str(tiny_model_dir), quantize=bits)
+    assert isinstance(model.layers[1].mlp.down_proj, nn.QuantizedLinear)
+    assert model.layers[1].mlp.down_proj.bits == bits
+    logits = first_logits(model, processor)
+    assert float(mx.abs(logits - reference).max()) < 0.25 * float(mx.abs(reference).max())
+
+
+def copy_model(src, dst):
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+def test_missing_tensor_is_named(tiny_model_dir, tmp_path):
+    broken = copy_model(tiny_model_dir, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"missing tensors: model\.layers\.1\.mlp\.down_proj"):
+        load(str(broken))
+
+
+def test_misshaped_tensor_is_named(tiny_model_dir, tmp_path):
+    broken = copy_model(tiny_model_dir, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = np.ones(7, dtype=np.float32)
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"wrong shape: model\.norm\.weight \(7,\)"):
+        load(str(broken))
+
+
+def test_missing_directory_and_uncached_hub_id(monkeypatch, tmp_path):
+    with pytest.raises(ModelLoadError, match="model directory not found"):
+        load(str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="not a local directory") as err:
+        load("microsoft/Phi-3.5-vision-instruct")
+    assert "\n" not in str(err.value)
+
+
+def test_weights_identity_changes_with_weights(tiny_model_dir, tiny_model_dir_mlx):
+    assert weights_identity(tiny_model_dir) == weights_identity(tiny_model_dir)
+    assert weights_identity(tiny_model_dir) != weights_identity(tiny_model_dir_mlx)
+
+
+def microsoft_config(rope_type: str) -> dict:
+    return {
+        "architectures": ["Phi3VForCausalLM"],
+        "model_type": "phi3_v",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": {
+            "type": rope_type,
+            "short_factor": [1.05] * 48,
+            "long_factor": [1.03] * 48,
+        },
+        "sliding_window": 131072,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "embd_layer": {
+            "embedding_cls": "image",
+            "hd_transform_order": "sub_glb",
+            "projection_cls": "mlp",
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+        },
+        "img_processor": {
+            "image_dim_out": 1024,
+            "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model",
+            "num_img_tokens": 144,
+        },
+        "torch_dtype": "bfloat16",
+        "some_future_key": {"ignored": True},
+    }
+
+
+@pytest.mark.parametrize("rope_type", ["su", "longrope"])
+def test_microsoft_configs_parse(rope_type):
+    config = ModelConfig.from_dict(microsoft_config(rope_type))
+    assert config.head_dim == 96
+    assert config.vision.hidden_size == 1024 and config.vision.num_hidden_layers == 24
+    assert config.vision.tokens_per_side == 12
+    assert abs(config.rope_mscale - 1.19024) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"num_attention_heads": 7}, "num_attention_heads"),
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 48}}, "long_factor"),
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}}, "short"),
+        ({"rope_scaling": {"type": "yarn"}}, "rope_scaling.type"),
+        ({"img_processor": {"image_dim_out": 512}}, "image_dim_out"),
+    ],
+)
+def test_impossible_configs_name_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_dict(microsoft_config("su") | change)
+
+
+def test_bad_config_json_is_a_load_error(tiny_model_dir, tmp_path):
+    broken = copy_model(tiny_model_dir, tmp_path / "broken")
+    config = tiny_config(num_attention_heads=3)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="num_attention_heads"):
+        load(str(broken))
