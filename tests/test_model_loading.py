@@ -36,7 +36,9 @@ def reference(tiny_model_dir):
 def test_float_layouts_load_to_the_same_model(fixture, request, reference):
     model, processor = load(str(request.getfixturevalue(fixture)))
     assert mx.allclose(first_logits(model, processor), reference, atol=1e-5)
-    result = generate_batch(model, processor, [processor.prepare(PROMPT, None)], GenerationParams(4))
+    result = generate_batch(
+        model, processor, [processor.prepare(PROMPT, None)], GenerationParams(4)
+    )
     assert result[0].output_tokens == 4
 
 
@@ -46,7 +48,9 @@ def test_quantized_checkpoint_loads_and_generates(tiny_model_dir_q4, reference):
     assert not isinstance(model.vision.img_projection[0], nn.QuantizedLinear)
     logits = first_logits(model, processor)
     assert float(mx.abs(logits - reference).max()) < 0.25 * float(mx.abs(reference).max())
-    result = generate_batch(model, processor, [processor.prepare(PROMPT, None)], GenerationParams(4))
+    result = generate_batch(
+        model, processor, [processor.prepare(PROMPT, None)], GenerationParams(4)
+    )
     assert result[0].output_tokens == 4
 
 

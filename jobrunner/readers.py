@@ -1,0 +1,454 @@
+"""Readers: a dataset file in, ``Row`` objects out, one at a time; knows nothing of the model.
+
+- **Streaming.** JSONL is read line by line, Parquet record batch by record batch (only the
+  columns the job uses), so memory does not grow with the number of rows.
+- **Indices.** ``Row.index`` is the 0-based position of the row in the input. Blank JSONL lines
+  (only whitespace) are skipped and get no index; every other line gets one, invalid or not, so
+  every input row appears exactly once downstream. ``count_rows`` counts the same way.
+- **Bad rows are data, not exceptions.** Invalid JSON, a non-object line, wrong value types, a
+  missing template field or an image path outside ``image_root`` give a ``Row`` with ``error``
+  set. Only configuration problems found before the first row (``check_input``) raise.
+- **Images** are referenced, not decoded: a path (relative paths resolve against the dataset
+  file's folder; absolute paths are kept), raw bytes, or the Hugging Face ``datasets`` struct
+  ``{bytes, path}`` (bytes win when present). ``image_size`` reads only the header;
+  ``load_image`` decodes. Both raise ``ImageError`` with a message fit for the output's ``error``
+  column and check the pixel limit from the header *before* decoding. EXIF orientation is not
+  applied and the mode is left as stored (``hd_transform`` converts to RGB), matching the Hugging
+  Face Phi-3-V processor, which the model was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image, UnidentifiedImageError
+
+from jobrunner.spec import INPUT_SUFFIXES, JobSpec, template_fields
+
+_PARQUET_BATCH_ROWS = 256
+
+
+class ReaderConfigError(ValueError):
+    """The input cannot be read as configured (missing file, missing column): nothing was run."""
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message says which image and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """Where a row's image is: a file ``path``, or in-memory ``data`` (``path`` is then a label)."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+    def describe(self) -> str:
+        if self.data is None:
+            return str(self.path)
+        label = f" from {self.path}" if self.path else ""
+        return f"<{len(self.data)} image bytes{label}>"
+
+
+@dataclasses.dataclass(slots=True)
+class Row:
+    """One input row. ``error`` set means the row is an error record (its other fields may be
+    partial); ``extra`` holds the ``keep_columns`` values (``None`` where absent)."""
+
+    index: int
+    id: str
+    image: ImageRef | None
+    prompt: str | None
+    extra: dict[str, Any]
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """What the reader needs from the job spec."""
+
+    id_column: str = "id"
+    image_column: str = "image"
+    prompt_column: str = "prompt"
+    prompt_template: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    image_root: Path | None = None
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> ReadOptions:
+        return cls(
+            id_column=spec.id_column,
+            image_column=spec.image_column,
+            prompt_column=spec.prompt_column,
+            prompt_template=spec.prompt,
+            keep_columns=spec.keep_columns,
+            image_root=spec.image_root,
+        )
+
+    @property
+    def template_fields(self) -> tuple[str, ...]:
+        return () if self.prompt_template is None else template_fields(self.prompt_template)
+
+
+_DEFAULT_OPTIONS = ReadOptions()
+
+
+# ---------------------------------------------------------------------------------------------
+# Up-front checks
+
+
+def check_input(path: str | Path, options: ReadOptions | None = None) -> None:
+    """Fail before any work if the input cannot be read as configured.
+
+    JSONL rows may each carry different keys, so for JSONL only the file itself is checked.
+    For Parquet the schema is: the prompt column must exist unless a template is given; template
+    fields and ``keep_columns`` must exist; the id and image columns may be absent only under
+    their default names (rows are then numbered by index / text-only).
+
+    Raises:
+        ReaderConfigError: with a message that names the file or column and the fix.
+    """
+    options = options or _DEFAULT_OPTIONS
+    path = Path(path)
+    if not path.is_file():
+        raise ReaderConfigError(f"input file not found: {path}")
+    if path.suffix.lower() not in INPUT_SUFFIXES:
+        raise ReaderConfigError(f"unsupported input {path}: use a .jsonl or .parquet file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ReaderConfigError(f"cannot read input {path}: {exc.strerror}") from None
+    if path.suffix.lower() == ".parquet":
+        missing = _missing_parquet_columns(_parquet_names(path), options)
+        if missing:
+            raise ReaderConfigError(f"{path}: " + "; ".join(missing))
+
+
+def _parquet_names(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+        raise ReaderConfigError(f"{path} is not a readable Parquet file: {exc}") from None
+
+
+def _missing_parquet_columns(names: list[str], options: ReadOptions) -> list[str]:
+    have = set(names)
+    problems = []
+    for flag, column, default in (
+        ("--id-column", options.id_column, _DEFAULT_OPTIONS.id_column),
+        ("--image-column", options.image_column, _DEFAULT_OPTIONS.image_column),
+    ):
+        if column not in have and column != default:
+            problems.append(f"no column '{column}' (from {flag}); columns are {names}")
+    if options.prompt_template is None and options.prompt_column not in have:
+        problems.append(
+            f"no prompt column '{options.prompt_column}' and no --prompt template; "
+            "set --prompt-column or give --prompt"
+        )
+    for field in options.template_fields:
+        if field not in have:
+            problems.append(f"--prompt template field '{{{field}}}' is not a column ({names})")
+    for column in options.keep_columns:
+        if column not in have:
+            problems.append(f"--keep-columns '{column}' is not a column ({names})")
+    return problems
+
+
+def count_rows(path: str | Path) -> int:
+    """Rows in the input, counted like ``iter_rows`` indexes them (Parquet: from metadata)."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def iter_rows(path: str | Path, options: ReadOptions | None = None) -> Iterator[Row]:
+    """Stream the rows of a ``.jsonl`` or ``.parquet`` file, in input order.
+
+    Call ``check_input`` first: configuration problems found here surface as exceptions from
+    pyarrow or ``open``, while every problem with a single row becomes ``Row.error``.
+    """
+    options = options or _DEFAULT_OPTIONS
+    path = Path(path)
+    base_dir = path.absolute().parent
+    if path.suffix.lower() == ".parquet":
+        records = _parquet_records(path, options)
+    else:
+        records = _jsonl_records(path)
+    for index, (record, problem) in enumerate(records):
+        if problem is not None:
+            empty = dict.fromkeys(options.keep_columns)
+            yield Row(index, str(index), None, None, empty, problem)
+        else:
+            yield _make_row(index, record, options, base_dir)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[Mapping[str, Any], str | None]]:
+    with path.open("rb") as fh:
+        for line_number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+                yield {}, f"invalid JSON on line {line_number}: {exc}"
+                continue
+            if not isinstance(record, dict):
+                kind = type(record).__name__
+                yield {}, f"line {line_number} is a JSON {kind}, expected an object {{...}}"
+                continue
+            yield record, None
+
+
+def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping, None]]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    prompt_column = [options.prompt_column] if options.prompt_template is None else []
+    wanted = [
+        options.id_column,
+        options.image_column,
+        *prompt_column,
+        *options.template_fields,
+        *options.keep_columns,
+    ]
+    have = set(parquet.schema_arrow.names)
+    columns = [name for name in dict.fromkeys(wanted) if name in have]
+    if not columns:  # nothing to read: one empty record per row
+        for group in range(parquet.num_row_groups):
+            for _ in range(parquet.metadata.row_group(group).num_rows):
+                yield {}, None
+        return
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        for record in batch.to_pylist():
+            yield record, None
+
+
+def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_dir: Path) -> Row:
+    problems: list[str] = []
+    row_id = _row_id(record.get(options.id_column), index, options, problems)
+    image = _image_ref(record.get(options.image_column), options, base_dir, problems)
+    prompt = _prompt(record, options, problems)
+    extra = {name: record.get(name) for name in options.keep_columns}
+    return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None)
+
+
+def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -> str:
+    if value is None:
+        return str(index)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = type(value).__name__
+    problems.append(f"id column '{options.id_column}' must be a string or integer, got {kind}")
+    return str(index)
+
+
+def _prompt(record: Mapping[str, Any], options: ReadOptions, problems: list[str]) -> str | None:
+    template = options.prompt_template
+    if template is None:
+        value = record.get(options.prompt_column)
+        if isinstance(value, str):
+            return value
+        if value is None:
+            problems.append(
+                f"no prompt: column '{options.prompt_column}' is missing or null in this row "
+                "and no --prompt template was given"
+            )
+        else:
+            kind = type(value).__name__
+            problems.append(f"prompt column '{options.prompt_column}' must be a string, got {kind}")
+        return None
+    for field in options.template_fields:
+        if record.get(field) is None:
+            state = "missing from" if field not in record else "null in"
+            problems.append(f"prompt template field '{field}' is {state} this row")
+            return None
+    try:
+        return template.format_map(record)
+    except (ValueError, TypeError) as exc:  # e.g. a numeric format spec on a string value
+        problems.append(f"cannot fill the prompt template: {exc}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Image references
+
+
+def _image_ref(
+    value: Any, options: ReadOptions, base_dir: Path, problems: list[str]
+) -> ImageRef | None:
+    column = options.image_column
+    if value is None:
+        return None  # text-only row
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return ImageRef(data=bytes(value))
+    if isinstance(value, dict) and value.keys() <= {"bytes", "path"}:
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)):
+            return ImageRef(path=path if isinstance(path, str) else None, data=bytes(data))
+        if data is not None:
+            kind = type(data).__name__
+            problems.append(f"image column '{column}': struct 'bytes' must be binary, got {kind}")
+            return None
+        if path is None:
+            problems.append(f"image column '{column}': struct has neither 'bytes' nor 'path'")
+            return None
+        value = path
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        problems.append(
+            f"image column '{column}' must be a path string, bytes or a {{bytes, path}} struct, "
+            f"got {kind}"
+        )
+        return None
+    return _path_ref(value, options, base_dir, problems)
+
+
+def _path_ref(
+    value: str, options: ReadOptions, base_dir: Path, problems: list[str]
+) -> ImageRef | None:
+    if not value:
+        problems.append(f"image column '{options.image_column}' is an empty string")
+        return None
+    if "://" in value:
+        problems.append(f"image {value!r} is a URL; only local files are read (download first)")
+        return None
+    path = os.path.join(base_dir, value)  # an absolute value replaces base_dir
+    if options.image_root is None:
+        return ImageRef(path=path)
+    # Confinement: follow every symlink, then require the real path to be under the real root.
+    real = Path(os.path.realpath(path))
+    root = Path(os.path.realpath(options.image_root))
+    if not real.is_relative_to(root):
+        problems.append(f"image {value!r} resolves to {real}, outside --image-root {root}")
+        return None
+    return ImageRef(path=str(real))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image decoding (called from worker threads)
+
+
+def image_size(ref: ImageRef, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the image header only, without decoding pixels.
+
+    Raises:
+        ImageError: missing, empty or unreadable file, not an image, or over ``max_pixels``.
+    """
+    with _open_source(ref) as fh:
+        return _open_header(fh, ref, max_pixels).size
+
+
+def load_image(ref: ImageRef, max_pixels: int) -> Image.Image:
+    """Decode an image fully (first frame, mode as stored, no EXIF rotation).
+
+    The pixel count is checked from the header before decoding; truncated data is an error
+    (as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default, False).
+
+    Raises:
+        ImageError: everything ``image_size`` raises, plus corrupt or truncated pixel data.
+    """
+    with _open_source(ref) as fh:
+        image = _open_header(fh, ref, max_pixels)
+        try:
+            image.load()
+        except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, ...
+            raise ImageError(f"corrupt or truncated image {ref.describe()}: {exc}") from None
+    return image
+
+
+def _open_source(ref: ImageRef) -> IO[bytes]:
+    if ref.data is not None:
+        if not ref.data:
+            raise ImageError(f"image is empty (0 bytes): {ref.describe()}")
+        return io.BytesIO(ref.data)
+    path = str(ref.path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"image path is a folder, not a file: {path}")
+    if info.st_size == 0:
+        raise ImageError(f"image file is empty (0 bytes): {path}")
+    try:
+        return open(path, "rb")  # the caller closes it
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc.strerror}") from None
+
+
+def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(fh)
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image (unrecognised format): {ref.describe()}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fired first (its limit is a global we never change).
+        raise ImageError(
+            f"image over the pixel limit, refused without decoding: {ref.describe()} ({exc})"
+        ) from None
+    except Exception as exc:  # malformed headers raise many kinds of errors
+        raise ImageError(f"cannot read image header of {ref.describe()}: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the pixel limit of "
+            f"{max_pixels:,} (max_image_pixels); refused without decoding: {ref.describe()}"
+        )
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate ids
+
+
+class DuplicateIdTracker:
+    """Notes ids seen more than once (one set of ids: per-row bookkeeping).
+
+    Duplicates are not errors — every row is still written — but the runner warns once.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self.duplicates = 0
+        self.first_duplicate: str | None = None
+
+    def add(self, row_id: str) -> bool:
+        """Record ``row_id``; True when it was seen before."""
+        if row_id in self._seen:
+            self.duplicates += 1
+            if self.first_duplicate is None:
+                self.first_duplicate = row_id
+            return True
+        self._seen.add(row_id)
+        return False
+
+    def warning(self) -> str | None:
+        """One warning line for the whole job, or None when every id was unique."""
+        if not self.duplicates:
+            return None
+        return (
+            f"{self.duplicates} row(s) repeat an id already seen (first: {self.first_duplicate!r});"
+            " each row is still written, so the output has repeated ids"
+        )

@@ -1,0 +1,596 @@
+"""The job spec: one frozen dataclass built from a TOML job file and/or CLI flags.
+
+Contract: ``load_job_file`` reads the file (relative paths resolved against its folder),
+``build_spec`` merges it with the flags (flags that are not ``None`` win) and validates every value
+once, up front, raising ``SpecError`` whose message names the field and says how to fix it. Nothing
+here reads the dataset or the model.
+
+The **fingerprint** hashes everything that changes the output file: the model identity, the input
+file's identity, the prompt template, chat wrapping, column mapping, generation parameters, crops,
+dtype, quantization and image limits. It leaves out what only changes speed or bookkeeping
+(batch size, token budget, sort window, workers, checkpoint interval, quiet, shard, overwrite), so
+a job resumed with a bigger batch still resumes. With greedy decoding (``temperature == 0``) the
+sampling parameters (``top_p``, ``top_k``, ``seed``) cannot change the output and are left out too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import string
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+INPUT_SUFFIXES = (".jsonl", ".parquet")
+# Output columns every result row has; kept input columns may not reuse these names.
+RESERVED_COLUMNS = ("id", "output", "finish_reason", "error", "prompt_tokens", "output_tokens")
+DTYPES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "auto": None,
+}
+# Bumped whenever the meaning of the hashed fields changes, so old checkpoints refuse to resume.
+FINGERPRINT_VERSION = 1
+_SAMPLE_BYTES = 1 << 20
+_PATH_FIELDS = ("input", "output", "image_root", "checkpoint_dir")
+
+
+class SpecError(ValueError):
+    """A job spec value that cannot be served. ``fields`` lists the offending field names."""
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.fields = fields
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """Everything one captioning job needs; every CLI flag and TOML key is a field.
+
+    Attributes:
+        input: dataset, ``.jsonl`` or ``.parquet`` (absolute path).
+        model: local model folder or Hugging Face hub id.
+        output: result Parquet file; default ``INPUT_STEM.out.parquet`` next to the input.
+        prompt: template applied to every row, ``{column}`` fields filled from the row (``{{`` and
+            ``}}`` for literal braces); ``None`` = use each row's ``prompt_column``.
+        id_column, image_column, prompt_column: input column names (``id``, ``image``, ``prompt``).
+        keep_columns: input columns copied to the output unchanged.
+        max_tokens: most generated tokens per row (256).
+        temperature, top_p, top_k, seed: sampling; ``temperature == 0`` is greedy (0.0, 1.0, 0
+            = off, 0). Each row samples from its own seed derived from ``seed`` and its id.
+        batch_size: most rows per batch (8).
+        max_batch_tokens: most prompt slots per batch, padding counted: rows x longest row (16384).
+        num_crops: HD-transform crop budget; ``None`` = the model's preprocessor_config.json.
+        dtype: ``float16`` | ``bfloat16`` | ``float32``; ``None`` = the checkpoint's own.
+        quantize: 4 or 8 to quantize the weights at load; ``None`` = as stored.
+        shard: ``(k, n)``: run only rows with ``index % n == k``; ``None`` = every row.
+        overwrite: discard an existing output and checkpoint instead of resuming.
+        quiet: no progress output (for cron).
+        image_root: when set, image paths must resolve (symlinks included) inside this folder.
+        checkpoint_every_rows: write a part after this many finished rows (256; 0 = never by rows).
+        checkpoint_every_seconds: ... or after this many seconds (60; 0 = never by time). A
+            checkpoint is written when either is reached, so a kill loses at most about
+            min(256 rows, 60 s) of work on any job size.
+        max_image_pixels: refuse images whose header claims more pixels (50,000,000), without
+            decoding them.
+        sort_window: rows sorted by length together before batching (4096); 1 = input order.
+        workers: preprocessing threads (decode, HD transform, tokenize) (2).
+        checkpoint_dir: parts, manifest and lock; ``None`` = ``OUTPUT.parts/``.
+        chat: wrap the prompt in the chat template (``<|user|>`` ... ``<|assistant|>``) (True).
+    """
+
+    input: Path
+    model: str
+    output: Path
+    prompt: str | None = None
+    id_column: str = "id"
+    image_column: str = "image"
+    prompt_column: str = "prompt"
+    keep_columns: tuple[str, ...] = ()
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    max_batch_tokens: int = 16384
+    num_crops: int | None = None
+    dtype: str | None = None
+    quantize: int | None = None
+    shard: tuple[int, int] | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    image_root: Path | None = None
+    checkpoint_every_rows: int = 256
+    checkpoint_every_seconds: float = 60.0
+    max_image_pixels: int = 50_000_000
+    sort_window: int = 4096
+    workers: int = 2
+    checkpoint_dir: Path | None = None
+    chat: bool = True
+
+    @property
+    def parts_dir(self) -> Path:
+        """The checkpoint folder: ``checkpoint_dir`` or ``OUTPUT.parts/`` next to the output."""
+        return self.checkpoint_dir or self.output.with_name(self.output.name + ".parts")
+
+    def owns_row(self, index: int) -> bool:
+        """Whether row ``index`` belongs to this job's shard (a stable partition by index)."""
+        return self.shard is None or index % self.shard[1] == self.shard[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (paths as strings, tuples as lists) for metadata and manifests."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """Rebuild a spec written by ``to_dict`` (no validation: the input may be gone)."""
+        values = dict(data)
+        for key in _PATH_FIELDS:
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        values["keep_columns"] = tuple(values.get("keep_columns") or ())
+        if values.get("shard") is not None:
+            values["shard"] = tuple(values["shard"])
+        return cls(**values)
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(JobSpec))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(JobSpec)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Job file
+
+
+def load_job_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML job file into a dict of field values.
+
+    Keys are the ``JobSpec`` field names (see its docstring for each one), all at the top level.
+    ``input``, ``output``, ``image_root`` and ``checkpoint_dir`` are resolved against the job
+    file's folder when relative; so is ``model`` when that relative path exists (otherwise it is
+    taken as a hub id). ``shard`` may be ``"K/N"`` or ``[K, N]``.
+
+    Raises:
+        SpecError: the file is missing or not TOML, or holds a key that is not a field.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SpecError(f"job file not found: {path}", ("job_file",)) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SpecError(f"cannot read job file {path}: {exc}", ("job_file",)) from None
+    for key in data:
+        if key not in FIELD_NAMES:
+            hint = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else "remove it (see the JobSpec fields)"
+            raise SpecError(f"unknown key '{key}' in job file {path}: {fix}", (key,))
+    base = path.parent.absolute()
+    for key in _PATH_FIELDS:
+        if isinstance(data.get(key), str):
+            data[key] = base / Path(data[key]).expanduser()
+    model = data.get("model")
+    if isinstance(model, str) and model and not Path(model).is_absolute():
+        if (base / model).exists():
+            data["model"] = str(base / model)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+class _Bad(Exception):
+    """Internal: a value failed a rule; the argument says what was expected."""
+
+
+def _integer(minimum: int, maximum: int | None = None, optional: bool = False) -> Callable:
+    expected = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+
+    def check(value: Any) -> int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(expected)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise _Bad(expected)
+        return value
+
+    return check
+
+
+def _number(minimum: float, maximum: float | None = None, open_min: bool = False) -> Callable:
+    low = f"> {minimum}" if open_min else f">= {minimum}"
+    expected = f"a number {low}" + (f" and <= {maximum}" if maximum is not None else "")
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(expected)
+        value = float(value)
+        too_low = value <= minimum if open_min else value < minimum
+        if not math.isfinite(value) or too_low or (maximum is not None and value > maximum):
+            raise _Bad(expected)
+        return value
+
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
+
+
+def _column(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Bad("a non-empty column name")
+    return value
+
+
+def _keep_columns(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _Bad("a list of column names (or one comma-separated string)")
+    clash = [name for name in value if name in RESERVED_COLUMNS]
+    if clash:
+        raise _Bad(f"column names other than the output columns {', '.join(RESERVED_COLUMNS)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _dtype(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.lower() not in DTYPES:
+        raise _Bad("one of float16, bfloat16, float32 (or auto)")
+    return DTYPES[value.lower()]
+
+
+def _quantize(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or value not in (4, 8):
+        raise _Bad("4 or 8 (bits), or unset for no quantization")
+    return int(value)
+
+
+def _shard(value: Any) -> tuple[int, int] | None:
+    expected = "'K/N' with integers 0 <= K < N, e.g. '0/4'"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise _Bad(expected)
+        value = (int(parts[0]), int(parts[1]))
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _Bad(expected)
+    k, n = value
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (k, n)) or not 0 <= k < n:
+        raise _Bad(expected)
+    # One shard of one is the whole job: store it as "not sharded" so both share checkpoints.
+    return None if n == 1 else (k, n)
+
+
+def _template(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad("a non-empty template string with {column} fields")
+    try:
+        template_fields(value)
+    except ValueError as exc:
+        raise _Bad(f"a valid template ({exc})") from None
+    return value
+
+
+def _model(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad("a local model folder or a Hugging Face hub id")
+    local = Path(value).expanduser()
+    return str(local.absolute()) if local.exists() else value
+
+
+def _path(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise _Bad("a file system path")
+    return Path(value).expanduser().absolute()
+
+
+_RULES: dict[str, Callable[[Any], Any]] = {
+    "input": _path,
+    "model": _model,
+    "output": _path,
+    "prompt": _template,
+    "id_column": _column,
+    "image_column": _column,
+    "prompt_column": _column,
+    "keep_columns": _keep_columns,
+    "max_tokens": _integer(1),
+    "temperature": _number(0.0),
+    "top_p": _number(0.0, 1.0, open_min=True),
+    "top_k": _integer(0),
+    "seed": _integer(0, 2**63 - 1),
+    "batch_size": _integer(1),
+    "max_batch_tokens": _integer(1),
+    "num_crops": _integer(1, optional=True),
+    "dtype": _dtype,
+    "quantize": _quantize,
+    "shard": _shard,
+    "overwrite": _boolean,
+    "quiet": _boolean,
+    "image_root": _path,
+    "checkpoint_every_rows": _integer(0),
+    "checkpoint_every_seconds": _number(0.0),
+    "max_image_pixels": _integer(1),
+    "sort_window": _integer(1),
+    "workers": _integer(1),
+    "checkpoint_dir": _path,
+    "chat": _boolean,
+}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _fix(field: str) -> str:
+    return f"set {_flag(field)} or `{field}` in the job file"
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The column names a prompt template refers to, in order of first use.
+
+    Raises:
+        ValueError: unbalanced braces, positional fields (``{}``, ``{0}``), attribute or index
+            access (``{a.b}``, ``{a[0]}``) or nested fields in a format spec.
+    """
+    names: list[str] = []
+    for _literal, name, format_spec, _conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("positional field '{" + name + "}'; name a column, e.g. {caption}")
+        if "." in name or "[" in name:
+            raise ValueError(f"field '{{{name}}}' uses attribute/index access; use a plain column")
+        if format_spec and "{" in format_spec:
+            raise ValueError(f"field '{{{name}}}' has a nested field in its format spec")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def build_spec(
+    file_values: Mapping[str, Any] | None = None, cli_values: Mapping[str, Any] | None = None
+) -> JobSpec:
+    """Merge job-file values with CLI values and validate them all.
+
+    Args:
+        file_values: from ``load_job_file`` (or ``{}``).
+        cli_values: flag values by field name; ``None`` means "flag not given" and keeps the
+            file's value, so pass ``None`` (not ``False``) for boolean flags left off.
+
+    Returns:
+        The validated, normalised spec (absolute paths, default output filled in).
+
+    Raises:
+        SpecError: listing every invalid field with the fix, one per line.
+    """
+    merged: dict[str, Any] = {}
+    for source in (file_values or {}, cli_values or {}):
+        for key, value in source.items():
+            if key not in FIELD_NAMES:
+                raise SpecError(f"{key}: unknown option; it is not a job spec field", (key,))
+            if value is not None:
+                merged[key] = value
+    values: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for name, rule in _RULES.items():
+        default = _DEFAULTS[name]
+        if name not in merged:
+            values[name] = None if default is dataclasses.MISSING else default
+            continue
+        try:
+            values[name] = rule(merged[name])
+        except _Bad as exc:
+            problems.append((name, f"got {merged[name]!r}, expected {exc}; {_fix(name)}"))
+    failed = {name for name, _ in problems}
+    if not failed & {"input", "output", "checkpoint_dir"}:
+        problems += _check_input_output(values)
+    if not failed & _OTHER_CHECKED:
+        problems += _check_other(values)
+    if problems:
+        lines = "\n".join(f"  {name}: {message}" for name, message in problems)
+        raise SpecError(f"invalid job spec:\n{lines}", tuple(name for name, _ in problems))
+    return JobSpec(**values)
+
+
+def _check_input_output(values: dict[str, Any]) -> list[tuple[str, str]]:
+    source: Path | None = values["input"]
+    if source is None:
+        return [("input", "missing; give the dataset as INPUT or `input` in the job file")]
+    if not source.exists():
+        hint = " (relative paths in a job file are resolved against the file's folder)"
+        return [("input", f"file not found: {source}; check the path{hint}")]
+    if not source.is_file():
+        return [("input", f"{source} is not a file; give a .jsonl or .parquet file")]
+    if source.suffix.lower() not in INPUT_SUFFIXES:
+        got = source.suffix or "no suffix"
+        return [("input", f"unsupported file type ({got}) for {source}; use .jsonl or .parquet")]
+    output: Path | None = values["output"]
+    if output is None:
+        output = values["output"] = source.with_name(source.stem + ".out.parquet")
+    if output.suffix.lower() != ".parquet":
+        return [("output", f"{output} must end with .parquet; {_fix('output')}")]
+    if output.resolve() == source.resolve():
+        return [("output", f"{output} is the input file; choose another output path")]
+    if output.is_dir():
+        return [("output", f"{output} is a folder; give a file name ending in .parquet")]
+    if values["checkpoint_dir"] is not None and values["checkpoint_dir"] == output:
+        return [("checkpoint_dir", "must differ from the output file; " + _fix("checkpoint_dir"))]
+    return []
+
+
+_OTHER_CHECKED = {
+    "model",
+    "image_root",
+    "id_column",
+    "image_column",
+    "prompt_column",
+    "checkpoint_every_rows",
+    "checkpoint_every_seconds",
+}
+
+
+def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    if values["model"] is None:
+        problems.append(("model", "missing; set --model PATH_OR_HUB_ID or `model` in the job file"))
+    root: Path | None = values["image_root"]
+    if root is not None:
+        if not root.is_dir():
+            message = f"{root} is not an existing folder; {_fix('image_root')}"
+            problems.append(("image_root", message))
+        else:
+            values["image_root"] = Path(os.path.realpath(root))
+    columns = [values[name] for name in ("id_column", "image_column", "prompt_column")]
+    if len(set(columns)) != len(columns):
+        problems.append(("id_column", f"id, image and prompt columns must differ, got {columns}"))
+    if values["checkpoint_every_rows"] == 0 and values["checkpoint_every_seconds"] == 0:
+        message = "rows and seconds are both 0; set at least one of them above 0"
+        problems.append(("checkpoint_every_rows", message))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def input_identity(path: str | Path) -> dict[str, Any]:
+    """What identifies the input file's content: real path, size, mtime and a content sample.
+
+    The sample is the SHA-256 of the whole file up to 2 MiB, else of its first and last MiB, so
+    a rewrite is noticed without reading a large dataset.
+    """
+    real = Path(path).resolve()
+    stat = real.stat()
+    digest = hashlib.sha256()
+    with real.open("rb") as fh:
+        if stat.st_size <= 2 * _SAMPLE_BYTES:
+            digest.update(fh.read())
+        else:
+            digest.update(fh.read(_SAMPLE_BYTES))
+            fh.seek(-_SAMPLE_BYTES, os.SEEK_END)
+            digest.update(fh.read(_SAMPLE_BYTES))
+    return {
+        "path": str(real),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sample_sha256": digest.hexdigest(),
+    }
+
+
+def fingerprint_fields(
+    spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The JSON-able values the fingerprint hashes (store them to report what changed).
+
+    Args:
+        model_identity: e.g. ``{"id": ..., "revision": ..., "weights_sha256": ...}`` plus any
+            model default the spec leaves open (the effective ``num_crops``, ``dtype``).
+        input_identity: from ``input_identity(spec.input)``.
+    """
+    greedy = spec.temperature == 0.0
+    return {
+        "version": FINGERPRINT_VERSION,
+        "model": spec.model,
+        "model_identity": dict(model_identity),
+        "input": dict(input_identity),
+        "prompt": spec.prompt,
+        "chat": spec.chat,
+        "id_column": spec.id_column,
+        "image_column": spec.image_column,
+        "prompt_column": spec.prompt_column,
+        "keep_columns": list(spec.keep_columns),
+        "image_root": None if spec.image_root is None else str(spec.image_root),
+        "max_image_pixels": spec.max_image_pixels,
+        "max_tokens": spec.max_tokens,
+        "temperature": spec.temperature,
+        "top_p": None if greedy else spec.top_p,
+        "top_k": None if greedy else spec.top_k,
+        "seed": None if greedy else spec.seed,
+        "num_crops": spec.num_crops,
+        "dtype": spec.dtype,
+        "quantize": spec.quantize,
+    }
+
+
+def fingerprint(
+    spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
+) -> str:
+    """SHA-256 (hex) of ``fingerprint_fields``; equal fingerprints mean equal outputs."""
+    fields = fingerprint_fields(spec, model_identity, input_identity)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two ``fingerprint_fields`` dicts.
+
+    Nested dicts are compared key by key (``input.size: 10 -> 12``); long values are shortened.
+    """
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(flat_old.keys() | flat_new.keys()):
+        before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if before != after:
+            changes.append(f"{key}: {_short(before)} -> {_short(after)}")
+    return changes
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,384 @@
+"""Result records → Parquet tables, buffered part writes, atomic JSON files.
+
+Takes plain result records (dicts) and turns them into Arrow tables with the output schema of
+DESIGN.md; knows nothing of the model or of how rows were read. Durability of part files is the
+checkpoint store's job (`jobrunner.checkpoint`); this module decides *when* to hand a part over.
+
+Output columns, in order: ``id`` (string), ``output`` (string, null on error), ``finish_reason``
+(``stop`` | ``length`` | ``error``), ``error`` (string, null on success), ``prompt_tokens`` (int32),
+``output_tokens`` (int32), then the kept input columns, then ``row_index`` (int64, the input row
+index; kept in the final file because it is the join key back to the input).
+
+Kept columns: part files store each kept value as JSON text, together with the set of value kinds
+seen (schema metadata). The merge picks one type per column from the kinds of *all* parts, so the
+final type never depends on where part boundaries fell (a resumed job equals an uninterrupted one):
+only bools → bool, only ints → int64, ints and/or floats → float64, only strings → string, all null
+→ string; anything else (lists, dicts, bytes, dates, mixed kinds) stays JSON text.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from jobrunner.checkpoint import CheckpointStore
+
+RESULT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("id", pa.string()),
+    pa.field("output", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("output_tokens", pa.int32()),
+)
+INDEX_COLUMN = "row_index"
+RESERVED_COLUMNS = frozenset([f.name for f in RESULT_FIELDS] + [INDEX_COLUMN])
+FINISH_REASONS = frozenset({"stop", "length", "error"})
+KINDS_METADATA_KEY = b"jobrunner.kept_kinds"
+OUTPUT_METADATA_KEY = b"jobrunner"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+
+def check_keep_columns(keep_columns: Sequence[str]) -> list[str]:
+    """Return the kept column names, refusing duplicates and names the output already uses."""
+    keep = list(keep_columns)
+    clash = sorted(set(keep) & RESERVED_COLUMNS)
+    if clash:
+        raise ValueError(
+            f"kept columns {clash} clash with output columns; rename them in the input"
+        )
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"kept columns are listed more than once: {keep}")
+    return keep
+
+
+def results_schema(
+    keep_columns: Sequence[str] = (), kept_types: Mapping[str, pa.DataType] | None = None
+) -> pa.Schema:
+    """Final output schema: result fields, kept columns (string unless typed), ``row_index``."""
+    kept_types = kept_types or {}
+    kept = [pa.field(c, kept_types.get(c, pa.string())) for c in check_keep_columns(keep_columns)]
+    return pa.schema([*RESULT_FIELDS, *kept, pa.field(INDEX_COLUMN, pa.int64())])
+
+
+def part_schema(keep_columns: Sequence[str] = ()) -> pa.Schema:
+    """Schema of a part file: kept columns hold JSON text (see module docstring)."""
+    return results_schema(keep_columns)
+
+
+# --- kept values -------------------------------------------------------------------------------
+
+
+def value_kind(value: Any) -> str:
+    """Kind of a kept value: null, bool, int, float, str or other."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if _INT64_MIN <= value <= _INT64_MAX else "other"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "other"
+
+
+def kept_type(kinds: Iterable[str]) -> pa.DataType | None:
+    """Final Arrow type for a kept column given every kind seen; None means 'keep JSON text'."""
+    kinds = set(kinds) - {"null"}
+    if not kinds or kinds == {"str"}:
+        return pa.string()
+    if kinds == {"bool"}:
+        return pa.bool_()
+    if kinds == {"int"}:
+        return pa.int64()
+    if kinds <= {"int", "float"}:
+        return pa.float64()
+    return None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars → Python scalars, so their kind is the kind of the number they hold."""
+    if (
+        hasattr(value, "item")
+        and type(value).__module__ == "numpy"
+        and getattr(value, "ndim", 1) == 0
+    ):
+        return value.item()
+    return value
+
+
+def encode_kept(value: Any) -> str | None:
+    """JSON text of a kept value (None stays None)."""
+    if value is None:
+        return None
+    return json.dumps(value, default=_json_default, ensure_ascii=False, sort_keys=True)
+
+
+def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
+    """Turn a part's JSON-text column back into values of the column's final type."""
+    target = kept_type(kinds)
+    if target is None:
+        return texts.cast(pa.string())
+    values = [None if t is None else json.loads(t) for t in texts.to_pylist()]
+    return pa.array(values, type=target)
+
+
+# --- records → tables --------------------------------------------------------------------------
+
+
+def _check_record(record: Mapping[str, Any]) -> None:
+    reason = record.get("finish_reason")
+    if reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {sorted(FINISH_REASONS)}, got {reason!r}")
+    if reason == "error":
+        if record.get("output") is not None or not record.get("error"):
+            raise ValueError("an error record needs error text and output=None")
+    elif record.get("error") is not None:
+        raise ValueError(f"a {reason!r} record must have error=None")
+
+
+def _record_index(record: Mapping[str, Any]) -> int:
+    index = record.get("index", record.get(INDEX_COLUMN))
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"record needs a non-negative int 'index', got {index!r}")
+    return index
+
+
+def records_to_table(
+    records: Sequence[Mapping[str, Any]], keep_columns: Sequence[str] = ()
+) -> pa.Table:
+    """Build a part table from result records.
+
+    Args:
+        records: dicts with ``index`` (input row index), ``id``, ``output``, ``finish_reason``,
+            ``error``, ``prompt_tokens``, ``output_tokens``; kept columns either as top-level keys
+            or inside an ``extra`` mapping (missing → null).
+        keep_columns: names of the kept input columns.
+
+    Returns:
+        A table with `part_schema(keep_columns)` and the kinds of kept values in its metadata.
+    """
+    keep = check_keep_columns(keep_columns)
+    for record in records:
+        _check_record(record)
+    columns: dict[str, list[Any]] = {
+        "id": [None if r.get("id") is None else str(r["id"]) for r in records],
+        "output": [r.get("output") for r in records],
+        "finish_reason": [r["finish_reason"] for r in records],
+        "error": [r.get("error") for r in records],
+        "prompt_tokens": [int(r.get("prompt_tokens") or 0) for r in records],
+        "output_tokens": [int(r.get("output_tokens") or 0) for r in records],
+    }
+    kinds: dict[str, list[str]] = {}
+    for name in keep:
+        values = [_plain(_kept_value(r, name)) for r in records]
+        kinds[name] = sorted({value_kind(v) for v in values})
+        columns[name] = [encode_kept(v) for v in values]
+    columns[INDEX_COLUMN] = [_record_index(r) for r in records]
+    schema = part_schema(keep).with_metadata({KINDS_METADATA_KEY: json.dumps(kinds).encode()})
+    return pa.table(columns, schema=schema)
+
+
+def _kept_value(record: Mapping[str, Any], name: str) -> Any:
+    if name in record:
+        return record[name]
+    extra = record.get("extra") or {}
+    return extra.get(name)
+
+
+def part_kinds(schema: pa.Schema) -> dict[str, list[str]]:
+    """Kinds of kept values recorded in a part file's schema metadata."""
+    raw = (schema.metadata or {}).get(KINDS_METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+# --- buffered part writer ----------------------------------------------------------------------
+
+
+class PartWriter:
+    """Buffers result records and hands them to the checkpoint store as part files.
+
+    A part is written when `maybe_flush` finds ``every_rows`` records pending or ``every_seconds``
+    elapsed since the last flush (either bound may be None), and always on `flush`. Call
+    `maybe_flush` between batches and `flush` before exiting, also on SIGINT/SIGTERM.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        keep_columns: Sequence[str] = (),
+        every_rows: int | None = 1000,
+        every_seconds: float | None = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if every_rows is not None and every_rows < 1:
+            raise ValueError(f"every_rows must be >= 1 or None, got {every_rows}")
+        if every_seconds is not None and every_seconds < 0:
+            raise ValueError(f"every_seconds must be >= 0 or None, got {every_seconds}")
+        self.store = store
+        self.keep_columns = check_keep_columns(keep_columns)
+        self.every_rows = every_rows
+        self.every_seconds = every_seconds
+        self._clock = clock
+        self._pending: list[Mapping[str, Any]] = []
+        self._last_flush = clock()
+        self.rows_written = 0
+        self.errors_written = 0
+        self.parts_written = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Buffer one result record (validated now, so a bad record fails at its source)."""
+        _check_record(record)
+        _record_index(record)
+        self._pending.append(record)
+
+    def due(self) -> bool:
+        """Whether a checkpoint interval has been reached with records pending."""
+        if not self._pending:
+            return False
+        if self.every_rows is not None and len(self._pending) >= self.every_rows:
+            return True
+        elapsed = self._clock() - self._last_flush
+        return self.every_seconds is not None and elapsed >= self.every_seconds
+
+    def maybe_flush(self) -> bool:
+        """Flush if `due`; returns whether a part was written."""
+        if not self.due():
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> int:
+        """Write every pending record as one durable part; returns the number of rows written."""
+        self._last_flush = self._clock()
+        if not self._pending:
+            return 0
+        table = records_to_table(self._pending, self.keep_columns)
+        self.store.write_part(table)
+        rows = len(self._pending)
+        self.rows_written += rows
+        self.errors_written += sum(r["finish_reason"] == "error" for r in self._pending)
+        self.parts_written += 1
+        self._pending = []
+        return rows
+
+
+# --- atomic files and metadata -----------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    # O_EXCL with 0o666 (not mkstemp's 0o600) so the final file gets the user's umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique hidden sibling of ``path`` ending in ``.tmp`` (what crash cleanup looks for)."""
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    """Write ``OUTPUT.summary.json`` atomically (rows ok/error, tokens, timings, ...)."""
+    atomic_write_json(Path(path), dict(summary))
+
+
+def collect_versions() -> dict[str, str | None]:
+    """Versions of Python and the packages that shape the output (without importing them)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    names = ("mlx-jobrunner", "mlx", "numpy", "pyarrow", "transformers", "tokenizers", "pillow")
+    for name in names:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["platform"] = f"{sys.platform}-{platform.machine()}"
+    return versions
+
+
+@dataclass
+class ParquetOutputMetadata:
+    """What the final file's ``jobrunner`` metadata key holds (JSON)."""
+
+    spec: dict[str, Any]
+    fingerprint: str
+    fingerprint_fields: dict[str, Any] = field(default_factory=dict)
+    model_id: str | None = None
+    model_revision: str | None = None
+    versions: dict[str, str | None] = field(default_factory=collect_versions)
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=_json_default)
+
+
+def read_output_metadata(path: Path) -> dict[str, Any] | None:
+    """The ``jobrunner`` metadata of a Parquet file written by `merge`, or None."""
+    raw = (pq.read_schema(path).metadata or {}).get(OUTPUT_METADATA_KEY)
+    return json.loads(raw) if raw else None

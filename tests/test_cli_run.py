@@ -1,0 +1,243 @@
+"""`jobrunner run` end to end on a tiny model: input kinds, bad rows, ordering, exactness."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from jobrunner.cli import main
+from model.generate import GenerationParams, generate_batch
+from model.loading import load
+
+MAX_TOKENS = 6
+
+
+def write_image(path: Path, width: int, height: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Eight good rows (images of mixed sizes, some text-only) as JSONL."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    sizes = [(60, 200), (300, 80), (10, 7), (90, 90), None, (400, 120), None, (33, 250)]
+    rows = []
+    for i, size in enumerate(sizes):
+        row = {"id": f"row-{i}", "prompt": "Describe the picture." + " Be brief." * (i % 3)}
+        if size:
+            write_image(root / "images" / f"{i}.png", *size, seed=i)
+            row["image"] = f"images/{i}.png"
+        rows.append(row)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "data.jsonl"
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["run", *args, "--quiet"], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def read(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir, dataset) -> dict[str, str]:
+    """What each row gives when generated alone, straight through the model API."""
+    model, processor = load(str(tiny_model_dir))
+    out = {}
+    for line in dataset.read_text().splitlines():
+        row = json.loads(line)
+        image = Image.open(dataset.parent / row["image"]) if "image" in row else None
+        prepared = processor.prepare(row["prompt"], image)
+        result = generate_batch(model, processor, [prepared], GenerationParams(MAX_TOKENS))
+        out[row["id"]] = result[0].text
+    return out
+
+
+def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected, tmp_path):
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(dataset), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3",
+    )  # fmt: skip
+    assert code == 0, text
+    rows = read(output)
+    assert [r["id"] for r in rows] == [f"row-{i}" for i in range(8)]
+    assert {r["id"]: r["output"] for r in rows} == expected
+    assert all(r["finish_reason"] == "length" and r["output_tokens"] == MAX_TOKENS for r in rows)
+    meta = json.loads(pq.read_schema(output).metadata[b"jobrunner"])
+    assert meta["spec"]["max_tokens"] == MAX_TOKENS and meta["fingerprint"]
+    summary = json.loads(output.with_name("out.parquet.summary.json").read_text())
+    assert summary["rows_ok"] == 8 and summary["rows_error"] == 0
+    assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
+
+
+def test_parquet_with_bytes_and_template(tiny_model_dir, dataset, expected, tmp_path):
+    records = [json.loads(line) for line in dataset.read_text().splitlines()]
+    table = pa.table(
+        {
+            "key": [r["id"] for r in records],
+            "picture": [
+                (dataset.parent / r["image"]).read_bytes() if "image" in r else None
+                for r in records
+            ],
+            "question": [r["prompt"] for r in records],
+        }
+    )
+    source = tmp_path / "data.parquet"
+    pq.write_table(table, source)
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--id-column", "key", "--image-column", "picture", "--prompt", "{question}",
+        "--keep-columns", "question", "--max-tokens", str(MAX_TOKENS),
+    )  # fmt: skip
+    assert code == 0, text
+    rows = read(output)
+    assert {r["id"]: r["output"] for r in rows} == expected
+    assert [r["question"] for r in rows] == [r["prompt"] for r in records]
+
+
+def test_huggingface_datasets_image_struct(tiny_model_dir, dataset, expected, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = [json.loads(line) for line in dataset.read_text().splitlines()]
+    with_image = [r for r in records if "image" in r]
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [r["id"] for r in with_image],
+            "image": [str(dataset.parent / r["image"]) for r in with_image],
+            "prompt": [r["prompt"] for r in with_image],
+        }
+    ).cast_column("image", datasets.Image())
+    source = tmp_path / "hf.parquet"
+    ds.to_parquet(str(source))
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS),
+    )  # fmt: skip
+    assert code == 0, text
+    assert {r["id"]: r["output"] for r in read(output)} == {
+        r["id"]: expected[r["id"]] for r in with_image
+    }
+
+
+def bad_rows(root: Path) -> list[tuple[str, str]]:
+    """(JSONL line, fragment the error must contain) for every bad-input case."""
+    (root / "zero.png").write_bytes(b"")
+    (root / "text.png").write_text("this is not an image")
+    good = write_image(root / "good.png", 80, 60, seed=1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(buffer, "JPEG")
+    (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    Image.new("1", (20000, 20000)).save(root / "bomb.png")
+    return [
+        (json.dumps({"id": "missing", "image": "nope.png", "prompt": "x"}), "not found"),
+        (json.dumps({"id": "zero", "image": "zero.png", "prompt": "x"}), "empty"),
+        (json.dumps({"id": "text", "image": "text.png", "prompt": "x"}), "not an image"),
+        (json.dumps({"id": "trunc", "image": "truncated.jpg", "prompt": "x"}), "truncated"),
+        (json.dumps({"id": "bomb", "image": "bomb.png", "prompt": "x"}), "pixels"),
+        ("{broken json", "invalid JSON"),
+        (json.dumps({"id": "type", "image": 5, "prompt": "x"}), "image"),
+        (json.dumps({"id": "prompt", "image": good.name, "prompt": ["x"]}), "prompt"),
+        (json.dumps({"id": "tags", "prompt": "see <|image_2|>"}), "image tag"),
+    ]
+
+
+def test_bad_inputs_become_error_rows_and_others_survive(tiny_model_dir, tmp_path, expected):
+    cases = bad_rows(tmp_path)
+    good = json.dumps({"id": "ok", "image": "good.png", "prompt": "Describe the picture."})
+    lines = [good] + [line for line, _ in cases] + [good.replace('"ok"', '"ok2"')]
+    source = tmp_path / "bad.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS), "--max-image-pixels", "100000000",
+    )  # fmt: skip
+    assert code == 1, text  # the job ran; some rows are error records
+    rows = read(output)
+    assert len(rows) == len(lines)
+    assert rows[0]["finish_reason"] == "length" and rows[-1]["finish_reason"] == "length"
+    assert rows[0]["output"] == rows[-1]["output"]
+    for row, (_, fragment) in zip(rows[1:-1], cases, strict=True):
+        assert row["finish_reason"] == "error" and row["output"] is None
+        assert fragment.lower() in row["error"].lower(), (row["id"], row["error"])
+
+
+def test_duplicate_ids_warn_once_and_keep_every_row(tiny_model_dir, tmp_path):
+    source = tmp_path / "dup.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": "same", "prompt": f"p{i}"}) + "\n" for i in range(3))
+    )
+    output = tmp_path / "out.parquet"
+    result = CliRunner().invoke(
+        main,
+        ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
+         "--max-tokens", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.lower().count("duplicate") == 1
+    assert [r["id"] for r in read(output)] == ["same"] * 3
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["missing.jsonl"], "input"),
+        (["DATA", "--batch-size", "0"], "batch_size"),
+        (["DATA", "--temperature", "-1"], "temperature"),
+        (["DATA", "--model", "/no/such/model"], "model directory not found"),
+        (["DATA", "--shard", "3/2"], "shard"),
+        (["DATA", "--quantize", "3"], "quantize"),
+    ],
+)
+def test_configuration_errors_exit_2_without_traceback(tiny_model_dir, dataset, args, fragment):
+    args = [str(dataset) if a == "DATA" else a for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_model_dir)]
+    result = CliRunner().invoke(main, ["run", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert fragment in result.output
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch_size=st.integers(1, 9), window=st.integers(1, 10), tokens=st.integers(8, 400))
+def test_output_in_input_order_each_row_once(
+    tiny_model_dir, dataset, expected, tmp_path_factory, batch_size, window, tokens
+):
+    output = tmp_path_factory.mktemp("order") / "out.parquet"
+    code, text = run(
+        str(dataset), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS), "--batch-size", str(batch_size),
+        "--sort-window", str(window), "--max-batch-tokens", str(tokens),
+    )  # fmt: skip
+    assert code == 0, text
+    rows = read(output)
+    assert [r["row_index"] for r in rows] == list(range(8))
+    assert {r["id"]: r["output"] for r in rows} == expected
+
+
+def test_finished_job_is_a_no_op(tiny_model_dir, dataset, tmp_path):
+    output = tmp_path / "out.parquet"
+    args = [str(dataset), "--model", str(tiny_model_dir), "--output", str(output)]
+    assert run(*args, "--max-tokens", "2")[0] == 0
+    before = output.stat().st_mtime_ns
+    result = CliRunner().invoke(main, ["run", *args, "--max-tokens", "2"])
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert output.stat().st_mtime_ns == before
