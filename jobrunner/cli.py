@@ -52,8 +52,10 @@ def _run_options(func):
         click.option("--quantize", type=click.Choice(["4", "8"])),
         click.option("--shard", help="Run shard K of N: K/N (0-based)."),
         click.option("--image-root", type=click.Path(path_type=Path)),
-        click.option("--checkpoint-every", type=int, help="Rows between checkpoints."),
-        click.option("--checkpoint-seconds", type=float, help="Seconds between checkpoints."),
+        click.option(
+            "--checkpoint-every",
+            help="Checkpoint interval: rows (500), time (30s, 5m) or both (500,30s).",
+        ),
         click.option("--workers", type=int, help="Preprocessing threads."),
         click.option("--sort-window", type=int, help="Rows sorted by length together."),
         click.option("--max-image-pixels", type=int),
@@ -135,8 +137,7 @@ def _build_spec(input_path: Path, flags: dict):
         "quantize": None if flags["quantize"] is None else int(flags["quantize"]),
         "shard": _shard(flags["shard"]),
         "image_root": flags["image_root"],
-        "checkpoint_every_rows": flags["checkpoint_every"],
-        "checkpoint_every_seconds": flags["checkpoint_seconds"],
+        **_checkpoint_every(flags["checkpoint_every"]),
         "workers": flags["workers"],
         "sort_window": flags["sort_window"],
         "max_image_pixels": flags["max_image_pixels"],
@@ -154,6 +155,27 @@ def _build_spec(input_path: Path, flags: dict):
         return build_spec(file_values, cli)
     except SpecError as err:
         raise _ConfigError(str(err)) from None
+
+
+def _checkpoint_every(value: str | None) -> dict:
+    """``500`` rows, ``30s``/``5m``/``1h`` time, or both comma-separated; the other bound keeps
+    its default unless given."""
+    if value is None:
+        return {}
+    out: dict = {}
+    units = {"s": 1, "m": 60, "h": 3600}
+    for part in (p.strip().lower() for p in value.split(",")):
+        try:
+            if part and part[-1] in units:
+                out["checkpoint_every_seconds"] = float(part[:-1]) * units[part[-1]]
+            else:
+                out["checkpoint_every_rows"] = int(part)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected rows (500), a time (30s, 5m) or both (500,30s), got {value!r}",
+                param_hint="--checkpoint-every",
+            ) from None
+    return out
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:

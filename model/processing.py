@@ -221,7 +221,7 @@ def image_feature_index(
     t = tokens_per_side
     rows = np.arange(t * h_crop)[:, None]
     cols = np.arange(t * w_crop)[None, :]
-    tile = (cols // t) * h_crop + rows // t
+    tile = (rows // t) * w_crop + cols // t
     sub = (crop_offset + 1 + tile) * t * t + (rows % t) * t + cols % t
     glb = crop_offset * t * t + np.arange(t * t).reshape(t, t)
     separator = np.array([-2], dtype=np.int32)
