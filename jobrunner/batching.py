@@ -60,7 +60,7 @@ def _cut(
     longest = 0
     for index, length in window:
         widest = max(longest, length)
-        if batch and (len(batch) + 1 > batch_size or (len(batch)) * widest > max_batch_tokens):
+        if batch and (len(batch) + 1 > batch_size or (len(batch) + 1) * widest > max_batch_tokens):
             yield batch
             batch, widest = [], length
         batch.append(index)
