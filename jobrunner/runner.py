@@ -13,6 +13,7 @@ done and end with ``Interrupted``.
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import sys
@@ -68,14 +69,19 @@ class RunResult:
 
 
 def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
-    """Resolve the model and identify its weights cheaply (for the fingerprint)."""
-    from model.loading import ModelLoadError, resolve_model_path, weights_identity
+    """Resolve the model and identify it cheaply for the fingerprint: its weights, and the
+    defaults a spec may leave open (crops from preprocessor_config.json, the compute dtype)."""
+    from model.loading import ModelLoadError, default_dtype, resolve_model_path, weights_identity
 
     try:
         model_dir = resolve_model_path(model)
         identity = {"model": model, "weights": weights_identity(model_dir)}
     except ModelLoadError as err:
         raise ConfigError(str(err)) from None
+    preprocessor = model_dir / "preprocessor_config.json"
+    if preprocessor.is_file():
+        identity["default_num_crops"] = json.loads(preprocessor.read_text()).get("num_crops")
+    identity["default_dtype"] = default_dtype()
     if "snapshots" in model_dir.parts:  # a hub cache snapshot: its folder is the revision
         identity["revision"] = model_dir.name
     return model_dir, identity
