@@ -31,6 +31,7 @@ from .progress import Reporter
 from .readers import (
     ImageError,
     ReadOptions,
+    DuplicateIdTracker,
     ReaderConfigError,
     Row,
     check_input,
@@ -163,6 +164,7 @@ class _Session:
             every_seconds=spec.checkpoint_every_seconds or None,
         )
         self.stats = PlanStats()
+        self.ids = DuplicateIdTracker()
         self.rows: dict[int, Row] = {}
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
         self.started = time.monotonic()
@@ -204,11 +206,16 @@ class _Session:
                     raise Interrupted(stop.signum)
         self.writer.flush()
         self.reporter.close()
+        if warning := self.ids.warning():
+            self.reporter.event(warning, error=True)
 
     def _estimates(self) -> Iterator[tuple[int, int]]:
         """(index, prompt length) of each runnable row; failed rows become error records."""
         for row in iter_rows(self.spec.input, ReadOptions.from_spec(self.spec)):
-            if not self.spec.owns_row(row.index) or self.store.is_done(row.index):
+            if not self.spec.owns_row(row.index):
+                continue
+            self.ids.add(row.id)
+            if self.store.is_done(row.index):
                 continue
             if row.error:
                 self._error(row, row.error)
