@@ -8,6 +8,7 @@ by SIGINT/SIGTERM (resumable: the message gives the command).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -74,7 +75,16 @@ def main() -> None:
     """Caption and question image datasets with Phi-3-Vision on MLX."""
     from ._blas import load_openblas
 
-    load_openblas()
+    disabled = os.environ.get("JOBRUNNER_BLAS", "").strip().lower() == "none"
+    if load_openblas() is None and sys.platform.startswith("linux") and not disabled:
+        import mlx.core as mx
+
+        if mx.default_device() == mx.cpu:
+            click.echo(
+                "jobrunner: warning: OpenBLAS not found, so MLX uses its slow reference BLAS on "
+                "the CPU (install it: apt-get install libopenblas0-pthread)",
+                err=True,
+            )
 
 
 @main.command()
