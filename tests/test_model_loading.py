@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from model.config import ModelConfig
@@ -173,3 +174,15 @@ def test_bad_config_json_is_a_load_error(tiny_model_dir, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="num_attention_heads"):
         load(str(broken))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_follow_float32(tiny_model_dir, reference, dtype):
+    model, processor = load(str(tiny_model_dir), dtype=dtype)
+    assert model.layers[0].mlp.down_proj.weight.dtype == getattr(mx, dtype)
+    logits = first_logits(model, processor)
+    assert logits.dtype == mx.float32  # logits come back in float32 whatever the compute dtype
+    assert float(mx.abs(logits - reference).max()) < 0.1 * float(mx.abs(reference).max())
+    row = processor.prepare(PROMPT, Image.new("RGB", (90, 40), "red"))
+    result = generate_batch(model, processor, [row], GenerationParams(3))
+    assert result[0].output_tokens == 3
