@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .batching import PlanStats, plan_batches
-from .checkpoint import CheckpointError, CheckpointStore, merge, shard_rows
+from .checkpoint import CheckpointError, CheckpointStore, shard_rows
+from .merge import merge
 from .progress import Reporter
 from .readers import (
-    ImageError,
-    ReadOptions,
     DuplicateIdTracker,
+    ImageError,
     ReaderConfigError,
+    ReadOptions,
     Row,
     check_input,
     count_rows,
@@ -134,8 +135,12 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     fields = fingerprint_fields(spec, identity, input_identity(spec.input))
     print_ = fingerprint(spec, identity, input_identity(spec.input))
     store = CheckpointStore(spec.parts_dir, spec.shard)
-    with store.lock():
+    # Signals are caught from here on, so one that arrives while the model loads still ends the
+    # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
+    with _StopFlag() as stop, store.lock():
         info = store.open_or_create(spec.to_dict(), print_, fields, spec.overwrite, total)
+        if spec.overwrite:  # an output merged from the discarded checkpoint is stale
+            _discard_output(spec.output)
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
@@ -146,7 +151,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
         session = _Session(spec, store, reporter, owed, info.rows_done)
         if info.rows_done < owed:
-            session.run(model_dir)
+            session.run(model_dir, stop)
         store.mark_complete(total)
         return session.finish(total, identity)
 
@@ -172,7 +177,7 @@ class _Session:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, model_dir: Path) -> None:
+    def run(self, model_dir: Path, stop: _StopFlag) -> None:
         from model.generate import GenerationParams
         from model.loading import load
 
@@ -189,8 +194,10 @@ class _Session:
             )
         except Exception as err:  # a model that does not load is a configuration error
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
+        if stop.signum is not None:  # stopped while the model loaded: nothing to flush
+            raise Interrupted(stop.signum)
         self.reporter.start(self.owed, self.done_before)
-        with _StopFlag() as stop, ThreadPoolExecutor(max(1, spec.workers)) as pool:
+        with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
                 self._estimates(), spec.batch_size, spec.max_batch_tokens, spec.sort_window
             )
@@ -357,6 +364,11 @@ def _chain(batches, queue: deque, submit) -> Iterator:
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def _discard_output(output: Path) -> None:
+    for path in (output, output.with_name(output.name + ".summary.json")):
+        path.unlink(missing_ok=True)
 
 
 def _describe(err: BaseException | None) -> str:
