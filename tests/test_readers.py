@@ -1,0 +1,498 @@
+"""Readers: streaming rows from JSONL and Parquet, image references, per-row errors, images."""
+
+import io
+import json
+import os
+import struct
+import sys
+import tracemalloc
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobrunner.readers import (
+    DuplicateIdTracker,
+    ImageError,
+    ImageRef,
+    ReaderConfigError,
+    ReadOptions,
+    Row,
+    check_input,
+    count_rows,
+    image_size,
+    iter_rows,
+    load_image,
+)
+
+LIMIT = 50_000_000
+
+
+def save_image(path: Path, size: tuple[int, int] = (8, 6), fmt: str = "PNG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 30, 30)).save(path, fmt)
+    return path
+
+
+def png_bytes(size: tuple[int, int] = (5, 4)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "blue").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    text = [line if isinstance(line, str) else json.dumps(line) for line in lines]
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def rows_of(path: Path, **options) -> list[Row]:
+    return list(iter_rows(path, ReadOptions(**options)))
+
+
+# --- JSONL ---------------------------------------------------------------------------------------
+
+
+def test_jsonl_rows_paths_and_indices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    save_image(data_dir / "imgs" / "a.png")
+    absolute = save_image(tmp_path / "elsewhere" / "b.png")
+    source = write_jsonl(
+        data_dir / "rows.jsonl",
+        [
+            {"id": "x", "image": "imgs/a.png", "prompt": "one", "note": 1},
+            "",
+            "   ",
+            {"image": str(absolute), "prompt": "two"},
+            {"id": 7, "prompt": "text only"},
+        ],
+    )
+    monkeypatch.chdir(tmp_path)  # relative paths must not depend on the working directory
+    rows = rows_of(source, keep_columns=("note",))
+    assert [(r.index, r.id, r.prompt, r.error) for r in rows] == [
+        (0, "x", "one", None),
+        (1, "1", "two", None),
+        (2, "7", "text only", None),
+    ]
+    assert rows[0].image == ImageRef(path=str(data_dir / "imgs" / "a.png"))
+    assert rows[1].image == ImageRef(path=str(absolute))
+    assert rows[2].image is None
+    assert [r.extra for r in rows] == [{"note": 1}, {"note": None}, {"note": None}]
+    assert count_rows(source) == 3
+    assert image_size(rows[0].image, LIMIT) == (8, 6)
+
+
+def test_jsonl_bad_lines_become_error_rows(tmp_path: Path) -> None:
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes(
+        b'{"prompt": "ok"}\n'
+        b'{"prompt": "broken"\n'
+        b"[1, 2]\n"
+        b'{"prompt": "\xff\xfe bad utf8"}\n'
+        b'{"prompt": "last"}'  # no trailing newline
+    )
+    rows = rows_of(source)
+    assert [r.index for r in rows] == [0, 1, 2, 3, 4]
+    assert [r.prompt for r in rows] == ["ok", None, None, None, "last"]
+    assert rows[0].error is None and rows[4].error is None
+    assert "invalid JSON on line 2" in rows[1].error
+    assert "line 3 is a JSON list" in rows[2].error
+    assert "line 4" in rows[3].error
+    assert count_rows(source) == 5
+
+
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        ({"image": 3, "prompt": "p"}, "image column 'image' must be a path string"),
+        ({"image": ["a.png"], "prompt": "p"}, "got list"),
+        ({"image": {"bytes": "aGk=", "path": None}, "prompt": "p"}, "must be binary"),
+        ({"image": {}, "prompt": "p"}, "neither 'bytes' nor 'path'"),
+        ({"image": "", "prompt": "p"}, "empty string"),
+        ({"image": "http://x/a.png", "prompt": "p"}, "URL"),
+        ({"prompt": 5}, "prompt column 'prompt' must be a string, got int"),
+        ({"prompt": None}, "no prompt"),
+        ({"other": "x"}, "no prompt"),
+        ({"id": 1.5, "prompt": "p"}, "id column 'id' must be a string or integer, got float"),
+        ({"id": [1], "prompt": "p"}, "got list"),
+    ],
+)
+def test_wrong_types_are_error_rows(tmp_path: Path, record: dict, needle: str) -> None:
+    source = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "fine"}, record, {"prompt": "also"}])
+    rows = rows_of(source)
+    assert len(rows) == 3
+    assert rows[0].error is None and rows[2].error is None
+    assert needle in rows[1].error
+    assert rows[1].id == "1"
+
+
+def test_jsonl_path_struct(tmp_path: Path) -> None:
+    save_image(tmp_path / "a.png", (3, 2))
+    source = write_jsonl(tmp_path / "rows.jsonl", [{"image": {"path": "a.png"}, "prompt": "p"}])
+    (row,) = rows_of(source)
+    assert row.image == ImageRef(path=str(tmp_path / "a.png"))
+    assert load_image(row.image, LIMIT).size == (3, 2)
+
+
+# --- prompt templates -----------------------------------------------------------------------------
+
+
+def test_template_fills_fields_and_names_missing_ones(tmp_path: Path) -> None:
+    source = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"title": "Cat", "n": 7, "prompt": "ignored"},
+            {"n": 3},
+            {"title": None, "n": 1},
+            {"title": "Dog", "n": "seven"},
+        ],
+    )
+    rows = rows_of(source, prompt_template="{title} #{n:03d} {{literal}}")
+    assert rows[0].prompt == "Cat #007 {literal}" and rows[0].error is None
+    assert rows[1].error == "prompt template field 'title' is missing from this row"
+    assert rows[2].error == "prompt template field 'title' is null in this row"
+    assert "cannot fill the prompt template" in rows[3].error
+    assert all(r.prompt is None for r in rows[1:])
+
+
+# --- Parquet --------------------------------------------------------------------------------------
+
+
+def test_parquet_streams_by_record_batch(tmp_path: Path) -> None:
+    save_image(tmp_path / "imgs" / "a.png")
+    table = pa.table(
+        {
+            "id": pa.array(range(10, 20), pa.int64()),
+            "image": ["imgs/a.png"] * 9 + [None],
+            "prompt": [f"p{i}" for i in range(10)],
+            "note": [f"n{i}" for i in range(10)],
+            "unused": [b"x" * 10] * 10,
+        }
+    )
+    source = tmp_path / "rows.parquet"
+    pq.write_table(table, source, row_group_size=3)
+    check_input(source, ReadOptions(keep_columns=("note",)))
+    rows = rows_of(source, keep_columns=("note",))
+    assert [r.index for r in rows] == list(range(10))
+    assert [r.id for r in rows] == [str(i) for i in range(10, 20)]
+    assert rows[0].image == ImageRef(path=str(tmp_path / "imgs" / "a.png"))
+    assert rows[9].image is None
+    assert [r.extra["note"] for r in rows] == [f"n{i}" for i in range(10)]
+    assert count_rows(source) == 10
+
+
+def test_parquet_bytes_column(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"image": pa.array([png_bytes((5, 4))], pa.binary())}), source)
+    (row,) = rows_of(source, prompt_template="Describe.")
+    assert row.error is None and row.image.data is not None and row.id == "0"
+    assert image_size(row.image, LIMIT) == (5, 4)
+    assert load_image(row.image, LIMIT).size == (5, 4)
+
+
+def test_parquet_wrong_column_types_are_error_rows(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"image": [1, 2], "prompt": [3, 4]}), source)
+    check_input(source)  # types are per-row problems, not configuration problems
+    rows = rows_of(source)
+    assert len(rows) == 2
+    assert all("image column 'image'" in r.error and "prompt column" in r.error for r in rows)
+
+
+def test_parquet_without_any_needed_column(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"other": [1, 2, 3]}), source, row_group_size=2)
+    rows = rows_of(source, prompt_template="Say hi.")
+    assert [(r.index, r.prompt, r.image, r.error) for r in rows] == [
+        (i, "Say hi.", None, None) for i in range(3)
+    ]
+
+
+def test_hf_datasets_image_struct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # datasets stores the paths as given: relative to this folder
+    save_image(tmp_path / "a.png", (7, 3))
+    save_image(tmp_path / "b.png", (2, 9))
+    features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")})
+    from_paths = datasets.Dataset.from_dict(
+        {"image": ["a.png", str(tmp_path / "b.png")], "prompt": ["p", "q"]}
+    ).cast_column("image", datasets.Image())
+    from_pil = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (6, 5)), Image.new("L", (4, 4))], "prompt": ["r", "s"]},
+        features=features,
+    )
+    sizes = []
+    for name, dataset in (("paths", from_paths), ("pil", from_pil)):
+        source = tmp_path / f"{name}.parquet"
+        dataset.to_parquet(str(source))
+        image_type = pq.ParquetFile(source).schema_arrow.field("image").type
+        assert image_type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        check_input(source)
+        rows = rows_of(source)
+        assert [r.error for r in rows] == [None, None]
+        sizes += [load_image(r.image, LIMIT).size for r in rows]
+    assert sizes == [(7, 3), (2, 9), (6, 5), (4, 4)]
+
+
+def test_hf_struct_prefers_bytes_over_path(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    struct_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = pa.array([{"bytes": png_bytes((3, 3)), "path": "does-not-exist.png"}], struct_type)
+    pq.write_table(pa.table({"image": images, "prompt": ["p"]}), source)
+    (row,) = rows_of(source, image_root=tmp_path / "elsewhere")
+    assert row.error is None
+    assert row.image.path == "does-not-exist.png"
+    assert load_image(row.image, LIMIT).size == (3, 3)
+
+
+# --- up-front checks ------------------------------------------------------------------------------
+
+
+def parquet_with(tmp_path: Path, **columns) -> Path:
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table(columns), source)
+    return source
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({}, "no prompt column 'prompt'"),
+        ({"prompt_template": "Describe {title}."}, "'{title}' is not a column"),
+        ({"prompt_template": "x", "keep_columns": ("gone",)}, "--keep-columns 'gone'"),
+        ({"prompt_template": "x", "image_column": "picture"}, "no column 'picture'"),
+        ({"prompt_template": "x", "id_column": "key"}, "no column 'key'"),
+    ],
+)
+def test_check_input_parquet_columns(tmp_path: Path, options: dict, needle: str) -> None:
+    source = parquet_with(tmp_path, image=["a.png"], caption=["c"])
+    with pytest.raises(ReaderConfigError, match=needle):
+        check_input(source, ReadOptions(**options))
+
+
+def test_check_input_accepts_default_columns_absent(tmp_path: Path) -> None:
+    # no 'id' (rows numbered) and no 'image' (text-only): both fine under their default names
+    check_input(parquet_with(tmp_path, prompt=["p"]))
+    check_input(parquet_with(tmp_path, caption=["c"]), ReadOptions(prompt_template="{caption}"))
+
+
+def test_check_input_files(tmp_path: Path) -> None:
+    with pytest.raises(ReaderConfigError, match="not found"):
+        check_input(tmp_path / "missing.jsonl")
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(ReaderConfigError, match="not a readable Parquet"):
+        check_input(fake)
+    csv = tmp_path / "rows.csv"
+    csv.write_text("a\n")
+    with pytest.raises(ReaderConfigError, match=".jsonl or .parquet"):
+        check_input(csv)
+    # JSONL rows may differ in keys: nothing about columns is checked up front
+    check_input(write_jsonl(tmp_path / "rows.jsonl", [{"x": 1}]), ReadOptions(id_column="key"))
+
+
+# --- image_root confinement ----------------------------------------------------------------------
+
+
+def test_image_root_confines_paths_including_symlinks(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inside = save_image(root / "in.png")
+    outside = save_image(tmp_path / "secret" / "out.png")
+    os.symlink(outside, root / "escape.png")
+    os.symlink(inside, root / "alias.png")
+    os.symlink(tmp_path / "secret", root / "dirlink")
+    source = write_jsonl(
+        root / "rows.jsonl",
+        [
+            {"image": "in.png"},
+            {"image": "alias.png"},
+            {"image": str(inside)},
+            {"image": "escape.png"},
+            {"image": "../secret/out.png"},
+            {"image": str(outside)},
+            {"image": "dirlink/out.png"},
+        ],
+    )
+    rows = rows_of(source, prompt_template="p", image_root=root)
+    assert [r.error is None for r in rows] == [True] * 3 + [False] * 4
+    assert all(r.image == ImageRef(path=str(inside.resolve())) for r in rows[:3])
+    for row in rows[3:]:
+        assert "outside --image-root" in row.error and row.image is None
+    # without confinement the same rows are fine
+    assert all(r.error is None for r in rows_of(source, prompt_template="p"))
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def png_chunk(tag: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
+
+
+def bilevel_png(width: int, height: int, valid_pixels: bool = True) -> bytes:
+    """A 1-bit black PNG: tiny on disk whatever its size (a decompression bomb when huge)."""
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    if valid_pixels:
+        compressor = zlib.compressobj(9)
+        row = b"\x00" * (1 + (width + 7) // 8)
+        pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    else:
+        pixels = b"garbage, never decoded"
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", pixels)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def truncated_jpeg() -> bytes:
+    noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def test_image_errors_for_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not an image\n")
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
+    (tmp_path / "folder.png").mkdir()
+    cases = {
+        "missing.png": "not found",
+        "empty.png": r"empty \(0 bytes\)",
+        "text.jpg": "not an image",
+        "folder.png": "is a folder",
+    }
+    for name, needle in cases.items():
+        ref = ImageRef(path=str(tmp_path / name))
+        for read in (image_size, load_image):
+            with pytest.raises(ImageError, match=needle) as info:
+                read(ref, LIMIT)
+            assert name in str(info.value)
+    cut = ImageRef(path=str(tmp_path / "cut.jpg"))
+    assert image_size(cut, LIMIT) == (64, 64)  # the header is intact ...
+    with pytest.raises(ImageError, match="truncated"):  # ... the pixels are not
+        load_image(cut, LIMIT)
+
+
+def test_image_errors_for_bad_bytes() -> None:
+    with pytest.raises(ImageError, match="empty"):
+        load_image(ImageRef(data=b""), LIMIT)
+    with pytest.raises(ImageError, match="not an image"):
+        image_size(ImageRef(data=b"hello"), LIMIT)
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        load_image(ImageRef(data=bilevel_png(10, 10, valid_pixels=False)), LIMIT)
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
+    # Garbage pixel data: decoding would fail differently, so the limit must come first.
+    big = ImageRef(data=bilevel_png(3000, 3000, valid_pixels=False))
+    for read in (image_size, load_image):
+        with pytest.raises(ImageError, match="3000x3000 = 9,000,000 pixels, over the pixel limit"):
+            read(big, 1_000_000)
+    assert image_size(ImageRef(data=bilevel_png(3000, 3000)), 9_000_000) == (3000, 3000)
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bilevel_png(20_000, 20_000))  # 400 Mpx, about 60 KB on disk
+    assert bomb.stat().st_size < 200_000
+    ref = ImageRef(path=str(bomb))
+    tracemalloc.start()
+    try:
+        for read in (image_size, load_image):
+            with pytest.raises(ImageError, match="pixel limit") as info:
+                read(ref, LIMIT)
+            assert "bomb.png" in str(info.value)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000  # decoding would take 50 MB (1 bit/px) or 1.2 GB as RGB
+
+
+def test_load_image_decodes_without_exif_rotation(tmp_path: Path) -> None:
+    image = Image.new("RGB", (8, 4), "green")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise"
+    path = tmp_path / "rot.jpg"
+    image.save(path, "JPEG", exif=exif.tobytes())
+    loaded = load_image(ImageRef(path=str(path)), LIMIT)
+    assert loaded.size == (8, 4)
+    assert loaded.getpixel((0, 0))[1] > 100  # pixels are really decoded
+
+
+# --- streaming and duplicates ---------------------------------------------------------------------
+
+
+def blocks_growth(rows: Iterator[Row], check_every: int = 1000) -> tuple[int, Row]:
+    """Most live Python memory blocks gained while iterating (checked every ``check_every`` rows).
+
+    ``sys.getallocatedblocks`` is exact and, unlike tracemalloc, costs nothing per allocation.
+    Rows hold no reference cycles, so reference counting alone frees the ones already seen.
+    """
+    before = sys.getallocatedblocks()
+    growth, row = 0, None
+    for count, row in enumerate(rows, start=1):  # noqa: B007 - the last row is returned
+        if count % check_every == 0:
+            growth = max(growth, sys.getallocatedblocks() - before)
+    return growth, row
+
+
+def test_jsonl_streams_without_materialising(tmp_path: Path) -> None:
+    source = tmp_path / "big.jsonl"
+    with source.open("w") as fh:
+        for i in range(100_000):
+            fh.write(f'{{"id": "r{i}", "image": "img/{i % 50}.png", "prompt": "Describe {i}"}}\n')
+    growth, last = blocks_growth(iter_rows(source))
+    assert last.index == 99_999 and last.id == "r99999"
+    assert growth < 5_000  # keeping the rows would add several blocks per row (> 500,000)
+
+
+def test_parquet_streams_without_materialising(tmp_path: Path) -> None:
+    source = tmp_path / "big.parquet"
+    n = 100_000
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "prompt": ["Say something " * 8] * n})
+    pq.write_table(table, source, row_group_size=5_000)
+    del table
+    arrow_before = pa.total_allocated_bytes()
+    arrow_peak = 0
+
+    def watched():
+        nonlocal arrow_peak
+        for row in iter_rows(source):
+            arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_before)
+            yield row
+
+    growth, last = blocks_growth(watched())
+    assert last.index == n - 1 and last.id == f"r{n - 1}"
+    assert growth < 5_000
+    assert arrow_peak < 4_000_000  # about one row group, not the whole 100k-row table
+
+
+def test_tracemalloc_peak_while_streaming(tmp_path: Path) -> None:
+    source = tmp_path / "rows.jsonl"
+    write_jsonl(source, [{"id": f"r{i}", "prompt": "x" * 200} for i in range(20_000)])
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_rows(source))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 20_000
+    assert peak < 1_000_000  # the rows held at once would take well over 5 MB
+
+
+def test_duplicate_id_tracker() -> None:
+    tracker = DuplicateIdTracker()
+    assert tracker.warning() is None
+    flags = [tracker.add(i) for i in ["a", "b", "a", "c", "b", "a"]]
+    assert flags == [False, False, True, False, True, True]
+    assert tracker.duplicates == 3 and tracker.first_duplicate == "a"
+    assert "3 row(s)" in tracker.warning() and "'a'" in tracker.warning()

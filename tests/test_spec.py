@@ -1,0 +1,343 @@
+"""Job spec: merging file and flags, validation messages, job files, fingerprints."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from jobrunner.spec import (
+    JobSpec,
+    SpecError,
+    build_spec,
+    describe_changes,
+    fingerprint,
+    fingerprint_fields,
+    input_identity,
+    load_job_file,
+    template_fields,
+)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"image": "a.png", "prompt": "hi"}\n')
+    return path
+
+
+def spec_for(data: Path, **values) -> JobSpec:
+    return build_spec({}, {"input": data, "model": "org/model", **values})
+
+
+def test_flags_override_file_and_none_keeps_file_value(data: Path) -> None:
+    file_values = {"input": data, "model": "org/model", "max_tokens": 10, "temperature": 0.5}
+    spec = build_spec(file_values, {"max_tokens": 20, "temperature": None, "overwrite": None})
+    assert spec.max_tokens == 20
+    assert spec.temperature == 0.5
+    assert spec.overwrite is False
+
+
+def test_defaults_output_next_to_input(data: Path) -> None:
+    spec = spec_for(data)
+    assert spec.output == data.with_name("rows.out.parquet")
+    assert spec.parts_dir == data.with_name("rows.out.parquet.parts")
+    assert spec.batch_size == 8 and spec.chat is True and spec.shard is None
+    assert spec_for(data, checkpoint_dir=data.parent / "ck").parts_dir == data.parent / "ck"
+
+
+def test_relative_cli_paths_become_absolute(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(data.parent)
+    spec = spec_for(Path("rows.jsonl"), output="out/x.parquet")
+    assert spec.input == data
+    assert spec.output == data.parent / "out" / "x.parquet"
+
+
+def test_job_file_resolves_paths_against_its_folder(tmp_path: Path, data: Path) -> None:
+    jobs = tmp_path / "jobs"
+    (jobs / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "imgs").mkdir()
+    job = jobs / "job.toml"
+    job.write_text(
+        'input = "../rows.jsonl"\noutput = "out/r.parquet"\nimage_root = "../imgs"\n'
+        'model = "models/tiny"\nmax_tokens = 12\nshard = "1/3"\nkeep_columns = ["a"]\n'
+    )
+    spec = build_spec(load_job_file(job), {})
+    assert spec.input.resolve() == data.resolve()
+    assert spec.output == jobs / "out" / "r.parquet"
+    assert spec.image_root == (tmp_path / "imgs").resolve()
+    assert spec.model == str(jobs / "models" / "tiny")
+    assert (spec.max_tokens, spec.shard, spec.keep_columns) == (12, (1, 3), ("a",))
+
+
+def test_job_file_keeps_hub_ids(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('model = "microsoft/Phi-3.5-vision-instruct"\n')
+    assert load_job_file(job)["model"] == "microsoft/Phi-3.5-vision-instruct"
+
+
+def test_job_file_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('input = "x.jsonl"\nmax-tokens = 3\n')
+    with pytest.raises(SpecError, match="unknown key 'max-tokens'.*max_tokens") as info:
+        load_job_file(job)
+    assert info.value.fields == ("max-tokens",)
+
+
+@pytest.mark.parametrize("text", ["input = ", "[generation]\nmax_tokens = 1\n"])
+def test_job_file_bad_toml_or_table(tmp_path: Path, text: str) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    with pytest.raises(SpecError, match="job.toml"):
+        load_job_file(job)
+
+
+def test_job_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="not found"):
+        load_job_file(tmp_path / "nope.toml")
+
+
+BAD_VALUES = [
+    ("max_tokens", 0),
+    ("max_tokens", "ten"),
+    ("max_tokens", True),
+    ("max_tokens", 2.5),
+    ("temperature", -0.1),
+    ("temperature", float("nan")),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_k", -1),
+    ("seed", -1),
+    ("batch_size", 0),
+    ("max_batch_tokens", 0),
+    ("num_crops", 0),
+    ("dtype", "int8"),
+    ("quantize", 3),
+    ("quantize", True),
+    ("shard", "2/2"),
+    ("shard", "a/b"),
+    ("shard", "1"),
+    ("shard", [3, 2]),
+    ("overwrite", "yes"),
+    ("quiet", 1),
+    ("chat", "no"),
+    ("keep_columns", ["output"]),
+    ("keep_columns", 5),
+    ("prompt", "{}"),
+    ("prompt", "Describe {a"),
+    ("prompt", "{a.b}"),
+    ("prompt", "  "),
+    ("id_column", ""),
+    ("image_column", 3),
+    ("checkpoint_every_rows", -1),
+    ("checkpoint_every_seconds", float("inf")),
+    ("max_image_pixels", 0),
+    ("sort_window", 0),
+    ("workers", 0),
+    ("model", ""),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
+def test_each_bad_value_names_its_field_and_flag(data: Path, field: str, value: object) -> None:
+    with pytest.raises(SpecError) as info:
+        spec_for(data, **{field: value})
+    assert info.value.fields == (field,)
+    message = str(info.value)
+    assert f"{field}:" in message
+    assert "--" + field.replace("_", "-") in message
+
+
+@pytest.mark.parametrize(
+    ("field", "values", "needle"),
+    [
+        ("input", {"input": "missing.jsonl"}, "not found"),
+        ("input", {"input": "rows.csv"}, ".jsonl or .parquet"),
+        ("input", {"input": "."}, "not a file"),
+        ("output", {"output": "out.csv"}, ".parquet"),
+        ("output", {"output": "."}, ".parquet"),
+        ("image_root", {"image_root": "no-such-dir"}, "not an existing folder"),
+        ("checkpoint_every_rows", {"checkpoint_every_rows": 0, "checkpoint_every_seconds": 0}, "0"),
+        ("id_column", {"image_column": "prompt"}, "must differ"),
+    ],
+)
+def test_cross_field_errors_name_the_field(
+    data: Path, monkeypatch: pytest.MonkeyPatch, field: str, values: dict, needle: str
+) -> None:
+    monkeypatch.chdir(data.parent)
+    (data.parent / "rows.csv").write_text("a,b\n")
+    with pytest.raises(SpecError, match=needle) as info:
+        spec_for(data, **values)
+    assert field in info.value.fields
+    assert f"{field}:" in str(info.value)
+
+
+def test_output_may_not_be_the_input(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    source.write_bytes(b"")
+    with pytest.raises(SpecError, match="is the input") as info:
+        build_spec({}, {"input": source, "model": "m", "output": source})
+    assert info.value.fields == ("output",)
+
+
+def test_missing_input_and_model_are_required() -> None:
+    with pytest.raises(SpecError) as info:
+        build_spec({}, {})
+    assert set(info.value.fields) == {"input", "model"}
+    assert "--model" in str(info.value)
+
+
+def test_every_problem_is_reported_at_once(data: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        spec_for(data, max_tokens=0, top_p=2.0, shard="5/2")
+    assert set(info.value.fields) == {"max_tokens", "top_p", "shard"}
+
+
+def test_unknown_cli_option(data: Path) -> None:
+    with pytest.raises(SpecError, match="max_token"):
+        spec_for(data, max_token=3)
+
+
+def test_normalisation(data: Path) -> None:
+    spec = spec_for(data, shard=[1, 3], keep_columns="a, b,,a", dtype="bf16", quantize=4)
+    assert spec.shard == (1, 3)
+    assert spec.keep_columns == ("a", "b")
+    assert (spec.dtype, spec.quantize) == ("bfloat16", 4)
+    assert spec_for(data, shard="0/1").shard is None
+    assert spec_for(data, dtype="auto").dtype is None
+    assert spec_for(data, temperature=1).temperature == 1.0
+
+
+def test_owns_row_is_a_partition(data: Path) -> None:
+    shards = [spec_for(data, shard=f"{k}/3") for k in range(3)]
+    for index in range(50):
+        assert sum(spec.owns_row(index) for spec in shards) == 1
+    assert all(spec_for(data).owns_row(i) for i in range(5))
+
+
+def test_to_dict_is_json_and_round_trips(data: Path, tmp_path: Path) -> None:
+    spec = spec_for(data, shard="1/2", keep_columns=["a"], image_root=tmp_path, prompt="Hi {a}")
+    restored = JobSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert restored == spec
+
+
+def test_template_fields() -> None:
+    assert template_fields("{a} {{b}} {c:>5} {a} {my col}") == ("a", "c", "my col")
+    assert template_fields("no fields {{}}") == ()
+    with pytest.raises(ValueError, match="positional"):
+        template_fields("{0}")
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+
+MODEL = {"id": "org/model", "revision": "abc", "weights_sha256": "00"}
+
+# Changing any of these changes what is written: the fingerprint must change.
+AFFECTING = {
+    "model": "org/other",
+    "prompt": "Caption {x}",
+    "chat": False,
+    "id_column": "key",
+    "image_column": "picture",
+    "prompt_column": "question",
+    "keep_columns": ("a",),
+    "max_image_pixels": 1000,
+    "max_tokens": 9,
+    "temperature": 0.7,
+    "num_crops": 4,
+    "dtype": "float32",
+    "quantize": 8,
+}
+# Changing these changes speed, placement or bookkeeping only.
+NOT_AFFECTING = {
+    "output": Path("/elsewhere/out.parquet"),
+    "batch_size": 3,
+    "max_batch_tokens": 99,
+    "sort_window": 1,
+    "workers": 7,
+    "quiet": True,
+    "overwrite": True,
+    "checkpoint_every_rows": 1,
+    "checkpoint_every_seconds": 1.0,
+    "checkpoint_dir": Path("/elsewhere/ck"),
+    "shard": (0, 2),
+    # greedy decoding ignores the sampling parameters
+    "top_p": 0.5,
+    "top_k": 5,
+    "seed": 42,
+}
+SAMPLING = {"top_p": 0.5, "top_k": 5, "seed": 42}
+
+
+def test_every_field_is_classified() -> None:
+    fields = {f.name for f in dataclasses.fields(JobSpec)}
+    # input is covered by the input identity, image_root by its own test below
+    assert fields == AFFECTING.keys() | NOT_AFFECTING.keys() | {"input", "image_root"}
+
+
+@pytest.mark.parametrize(("field", "value"), AFFECTING.items())
+def test_fingerprint_changes_with_output_affecting_fields(data: Path, field: str, value) -> None:
+    spec = spec_for(data)
+    identity = input_identity(data)
+    changed = dataclasses.replace(spec, **{field: value})
+    assert fingerprint(changed, MODEL, identity) != fingerprint(spec, MODEL, identity)
+    changes = describe_changes(
+        fingerprint_fields(spec, MODEL, identity), fingerprint_fields(changed, MODEL, identity)
+    )
+    # greedy -> sampling also brings top_p, top_k and seed into play
+    assert field in [line.split(":")[0] for line in changes]
+
+
+@pytest.mark.parametrize(("field", "value"), NOT_AFFECTING.items())
+def test_fingerprint_ignores_speed_and_bookkeeping(data: Path, field: str, value) -> None:
+    spec = spec_for(data)
+    identity = input_identity(data)
+    changed = dataclasses.replace(spec, **{field: value})
+    assert fingerprint(changed, MODEL, identity) == fingerprint(spec, MODEL, identity)
+
+
+@pytest.mark.parametrize(("field", "value"), SAMPLING.items())
+def test_fingerprint_changes_with_sampling_params_when_sampling(data: Path, field, value) -> None:
+    spec = spec_for(data, temperature=0.8)
+    identity = input_identity(data)
+    changed = dataclasses.replace(spec, **{field: value})
+    assert fingerprint(changed, MODEL, identity) != fingerprint(spec, MODEL, identity)
+
+
+def test_fingerprint_changes_with_image_root(data: Path, tmp_path: Path) -> None:
+    identity = input_identity(data)
+    confined = spec_for(data, image_root=tmp_path)
+    assert fingerprint(confined, MODEL, identity) != fingerprint(spec_for(data), MODEL, identity)
+
+
+def test_fingerprint_changes_with_model_identity(data: Path) -> None:
+    spec, identity = spec_for(data), input_identity(data)
+    other = {**MODEL, "revision": "def"}
+    assert fingerprint(spec, other, identity) != fingerprint(spec, MODEL, identity)
+    changes = describe_changes(
+        fingerprint_fields(spec, MODEL, identity), fingerprint_fields(spec, other, identity)
+    )
+    assert changes == ["model_identity.revision: 'abc' -> 'def'"]
+
+
+def test_input_identity_sees_same_size_rewrite(data: Path) -> None:
+    before = input_identity(data)
+    stat = data.stat()
+    data.write_text(data.read_text().replace("hi", "ho"))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    after = input_identity(data)
+    assert after["size"] == before["size"] and after["mtime_ns"] == before["mtime_ns"]
+    assert after["sample_sha256"] != before["sample_sha256"]
+    spec = spec_for(data)
+    assert fingerprint(spec, MODEL, after) != fingerprint(spec, MODEL, before)
+
+
+def test_input_identity_samples_head_and_tail_of_large_files(tmp_path: Path) -> None:
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"a" * (3 << 20))
+    before = input_identity(big)["sample_sha256"]
+    with big.open("r+b") as fh:
+        fh.seek(-10, os.SEEK_END)
+        fh.write(b"b")
+    assert input_identity(big)["sample_sha256"] != before

@@ -1,0 +1,220 @@
+"""Records → tables, the part writer's flush policy, atomic JSON files, output metadata."""
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from jobrunner import writers
+from jobrunner.writers import (
+    ParquetOutputMetadata,
+    PartWriter,
+    decode_kept,
+    kept_type,
+    part_kinds,
+    records_to_table,
+    results_schema,
+    write_summary,
+)
+
+
+def record(i: int, error: bool = False, **extra) -> dict:
+    if error:
+        base = {"output": None, "finish_reason": "error", "error": "bad image"}
+    else:
+        base = {"output": f"caption {i}", "finish_reason": "stop", "error": None}
+    return {
+        "index": i,
+        "id": f"row-{i}",
+        "prompt_tokens": 10 + i,
+        "output_tokens": i,
+        **base,
+        **extra,
+    }
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.parts: list[pa.Table] = []
+
+    def write_part(self, table: pa.Table) -> None:
+        self.parts.append(table)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_results_schema_order_and_types():
+    schema = results_schema(["source", "width"], {"width": pa.int64()})
+    assert schema.names == [
+        "id",
+        "output",
+        "finish_reason",
+        "error",
+        "prompt_tokens",
+        "output_tokens",
+        "source",
+        "width",
+        "row_index",
+    ]
+    assert schema.field("prompt_tokens").type == pa.int32()
+    assert schema.field("output_tokens").type == pa.int32()
+    assert schema.field("row_index").type == pa.int64()
+    assert schema.field("source").type == pa.string()
+    assert schema.field("width").type == pa.int64()
+
+
+@pytest.mark.parametrize("keep", [["output"], ["row_index"], ["a", "a"]])
+def test_keep_columns_that_clash_are_refused(keep):
+    with pytest.raises(ValueError):
+        results_schema(keep)
+
+
+def test_records_to_table_values_and_kinds():
+    rows = [record(0, caption_src="x", n=1), record(1, error=True, extra={"caption_src": "y"})]
+    table = records_to_table(rows, ["caption_src", "n"])
+    assert table.column("id").to_pylist() == ["row-0", "row-1"]
+    assert table.column("output").to_pylist() == ["caption 0", None]
+    assert table.column("error").to_pylist() == [None, "bad image"]
+    assert table.column("finish_reason").to_pylist() == ["stop", "error"]
+    assert table.column("row_index").to_pylist() == [0, 1]
+    assert table.schema.field("prompt_tokens").type == pa.int32()
+    # kept values are JSON text in parts; 'extra' mapping and top-level keys both work
+    assert table.column("caption_src").to_pylist() == ['"x"', '"y"']
+    assert table.column("n").to_pylist() == ["1", None]
+    assert part_kinds(table.schema) == {"caption_src": ["str"], "n": ["int", "null"]}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"finish_reason": "eos"},
+        {"finish_reason": "error", "output": "text", "error": "x"},
+        {"finish_reason": "error", "output": None, "error": None},
+        {"finish_reason": "stop", "error": "oops"},
+        {"index": -1},
+        {"index": "3"},
+    ],
+)
+def test_invalid_records_are_refused(bad):
+    with pytest.raises(ValueError):
+        records_to_table([{**record(0), **bad}])
+    with pytest.raises(ValueError):
+        PartWriter(FakeStore()).add({**record(0), **bad})
+
+
+def test_kept_type_is_chosen_from_all_kinds():
+    assert kept_type(["int"]) == pa.int64()
+    assert kept_type(["int", "float", "null"]) == pa.float64()
+    assert kept_type(["bool"]) == pa.bool_()
+    assert kept_type(["str", "null"]) == pa.string()
+    assert kept_type(["null"]) == pa.string()
+    assert kept_type(["int", "str"]) is None  # mixed: stays JSON text
+    assert kept_type(["other"]) is None
+
+
+def test_kept_values_round_trip():
+    values = [1.5, None, 2]
+    table = records_to_table([record(i, v=v) for i, v in enumerate(values)], ["v"])
+    kinds = part_kinds(table.schema)["v"]
+    decoded = decode_kept(table.column("v").combine_chunks(), kinds)
+    assert decoded.type == pa.float64()
+    assert decoded.to_pylist() == [1.5, None, 2.0]
+    odd = [b"\x00\x01", dt.date(2024, 5, 1), {"b": 1, "a": [1, 2]}]
+    table = records_to_table([record(i, v=v) for i, v in enumerate(odd)], ["v"])
+    decoded = decode_kept(table.column("v").combine_chunks(), part_kinds(table.schema)["v"])
+    assert decoded.to_pylist() == ['"AAE="', '"2024-05-01"', '{"a": [1, 2], "b": 1}']
+
+
+def test_part_writer_flushes_every_n_rows():
+    store = FakeStore()
+    writer = PartWriter(store, every_rows=3, every_seconds=None)
+    flushed = []
+    for i in range(7):
+        writer.add(record(i, error=i == 4))
+        flushed.append(writer.maybe_flush())
+    assert flushed == [False, False, True, False, False, True, False]
+    assert [t.num_rows for t in store.parts] == [3, 3]
+    assert writer.pending == 1
+    assert writer.flush() == 1
+    assert writer.flush() == 0  # nothing pending → no empty part
+    assert [t.num_rows for t in store.parts] == [3, 3, 1]
+    assert writer.rows_written == 7 and writer.errors_written == 1 and writer.parts_written == 3
+    got = [i for t in store.parts for i in t.column("row_index").to_pylist()]
+    assert got == list(range(7))
+
+
+def test_part_writer_flushes_after_interval():
+    store, clock = FakeStore(), FakeClock()
+    writer = PartWriter(store, every_rows=None, every_seconds=30, clock=clock)
+    writer.add(record(0))
+    clock.now += 29
+    assert not writer.maybe_flush()
+    clock.now += 1
+    assert writer.maybe_flush()
+    assert [t.num_rows for t in store.parts] == [1]
+    writer.add(record(1))
+    clock.now += 20
+    assert not writer.maybe_flush()  # the interval restarted at the last flush
+    clock.now += 100
+    writer.flush()
+    clock.now += 100
+    assert not writer.maybe_flush()  # interval elapsed but nothing pending
+    writer.add(record(2))
+    # time since the last flush is unsaved work (the batch that produced this row): flush now
+    assert writer.maybe_flush()
+    assert [t.num_rows for t in store.parts] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("kwargs", [{"every_rows": 0}, {"every_seconds": -1}])
+def test_part_writer_rejects_bad_intervals(kwargs):
+    with pytest.raises(ValueError):
+        PartWriter(FakeStore(), **kwargs)
+
+
+def test_write_summary_is_atomic(tmp_path: Path, monkeypatch):
+    path = tmp_path / "out.parquet.summary.json"
+    write_summary(path, {"rows_ok": 3, "rows_error": 1})
+    assert json.loads(path.read_text()) == {"rows_error": 1, "rows_ok": 3}
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writers.os, "replace", crash)
+    with pytest.raises(OSError):
+        write_summary(path, {"rows_ok": 4, "rows_error": 0})
+    # the old summary is intact and no temp file is left behind
+    assert json.loads(path.read_text()) == {"rows_error": 1, "rows_ok": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_write_summary_respects_umask(tmp_path: Path):
+    path = tmp_path / "summary.json"
+    write_summary(path, {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_output_metadata_json():
+    meta = ParquetOutputMetadata(
+        spec={"input": Path("/data/x.jsonl"), "max_tokens": 64},
+        fingerprint="abc",
+        fingerprint_fields={"model": "m"},
+        model_id="microsoft/Phi-3.5-vision-instruct",
+        model_revision="rev1",
+    )
+    data = json.loads(meta.to_json())
+    assert data["spec"] == {"input": "/data/x.jsonl", "max_tokens": 64}
+    assert data["fingerprint"] == "abc"
+    assert data["model_revision"] == "rev1"
+    assert data["versions"]["pyarrow"] == pa.__version__
+    assert data["versions"]["python"]
