@@ -107,7 +107,8 @@ def run(input_path: Path, **flags) -> None:
         raise _ConfigError(str(err)) from None
     except Interrupted as err:
         reporter.close()
-        command = shlex.join(["jobrunner", *sys.argv[1:]]).replace(" --overwrite", "")
+        # The same command resumes; --overwrite would throw the saved rows away.
+        command = shlex.join(["jobrunner", *(a for a in sys.argv[1:] if a != "--overwrite")])
         click.echo(f"jobrunner: interrupted by {err}; finished rows are saved.", err=True)
         click.echo(f"jobrunner: resume with: {command}", err=True)
         sys.exit(128 + err.signum)
@@ -199,7 +200,7 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(output: Path, as_json: bool) -> None:
     """Progress of the job writing OUTPUT (done or not)."""
-    from .checkpoint import status as job_status
+    from .merge import status as job_status
 
     parts = output.with_name(output.name + ".parts")
     if not parts.is_dir() and not output.exists():
@@ -212,26 +213,49 @@ def status(output: Path, as_json: bool) -> None:
 
 
 def _format_status(output: Path, info: dict) -> str:
-    lines = [f"{output}: {'complete' if info.get('output_exists') else 'not merged yet'}"]
+    lines = [f"{output}: {_job_state(info)}"]
+    if info.get("exists"):
+        lines.append("  " + _progress_line("all", info, info.get("total_rows")))
     for shard in info.get("shards", []):
-        done, total = shard.get("rows_done"), shard.get("rows_total")
-        state = "running" if shard.get("running") else "complete" if shard.get("complete") else ""
-        rate = shard.get("rows_per_second")
-        eta = shard.get("eta_seconds")
-        extra = f", {rate:.2f} rows/s" if rate else ""
-        extra += f", eta {eta:.0f}s" if eta else ""
-        lines.append(
-            f"  {shard.get('name')}: {done}/{total} rows, {shard.get('errors', 0)} errors"
-            f"{extra} {state}".rstrip()
-        )
+        line = _progress_line(shard["name"], shard, shard["rows_total"])
+        lines.append(f"  {line}, {_shard_state(shard)}")
     return "\n".join(lines)
+
+
+def _shard_state(shard: dict) -> str:
+    if shard["running"]:
+        return "running"
+    if shard["complete"]:
+        return "complete"
+    return "stopped" if shard["started"] else "not started"
+
+
+def _job_state(info: dict) -> str:
+    if info.get("output_exists") and (info.get("complete") or not info.get("exists")):
+        return "complete"
+    if info.get("running"):
+        return "running"
+    if info.get("complete"):
+        return "every shard is done; `jobrunner merge` writes the output"
+    return "unfinished, not running (run the same command again to resume)"
+
+
+def _progress_line(name: str, info: dict, total: int | None) -> str:
+    text = f"{name}: {info['rows_done']}/{'?' if total is None else total} rows"
+    text += f", {info['errors']} errors"
+    if info.get("rows_per_second"):
+        text += f", {info['rows_per_second']:.2f} rows/s"
+    if info.get("eta_seconds") is not None:
+        text += f", eta {info['eta_seconds']:.0f}s"
+    return text
 
 
 @main.command(name="merge")
 @click.argument("output", type=click.Path(path_type=Path))
 def merge_command(output: Path) -> None:
     """Join the parts of every (finished) shard into OUTPUT."""
-    from .checkpoint import CheckpointError, merge
+    from .checkpoint import CheckpointError
+    from .merge import merge
 
     parts = output.with_name(output.name + ".parts")
     try:
@@ -258,3 +282,36 @@ def show(output: Path, limit: int) -> None:
         click.echo(f"{str(r['id']):<{width}}  {r['finish_reason']:<6}  {text}")
     if table.num_rows > limit:
         click.echo(f"... {table.num_rows - limit} more rows")
+
+
+@main.command()
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "phi3v"]),
+    default="small",
+    show_default=True,
+    help="Model size: tiny (seconds), small (minutes on a CPU), phi3v (real Phi-3.5-V dims).",
+)
+@click.option("--rows", type=click.IntRange(1), help="Dataset rows (default: the preset's).")
+@click.option("--max-tokens", type=click.IntRange(1), help="New tokens per row.")
+@click.option("--batch-size", type=click.IntRange(1))
+@click.option("--max-batch-tokens", type=click.IntRange(1))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--modes", help="Comma-separated subset of naive,single,unsorted,sorted,pipeline.")
+@click.option("--naive-rows", type=click.IntRange(1), help="Rows for mode 1 (evenly spaced).")
+@click.option("--single-rows", type=click.IntRange(1), help="Rows for mode 2 (evenly spaced).")
+@click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")
+def bench(json_path: Path | None, modes: str | None, **flags) -> None:
+    """Throughput of the five modes, side by side, on a random model and synthetic rows."""
+    from .bench import MODES, BenchSettings, format_report, run_bench
+
+    try:
+        settings = BenchSettings(modes=tuple(_split(modes) or MODES), **flags).resolved()
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    report = run_bench(settings)
+    click.echo(format_report(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")

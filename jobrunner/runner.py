@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._blas import single_threaded_numpy_blas
 from .batching import PlanStats, plan_batches
 from .checkpoint import CheckpointError, CheckpointStore, shard_rows
 from .merge import merge
@@ -196,6 +197,7 @@ class _Session:
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
+        single_threaded_numpy_blas()
         self.reporter.start(self.owed, self.done_before)
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(

@@ -1,0 +1,356 @@
+"""Merge and status: join every shard's durable parts into the output file; report progress.
+
+Reads checkpoint directories written by `jobrunner.checkpoint` and trusts only what its records
+say (sizes, hashes, row indices are checked again before anything is merged). Knows nothing of
+the model or of job specs.
+
+Merge: refuses (`IncompleteJob`, naming each missing or unfinished shard) until every shard has a
+completion record; then checks that the parts cover input rows ``0..total-1`` exactly once and
+writes them in input order, one window of rows at a time, to a temp file that is fsynced and
+renamed over the output. Several shards finishing at once may each merge; each write is atomic
+and they all write the same rows, so the result does not depend on who wins.
+
+Status: reads only (never locks, never cleans), so it is safe while shards are running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobrunner.checkpoint import (
+    COMPLETE,
+    MANIFEST,
+    CheckpointError,
+    PartRecord,
+    is_locked,
+    jsonable,
+    read_json,
+    read_lock_info,
+    read_manifest,
+    read_progress,
+    scan_shard,
+    shard_name,
+    shard_rows,
+)
+from jobrunner.writers import (
+    INDEX_COLUMN,
+    OUTPUT_METADATA_KEY,
+    RESERVED_COLUMNS,
+    decode_kept,
+    fsync_dir,
+    kept_type,
+    results_schema,
+    temp_path_for,
+)
+
+
+class IncompleteJob(CheckpointError):
+    """Merge was asked for while some shards are missing or unfinished."""
+
+    def __init__(self, missing: list[int], incomplete: dict[int, tuple[int, int | None]], n: int):
+        self.missing, self.incomplete = missing, incomplete
+        parts = [f"shard {k}/{n} has not started" for k in missing]
+        for k, (done, total) in sorted(incomplete.items()):
+            parts.append(
+                f"shard {k}/{n} is incomplete ({done}/{total if total is not None else '?'} rows)"
+            )
+        super().__init__(
+            "cannot merge: " + "; ".join(parts) + ". Run those shards, then merge again."
+        )
+
+
+# --- merge -------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeInfo:
+    path: Path
+    rows: int
+    errors: int
+    parts: int
+    bytes: int
+
+
+@dataclass
+class _Part:
+    path: Path
+    min_index: int
+
+
+def all_shards_complete(directory: Path) -> bool:
+    """Whether every shard of the checkpoint has a valid completion record (cheap: no hashing)."""
+    manifest = read_manifest(Path(directory))
+    if manifest is None:
+        return False
+    n = manifest["num_shards"]
+    missing, incomplete, _ = _merge_problems(Path(directory), n, manifest.get("total_rows"))
+    return not missing and not incomplete
+
+
+def _merge_problems(
+    directory: Path, n: int, total: int | None
+) -> tuple[list[int], dict[int, tuple[int, int | None]], set[int]]:
+    """Shards not started, shards incomplete (done, total), and the totals completions recorded."""
+    missing, incomplete, totals = [], {}, set()
+    for k in range(n):
+        shard_dir = directory / shard_name(k, n)
+        records, _ = read_progress(shard_dir)
+        done = read_json(shard_dir / COMPLETE)
+        if done is not None:
+            totals.add(done.get("total_rows"))
+        elif not records:
+            missing.append(k)
+        else:
+            expected = shard_rows(total, k, n) if total is not None else None
+            incomplete[k] = (sum(r.rows for r in records), expected)
+    return missing, incomplete, totals
+
+
+def _merge_total(directory: Path, manifest: dict, n: int, total_rows: int | None) -> int:
+    missing, incomplete, totals = _merge_problems(directory, n, manifest.get("total_rows"))
+    if missing or incomplete:
+        raise IncompleteJob(missing, incomplete, n)
+    totals |= {t for t in (manifest.get("total_rows"), total_rows) if t is not None}
+    if len(totals) != 1 or not isinstance(next(iter(totals)), int):
+        raise CheckpointError(
+            f"shards of {directory} disagree on the number of input rows: {totals}"
+        )
+    return totals.pop()
+
+
+def _collect_parts(directory: Path, n: int, total: int) -> tuple[list[_Part], dict, list[str]]:
+    """Verified parts of every shard, kinds of kept values, kept column names."""
+    parts, kinds, indices, layouts = [], {}, [], set()
+    for k in range(n):
+        shard_dir = directory / shard_name(k, n)
+        scan = scan_shard(shard_dir, k, n)
+        if scan.dropped:
+            raise CheckpointError(
+                f"damaged part in shard {k}/{n} ({scan.dropped[0]}); run shard {k}/{n} again to "
+                "redo its rows, then merge"
+            )
+        parts += [_Part(shard_dir / rec.part, rec.min_index) for rec in scan.records]
+        indices += scan.indices
+        layouts |= scan.layouts
+        for name, values in scan.kinds.items():
+            kinds.setdefault(name, set()).update(values)
+    if len(layouts) > 1:
+        raise CheckpointError(f"parts in {directory} have different columns: {sorted(layouts)}")
+    check_coverage(np.concatenate(indices) if indices else np.zeros(0, np.int64), total)
+    names = next(iter(layouts), ())
+    return parts, kinds, [c for c in names if c not in RESERVED_COLUMNS]
+
+
+def check_coverage(index: np.ndarray, total: int) -> None:
+    """Every input index 0..total-1 exactly once, else an error listing examples."""
+    if len(index) == total and np.array_equal(np.sort(index), np.arange(total)):
+        return
+    outside = index[(index < 0) | (index >= total)]
+    counts = np.bincount(index[(index >= 0) & (index < total)], minlength=total)
+    problems = {
+        "missing": np.flatnonzero(counts == 0),
+        "duplicated": np.flatnonzero(counts > 1),
+        "out of range": outside,
+    }
+    text = "; ".join(f"{len(v)} {k} (e.g. {v[:5].tolist()})" for k, v in problems.items() if len(v))
+    raise CheckpointError(f"parts do not cover input rows 0..{total - 1} exactly once: {text}")
+
+
+def _load_part(part: _Part, schema: pa.Schema, kinds: dict) -> pa.Table:
+    table = pq.read_table(part.path)
+    columns = [
+        decode_kept(table[f.name].combine_chunks(), kinds.get(f.name, ()))
+        if f.name not in RESERVED_COLUMNS
+        else table[f.name]
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _write_in_order(
+    parts: list[_Part],
+    total: int,
+    schema: pa.Schema,
+    kinds: dict,
+    writer: pq.ParquetWriter,
+    rows_per_group: int,
+) -> None:
+    """Write rows in input order, one window of indices at a time.
+
+    Parts are sorted inside and loaded only when the window reaches their first index, so memory
+    holds just the parts that overlap the window (the run writes rows roughly in input order).
+    """
+    pending, active = sorted(parts, key=lambda p: p.min_index), []
+    for start in range(0, total, rows_per_group):
+        end = min(start + rows_per_group, total)
+        while pending and pending[0].min_index < end:
+            active.append(_load_part(pending.pop(0), schema, kinds))
+        taken, active_next = [], []
+        for table in active:
+            cut = int(np.searchsorted(table.column(INDEX_COLUMN).to_numpy(), end))
+            taken.append(table.slice(0, cut))
+            if cut < table.num_rows:
+                active_next.append(table.slice(cut))
+        active = active_next
+        chunk = pa.concat_tables(taken).sort_by(INDEX_COLUMN)
+        if not np.array_equal(chunk.column(INDEX_COLUMN).to_numpy(), np.arange(start, end)):
+            raise CheckpointError(f"rows {start}..{end - 1} changed while merging; merge again")
+        writer.write_table(chunk, row_group_size=rows_per_group)
+
+
+def merge(
+    directory: Path,
+    output_path: Path,
+    total_rows: int | None = None,
+    num_shards: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    rows_per_group: int = 65536,
+) -> MergeInfo:
+    """Join every shard's parts into ``output_path``, in input order, written atomically.
+
+    Args:
+        directory: the checkpoint directory.
+        output_path: the final Parquet file (replaced atomically if it exists).
+        total_rows: input rows (default: what the manifest and completion records say).
+        num_shards: expected number of shards (default: the manifest's).
+        metadata: JSON-able dict stored under the file metadata key ``jobrunner``, on top of the
+            manifest's spec and fingerprint (see `jobrunner.writers.ParquetOutputMetadata`).
+        rows_per_group: Parquet row group size, also the merge window.
+
+    Raises:
+        IncompleteJob: some shard is missing or unfinished.
+        CheckpointError: damaged parts, or rows missing/duplicated.
+    """
+    directory, output_path = Path(directory), Path(output_path)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise CheckpointError(f"no {MANIFEST} in {directory}: nothing to merge")
+    n = manifest["num_shards"]
+    if num_shards is not None and num_shards != n:
+        raise CheckpointError(f"{directory} was made for {n} shards, not {num_shards}")
+    total = _merge_total(directory, manifest, n, total_rows)
+    parts, kinds, keep = _collect_parts(directory, n, total)
+    schema = results_schema(keep, {c: kept_type(kinds.get(c, ())) or pa.string() for c in keep})
+    meta = {
+        "spec": manifest.get("spec"),
+        "fingerprint": manifest.get("fingerprint"),
+        "fingerprint_fields": manifest.get("fingerprint_fields"),
+        **jsonable(dict(metadata or {})),
+    }
+    file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    _atomic_parquet(output_path, file_schema, parts, total, kinds, rows_per_group)
+    errors = sum(_scan_errors(directory, k, n) for k in range(n))
+    size = output_path.stat().st_size
+    return MergeInfo(path=output_path, rows=total, errors=errors, parts=len(parts), bytes=size)
+
+
+def _atomic_parquet(
+    path: Path, schema: pa.Schema, parts: list[_Part], total: int, kinds: dict, rows_per_group: int
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            _write_in_order(parts, total, schema.remove_metadata(), kinds, writer, rows_per_group)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _scan_errors(directory: Path, k: int, n: int) -> int:
+    records, _ = read_progress(directory / shard_name(k, n))
+    return sum(r.errors for r in records)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def _session_rate(records: list[PartRecord]) -> float | None:
+    """Rows/s of the latest run, from its progress records."""
+    if not records:
+        return None
+    start = records[-1].session_start
+    rows = sum(r.rows for r in records if r.session_start == start)
+    elapsed = records[-1].time - start
+    return rows / elapsed if elapsed > 0 else None
+
+
+def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[str, Any]:
+    name = shard_name(k, n)
+    records, _ = read_progress(directory / name)
+    done = read_json(directory / name / COMPLETE)
+    if total is None and done is not None:
+        total = done.get("total_rows")
+    rows_total = shard_rows(total, k, n) if isinstance(total, int) else None
+    rows = sum(r.rows for r in records)
+    running = is_locked(directory / f"{name}.lock")
+    rate = _session_rate(records) if running else None
+    eta = (rows_total - rows) / rate if rate and rows_total is not None else None
+    return {
+        "shard": k,
+        "name": name,
+        "started": bool(records) or running,
+        "rows_done": rows,
+        "rows_total": rows_total,
+        "errors": sum(r.errors for r in records),
+        "parts": len(records),
+        "running": running,
+        "lock": read_lock_info(directory / f"{name}.lock") if running else None,
+        "complete": done is not None,
+        "rows_per_second": rate,
+        "eta_seconds": eta,
+        "last_update": records[-1].time if records else None,
+    }
+
+
+def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
+    """Progress of a job for ``jobrunner status``; reads only, never locks or cleans.
+
+    Returns:
+        ``exists``, ``num_shards``, ``total_rows``, ``rows_done``, ``errors``, ``running``,
+        ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists`` and ``shards`` (one
+        dict per shard with the same fields plus ``lock`` info when running).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    result: dict[str, Any] = {
+        "directory": str(directory),
+        "exists": manifest is not None,
+        "output": str(output_path) if output_path is not None else None,
+        "output_exists": output_path is not None and Path(output_path).exists(),
+    }
+    if manifest is None:
+        return {**result, "shards": [], "complete": False, "running": False}
+    n, total = manifest["num_shards"], manifest.get("total_rows")
+    shards = [_shard_status(directory, k, n, total) for k in range(n)]
+    rates = [s["rows_per_second"] for s in shards if s["rows_per_second"]]
+    etas = [s["eta_seconds"] for s in shards if s["eta_seconds"] is not None]
+    return {
+        **result,
+        "fingerprint": manifest.get("fingerprint"),
+        "num_shards": n,
+        "total_rows": total,
+        "rows_done": sum(s["rows_done"] for s in shards),
+        "errors": sum(s["errors"] for s in shards),
+        "running": any(s["running"] for s in shards),
+        "complete": all(s["complete"] for s in shards),
+        "rows_per_second": sum(rates) if rates else None,
+        "eta_seconds": max(etas) if etas else None,
+        "shards": shards,
+    }

@@ -1,0 +1,565 @@
+"""Resumable jobs end to end: kill -9, SIGTERM and SIGINT at random moments, damaged checkpoints,
+fingerprint refusal, locks, shards and status, all through the ``jobrunner`` command.
+
+The property under test: whatever happens to a run, re-running the same command finishes with the
+output an uninterrupted run gives (same rows, outputs, finish reasons, order; each row once).
+
+Real runs that get killed are subprocesses. Kills during a part write use ``DRIVER``, which runs
+the real CLI after wrapping two functions so that the process pauses (and tells the test) at an
+exact point of the write protocol; the test then SIGKILLs it there. The product has no hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from jobrunner.checkpoint import JobLock, is_locked, read_lock_info, read_progress, shard_name
+from jobrunner.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = 160  # enough that a run outlasts a slow, busy test process's reaction
+# Parts are written every few milliseconds (every batch or two). Sorting windows of 6 rows cut
+# into batches of 4 and 2, so a resumed run, which plans only the rows still owed, puts rows in
+# other batches, at other positions, than the uninterrupted run did.
+ARGS = ("--max-tokens", "6", "--batch-size", "4", "--sort-window", "6", "--checkpoint-every", "3")
+SAMPLING = ("--temperature", "0.8", "--seed", "3")
+SHARD = shard_name(0, 1)
+SCRIPT = Path(sys.executable).with_name("jobrunner")  # the installed console script
+
+DRIVER = r"""
+import os, sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import jobrunner.checkpoint as checkpoint
+import jobrunner.runner as runner
+import jobrunner.writers as writers
+from jobrunner.cli import main
+
+stage, nth, marker = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+calls = 0
+
+
+def due(at_stage):
+    global calls
+    if stage != at_stage:
+        return False
+    calls += 1
+    return calls == nth
+
+
+def pause():
+    marker.write_text(stage)
+    time.sleep(600)  # until the test kills us
+
+
+class PausingOs:
+    # os, except that renaming the nth part file into place pauses first (temp file is durable)
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        if Path(dst).name.startswith("part-") and due("tmp"):
+            pause()
+        os.replace(src, dst)
+
+
+append_record = checkpoint._append_record
+
+
+def pausing_append_record(path, record):
+    if due("unrecorded"):  # the part is renamed into place but not yet recorded
+        pause()
+    if due("torn"):  # half of the progress line reached the disk
+        line = record.to_line()
+        with open(path, "ab") as f:
+            f.write(line[: len(line) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        pause()
+    append_record(path, record)
+
+
+run_batch = runner._Session._run_batch
+
+
+def holding_run_batch(self, batch):
+    if due("hold"):  # hold before the nth batch until the test has sent its signal
+        marker.write_text(stage)
+        while not marker.with_name(marker.name + ".go").exists():
+            time.sleep(0.01)
+    run_batch(self, batch)
+
+
+writers.os = PausingOs()
+checkpoint._append_record = pausing_append_record
+runner._Session._run_batch = holding_run_batch
+sys.argv = ["jobrunner", *sys.argv[5:]]
+main(sys.argv[1:], prog_name="jobrunner")
+"""
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """Run ``jobrunner ARGS`` in this process (fast: the model code is already imported)."""
+    result = CliRunner().invoke(main, list(args))
+    assert isinstance(result.exception, SystemExit | None), result.exception
+    return result.exit_code, result.output
+
+
+class Job:
+    """``jobrunner run ARGS`` in a subprocess, stdout and stderr in one log file."""
+
+    def __init__(self, cwd: Path, args: list[str], stage: str | None = None, nth: int = 0):
+        self.marker = cwd / f"paused-{time.monotonic_ns()}"
+        self.log = cwd / f"log-{time.monotonic_ns()}.txt"
+        if stage is None and SCRIPT.exists():
+            command = [str(SCRIPT), "run", *args]
+        else:  # the driver with stage "none" is the plain CLI
+            stage = stage or "none"
+            driver = [sys.executable, "-c", DRIVER, str(ROOT), stage, str(nth), str(self.marker)]
+            command = [*driver, "run", *args]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, condition, timeout: float = 120.0) -> bool:
+        """True once ``condition()`` holds; False if the process ended first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                return condition()
+            assert time.monotonic() < deadline, f"timed out; log:\n{self.output()}"
+            time.sleep(0.003)
+        return True
+
+    def paused(self) -> bool:
+        return self.marker.exists()
+
+    def release(self) -> None:
+        """Let a run held before a batch go on."""
+        self.marker.with_name(self.marker.name + ".go").touch()
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 120.0) -> tuple[int, str]:
+        return self.proc.wait(timeout), self.output()
+
+
+def job_args(dataset: Path, model: Path, output: Path, *extra: str) -> list[str]:
+    return [str(dataset), "--model", str(model), "--output", str(output), *ARGS, *extra]
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def lines_recorded(output: Path, shard: str = SHARD) -> int:
+    """Complete lines of the shard's progress file (each one is a durable part)."""
+    try:
+        return (parts_dir(output) / shard / "progress.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def assert_same_output(output: Path, expected: list[dict]) -> None:
+    got = rows(output)
+    assert [r["row_index"] for r in got] == list(range(ROWS))  # each row once, in input order
+    assert [r["id"] for r in got] == [r["id"] for r in expected]
+    assert got == expected
+
+
+def status_json(output: Path) -> dict:
+    code, text = cli("status", str(output), "--json")
+    assert code == 0, text
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """ROWS rows: prompts of several lengths, an image (of several sizes) on every 5th row."""
+    root = tmp_path_factory.mktemp("resume-data")
+    lines = []
+    for i in range(ROWS):
+        row = {"id": f"row-{i:03d}", "prompt": f"Describe item {i}." + " Be brief." * (i % 4)}
+        if i % 5 == 0:
+            pixels = np.random.default_rng(i).integers(0, 256, (20 + i, 90 - i // 2, 3), np.uint8)
+            Image.fromarray(pixels).save(root / f"{i}.png")
+            row["image"] = f"{i}.png"
+        lines.append(json.dumps(row) + "\n")
+    (root / "data.jsonl").write_text("".join(lines))
+    return root / "data.jsonl"
+
+
+def reference_run(root: Path, dataset: Path, model: Path, *extra: str) -> tuple[Path, list[dict]]:
+    output = root / "out.parquet"
+    code, text = cli("run", *job_args(dataset, model, output, *extra))
+    assert code == 0, text
+    return output, rows(output)
+
+
+@pytest.fixture(scope="module")
+def greedy(tmp_path_factory, dataset, tiny_model_dir) -> tuple[Path, list[dict]]:
+    """The uninterrupted run: its output path (and checkpoint) and its rows."""
+    return reference_run(tmp_path_factory.mktemp("greedy"), dataset, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, dataset, tiny_model_dir) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("sampled")
+    return reference_run(root, dataset, tiny_model_dir, *SAMPLING)
+
+
+def copy_checkpoint(reference: Path, output: Path, keep_parts: int | None = None) -> Path:
+    """The reference's checkpoint under ``output``; with ``keep_parts`` as if killed after them."""
+    shutil.copytree(parts_dir(reference), parts_dir(output))
+    shard_dir = parts_dir(output) / SHARD
+    if keep_parts is not None:
+        lines = (shard_dir / "progress.jsonl").read_bytes().splitlines(keepends=True)
+        (shard_dir / "progress.jsonl").write_bytes(b"".join(lines[:keep_parts]))
+        (shard_dir / "complete.json").unlink()
+        for part in sorted(shard_dir.glob("part-*.parquet"))[keep_parts:]:
+            part.unlink()
+    return shard_dir
+
+
+# --- kill -9 at random moments -----------------------------------------------------------------
+
+
+def kill_moments(rng: random.Random) -> list[tuple]:
+    """Where to SIGKILL: while starting up, after some parts, and inside a part write."""
+    moments = [("startup", rng.uniform(0.2, 1.0))]
+    moments += [("parts", rng.randint(1, 2), rng.uniform(0.0, 0.02)) for _ in range(3)]
+    moments += [(stage, rng.randint(1, 2)) for stage in ("tmp", "unrecorded", "torn")]
+    rng.shuffle(moments)
+    return moments
+
+
+def start_and_kill(
+    moment: tuple, args: list[str], cwd: Path, output: Path, while_paused=None
+) -> Job:
+    """Start a run and SIGKILL it at ``moment``; asserts that the kill landed mid-run.
+
+    ``while_paused(job)`` runs while a run stopped before recording a part is still alive.
+    """
+    kind = moment[0]
+    if kind in ("tmp", "unrecorded", "torn"):
+        job = Job(cwd, args, stage=kind, nth=moment[1])
+        assert job.wait_until(job.paused), f"never reached {moment}:\n{job.output()}"
+        if while_paused is not None and kind == "unrecorded":
+            try:
+                while_paused(job)
+            except BaseException:
+                job.signal(signal.SIGKILL)
+                raise
+    else:
+        job = Job(cwd, args)
+        if kind == "startup":
+            time.sleep(moment[1])
+        else:
+            target = lines_recorded(output) + moment[1]
+            assert job.wait_until(lambda: lines_recorded(output) >= target), job.output()
+            time.sleep(moment[2])
+    job.signal(signal.SIGKILL)
+    code, text = job.wait()
+    assert code == -signal.SIGKILL, f"{moment}: the run ended before the kill:\n{text}"
+    return job
+
+
+def check_leftovers(kind: str, output: Path) -> None:
+    """What a kill inside a part write leaves behind (the next run must ignore it)."""
+    shard_dir = parts_dir(output) / SHARD
+    names = {p.name for p in shard_dir.iterdir()}
+    records, torn = read_progress(shard_dir)
+    unrecorded = {n for n in names if n.startswith("part-")} - {r.part for r in records}
+    if kind == "tmp":
+        assert any(n.startswith(".part-") and n.endswith(".tmp") for n in names), names
+    if kind == "unrecorded":
+        assert unrecorded, names
+    if kind == "torn":
+        assert torn and unrecorded, names
+
+
+def check_running_job(job: Job, args: list[str], output: Path) -> None:
+    """While a run is alive (paused in a part write): status shows it, a second run exits 3."""
+    code, text = cli("run", *args)
+    assert code == 3, text
+    assert "another run holds the lock" in text and f"pid {job.proc.pid}" in text
+    report = status_json(output)
+    assert report["running"] and not report["complete"] and not report["output_exists"]
+    shard = report["shards"][0]
+    assert shard["running"] and shard["lock"]["pid"] == job.proc.pid
+    done = sum(r.rows for r in read_progress(parts_dir(output) / SHARD)[0])
+    assert (shard["rows_done"], shard["rows_total"]) == (done, ROWS)
+    code, text = cli("status", str(output))
+    assert code == 0 and f"{output}: running" in text, text
+    assert f"{SHARD}: {done}/{ROWS} rows, 0 errors" in text and ", running" in text, text
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    output = tmp_path / "out.parquet"
+    args = job_args(dataset, tiny_model_dir, output)
+    lock = parts_dir(output) / f"{SHARD}.lock"
+    resumed_from = []
+    check = partial(check_running_job, args=args, output=output)
+    for moment in kill_moments(random.Random(4)):
+        job = start_and_kill(moment, args, tmp_path, output, check)
+        if moment[0] in ("tmp", "unrecorded", "torn"):
+            check_leftovers(moment[0], output)
+        text = job.output()
+        assert "Traceback" not in text, text
+        resumed_from += [int(n) for n in re.findall(rf"resuming: (\d+) of {ROWS} rows", text)]
+        if lock.exists():  # the killed run's lock file stays behind, but holds nothing
+            assert not is_locked(lock)
+    assert not output.exists() and not status_json(output)["running"]
+    assert resumed_from == sorted(resumed_from) and resumed_from[-1] > 0  # work was kept
+    code, text = cli("run", *args)
+    assert code == 0, text  # the stale lock of the last killed run did not block (exit 3)
+    assert re.search(rf"resuming: [1-9]\d* of {ROWS} rows already done", text), text
+    assert_same_output(output, greedy[1])
+    shard_dir = parts_dir(output) / SHARD
+    assert not [p.name for p in shard_dir.iterdir() if p.name.startswith(".")]
+
+
+# --- SIGTERM / SIGINT --------------------------------------------------------------------------
+
+
+def interrupt(job: Job, signum: int, ready) -> tuple[list[str], str]:
+    """Signal a run once ``ready()`` holds; returns the resume command's arguments."""
+    assert job.wait_until(ready), job.output()
+    job.signal(signum)
+    job.release()
+    code, text = job.wait()
+    assert code == 128 + signum, text
+    assert f"interrupted by {signal.Signals(signum).name}" in text and "Traceback" not in text
+    command = shlex.split(re.search(r"resume with: (.+)", text).group(1))
+    assert command[:2] == ["jobrunner", "run"]
+    return command[2:], text
+
+
+def test_sigterm_and_sigint_flush_and_print_the_resume_command(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    rng = random.Random(7)
+    output = tmp_path / "out.parquet"
+    lock = parts_dir(output) / f"{SHARD}.lock"
+    # No checkpoint is due by rows or time: only the flush on the signal writes a part.
+    args = job_args(dataset, tiny_model_dir, output, "--checkpoint-every", "1000", "--overwrite")
+    job = Job(tmp_path, args)  # signalled while it loads the model (it holds the lock by then)
+    resume, _ = interrupt(job, signal.SIGTERM, lambda: (read_lock_info(lock) or {}).get("pid"))
+    assert resume == args[:-1]  # the same command, without --overwrite
+    assert status_json(output)["rows_done"] == 0
+
+    # Signalled while generating: held before a random batch, so that the signal cannot come
+    # after the last batch however slow this machine is.
+    job = Job(tmp_path, resume, stage="hold", nth=rng.randint(1, 4))
+    resume, _ = interrupt(job, signal.SIGTERM, job.paused)
+    assert resume == args[:-1]
+    first = status_json(output)
+    assert first["shards"][0]["parts"] == 1 and 0 < first["rows_done"] < ROWS
+
+    job = Job(tmp_path, resume, stage="hold", nth=rng.randint(1, 4))
+    resume, text = interrupt(job, signal.SIGINT, job.paused)
+    assert f"resuming: {first['rows_done']} of {ROWS} rows already done" in text
+    assert resume == args[:-1]
+    second = status_json(output)
+    assert second["shards"][0]["parts"] == 2 and first["rows_done"] < second["rows_done"] < ROWS
+
+    code, text = cli("run", *resume)
+    assert code == 0, text
+    assert f"resuming: {second['rows_done']} of {ROWS} rows already done" in text
+    assert_same_output(output, greedy[1])
+
+
+# --- determinism with sampling -----------------------------------------------------------------
+
+
+def test_sampled_run_killed_and_resumed_equals_uninterrupted(
+    tmp_path, dataset, tiny_model_dir, greedy, sampled
+):
+    assert [r["output"] for r in sampled[1]] != [r["output"] for r in greedy[1]]  # it samples
+    output = tmp_path / "out.parquet"
+    args = job_args(dataset, tiny_model_dir, output, *SAMPLING)
+    for moment in [("tmp", 2), ("parts", 2, 0.01)]:
+        start_and_kill(moment, args, tmp_path, output)
+    assert 0 < status_json(output)["rows_done"] < ROWS
+    code, text = cli("run", *args)
+    assert code == 0, text
+    assert_same_output(output, sampled[1])
+
+
+# --- damaged checkpoints, fingerprints, no-ops, locks ------------------------------------------
+
+
+def test_damaged_parts_and_stray_files_are_ignored_and_cleaned(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    output = tmp_path / "out.parquet"
+    shard_dir = copy_checkpoint(greedy[0], output)
+    records, _ = read_progress(shard_dir)
+    truncated, flipped = records[2], records[5]
+    data = (shard_dir / truncated.part).read_bytes()
+    (shard_dir / truncated.part).write_bytes(data[: len(data) // 2])
+    data = bytearray((shard_dir / flipped.part).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (shard_dir / flipped.part).write_bytes(bytes(data))
+    (shard_dir / ".part-000007.parquet.999.0123456789ab.tmp").write_bytes(b"PAR1 half a part")
+    (shard_dir / ".progress.jsonl.999.0123456789ab.tmp").write_bytes(b'{"part": ')
+    shutil.copy(shard_dir / records[0].part, shard_dir / "part-000050.parquet")  # not recorded
+    with (shard_dir / "progress.jsonl").open("ab") as f:
+        f.write(b'{"part": "part-000051.parquet", "rows": 4')  # torn last line
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+    assert code == 0, text
+    for name in (truncated.part, flipped.part, ".part-000007", ".progress.jsonl", "part-000050"):
+        assert re.search(rf"checkpoint: .*{re.escape(name)}", text), (name, text)
+    assert "torn" in text
+    redone = truncated.rows + flipped.rows
+    assert f"resuming: {ROWS - redone} of {ROWS} rows already done" in text
+    assert_same_output(output, greedy[1])
+    assert not [p.name for p in shard_dir.iterdir() if p.name.startswith(".")]
+    assert "part-000050.parquet" not in {r.part for r in read_progress(shard_dir)[0]}
+
+
+def test_fingerprint_mismatch_refuses_and_overwrite_starts_over(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    output = tmp_path / "out.parquet"
+    shard_dir = copy_checkpoint(greedy[0], output, keep_parts=5)
+    progress = (shard_dir / "progress.jsonl").read_bytes()
+    base = job_args(dataset, tiny_model_dir, output)
+    for extra, change in [
+        (("--max-tokens", "3"), "max_tokens: 6 → 3"),
+        (("--prompt", "Caption {id}."), 'prompt: null → "Caption {id}."'),
+        (("--temperature", "0.5"), "temperature: 0.0 → 0.5"),
+        (("--shard", "0/2"), "number of shards: 1 → 2"),
+    ]:
+        code, text = cli("run", *base, *extra)
+        assert code == 2, text
+        assert change in text and "--overwrite" in text and "Traceback" not in text, text
+    assert (shard_dir / "progress.jsonl").read_bytes() == progress  # nothing was touched
+
+    code, text = cli("run", *base, "--max-tokens", "3", "--overwrite")
+    assert code == 0, text
+    assert "resuming" not in text
+    assert all(r["output_tokens"] <= 3 for r in rows(output)) and len(rows(output)) == ROWS
+    before = (output.stat().st_mtime_ns, output.read_bytes())
+    code, text = cli("run", *base, "--max-tokens", "3")
+    assert code == 0 and "nothing to do" in text, text
+    code, text = cli("run", *base)  # a finished job refuses another fingerprint too
+    assert code == 2 and "max_tokens: 3 → 6" in text, text
+    assert (output.stat().st_mtime_ns, output.read_bytes()) == before
+
+    code, text = cli("run", *base, "--shard", "0/2", "--overwrite", "--quiet")
+    assert code == 0, text
+    assert not output.exists()  # the old output belonged to the discarded checkpoint
+    report = status_json(output)
+    assert [s["complete"] for s in report["shards"]] == [True, False]
+
+
+def test_changed_input_file_refuses(tmp_path, tiny_model_dir):
+    source = tmp_path / "small.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(3)))
+    args = [str(source), "--model", str(tiny_model_dir), "--max-tokens", "2", "--quiet"]
+    assert cli("run", *args)[0] == 0
+    source.write_text(source.read_text() + json.dumps({"id": 3, "prompt": "p3"}) + "\n")
+    code, text = cli("run", *args)
+    assert code == 2 and "input.size: " in text and "input.sample_sha256: " in text, text
+
+
+def test_second_run_while_locked_exits_3(tmp_path, dataset, tiny_model_dir, greedy):
+    output = tmp_path / "out.parquet"
+    shard_dir = copy_checkpoint(greedy[0], output, keep_parts=3)
+    with JobLock(parts_dir(output) / f"{SHARD}.lock"):
+        code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+        assert code == 3, text
+        assert "another run holds the lock" in text and f"pid {os.getpid()}" in text
+        assert status_json(output)["running"]
+    assert len(read_progress(shard_dir)[0]) == 3 and not output.exists()
+
+
+def test_status_of_partial_and_finished_jobs(tmp_path, dataset, tiny_model_dir, greedy):
+    output = tmp_path / "out.parquet"
+    shard_dir = copy_checkpoint(greedy[0], output, keep_parts=5)
+    done = sum(r.rows for r in read_progress(shard_dir)[0])
+    report = status_json(output)
+    assert (report["rows_done"], report["total_rows"], report["errors"]) == (done, ROWS, 0)
+    assert not report["running"] and not report["complete"] and not report["output_exists"]
+    code, text = cli("status", str(output))
+    assert code == 0, text
+    assert "unfinished, not running" in text and f"{SHARD}: {done}/{ROWS} rows, 0 errors" in text
+
+    report = status_json(greedy[0])
+    assert report["complete"] and report["output_exists"] and report["rows_done"] == ROWS
+    code, text = cli("status", str(greedy[0]))
+    assert f"{greedy[0]}: complete" in text, text
+    assert f"{SHARD}: {ROWS}/{ROWS} rows, 0 errors, complete" in text, text
+
+
+# --- shards ------------------------------------------------------------------------------------
+
+
+def test_three_concurrent_shard_processes_merge_to_the_single_output(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    output = tmp_path / "out.parquet"
+    jobs = [
+        Job(tmp_path, job_args(dataset, tiny_model_dir, output, "--shard", f"{k}/3"))
+        for k in range(3)
+    ]
+    results = [job.wait(timeout=240) for job in jobs]
+    assert [code for code, _ in results] == [0, 0, 0], results
+    assert any("wrote" in text for _, text in results)  # the last shard to finish merged
+    assert_same_output(output, greedy[1])
+    output.unlink()
+    code, text = cli("merge", str(output))
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
+
+
+def test_merge_refuses_while_a_shard_is_missing(tmp_path, dataset, tiny_model_dir, greedy):
+    output = tmp_path / "out.parquet"
+    for k in (0, 2):
+        code, text = cli("run", *job_args(dataset, tiny_model_dir, output, "--shard", f"{k}/3"))
+        assert code == 0 and "not merged yet" in text, text
+    assert not output.exists()
+    code, text = cli("merge", str(output))
+    assert code == 2 and "shard 1/3 has not started" in text, text
+    sizes = [len(range(k, ROWS, 3)) for k in range(3)]  # 54, 53, 53
+    report = status_json(output)
+    assert [s["rows_done"] for s in report["shards"]] == [sizes[0], 0, sizes[2]]
+    assert [s["rows_total"] for s in report["shards"]] == sizes
+    assert [s["complete"] for s in report["shards"]] == [True, False, True]
+    code, text = cli("status", str(output))
+    assert f"{shard_name(1, 3)}: 0/{sizes[1]} rows, 0 errors, not started" in text, text
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output, "--shard", "1/3"))
+    assert code == 0 and f"wrote {output}" in text, text  # the last shard merges
+    assert_same_output(output, greedy[1])
+    assert status_json(output)["complete"]
