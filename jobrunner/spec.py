@@ -565,32 +565,3 @@ def fingerprint(
     fields = fingerprint_fields(spec, model_identity, input_identity)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two ``fingerprint_fields`` dicts.
-
-    Nested dicts are compared key by key (``input.size: 10 -> 12``); long values are shortened.
-    """
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    changes = []
-    for key in sorted(flat_old.keys() | flat_new.keys()):
-        before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
-        if before != after:
-            changes.append(f"{key}: {_short(before)} -> {_short(after)}")
-    return changes
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from jobrunner.checkpoint import describe_changes
 from jobrunner.spec import (
     JobSpec,
     SpecError,
     build_spec,
-    describe_changes,
     fingerprint,
     fingerprint_fields,
     input_identity,
@@ -318,7 +318,7 @@ def test_fingerprint_changes_with_model_identity(data: Path) -> None:
     changes = describe_changes(
         fingerprint_fields(spec, MODEL, identity), fingerprint_fields(spec, other, identity)
     )
-    assert changes == ["model_identity.revision: 'abc' -> 'def'"]
+    assert changes == ['model_identity.revision: "abc" → "def"']
 
 
 def test_input_identity_sees_same_size_rewrite(data: Path) -> None:
