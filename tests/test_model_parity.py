@@ -11,47 +11,15 @@ from model.language import attention_mask, position_ids
 from model.phi3_v import Model, sanitize
 from model.processing import image_feature_index
 from model.tiny import random_weights, tiny_config
+from tests.reference import torch_clip, torch_phi3
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-VISION_PREFIX = "model.vision_embed_tokens.img_processor."
 
 
 def mlx_model(config: dict, weights: dict[str, np.ndarray]) -> Model:
     model = Model(ModelConfig.from_dict(config))
     model.load_weights(list(sanitize({k: mx.array(v) for k, v in weights.items()}).items()))
-    return model
-
-
-def torch_phi3(config: dict, weights: dict[str, np.ndarray]):
-    rope = config["rope_scaling"]
-    torch_config = transformers.Phi3Config(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config.get("num_key_value_heads"),
-        rms_norm_eps=config["rms_norm_eps"],
-        max_position_embeddings=config["max_position_embeddings"],
-        original_max_position_embeddings=config["original_max_position_embeddings"],
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": config["rope_theta"],
-            "short_factor": rope["short_factor"],
-            "long_factor": rope["long_factor"],
-            "original_max_position_embeddings": config["original_max_position_embeddings"],
-        },
-        pad_token_id=config["pad_token_id"],
-        bos_token_id=config["bos_token_id"],
-        eos_token_id=config["eos_token_id"],
-        tie_word_embeddings=False,
-    )
-    torch_config._attn_implementation = "eager"
-    model = transformers.Phi3ForCausalLM(torch_config).eval()
-    state = {k: torch.from_numpy(v) for k, v in weights.items() if not k.startswith("model.vision")}
-    model.load_state_dict(state, strict=True)
     return model
 
 
@@ -94,24 +62,7 @@ def test_clip_hidden_state_minus_two_matches_transformers():
     config = tiny_config()
     vision = config["img_processor"]["vision_config"]
     weights = random_weights(config, seed=5)
-    torch_config = transformers.CLIPVisionConfig(
-        hidden_size=vision["hidden_size"],
-        intermediate_size=vision["intermediate_size"],
-        num_attention_heads=vision["num_attention_heads"],
-        num_hidden_layers=vision["num_hidden_layers"],
-        image_size=vision["image_size"],
-        patch_size=vision["patch_size"],
-        layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
-        hidden_act="quick_gelu",
-    )
-    torch_config._attn_implementation = "eager"
-    clip = transformers.CLIPVisionModel(torch_config).eval()
-    # transformers 5 keeps the CLIP tower's keys without the "vision_model." prefix.
-    prefix = VISION_PREFIX + "vision_model."
-    state = {
-        k[len(prefix) :]: torch.from_numpy(v) for k, v in weights.items() if k.startswith(prefix)
-    }
-    clip.load_state_dict(state, strict=True)
+    clip = torch_clip(config, weights)
     size = vision["image_size"]
     pixels = np.random.default_rng(1).normal(size=(3, 3, size, size)).astype(np.float32)
     with torch.no_grad():

@@ -20,6 +20,7 @@ from model.tiny import (
     tiny_config,
     weight_shapes,
 )
+from tests.reference import torch_clip, torch_phi3
 
 CLIP = "model.vision_embed_tokens.img_processor."
 CONV = CLIP + "vision_model.embeddings.patch_embedding.weight"
@@ -194,40 +195,10 @@ def test_same_seed_same_files(tiny_model_dir, tmp_path):
 # --- the real architectures accept the weights ----------------------------------------------
 
 
-def phi3_torch(model_dir: Path):
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    raw = read_config(model_dir)
-    rope = raw["rope_scaling"]
-    config = Phi3Config(
-        **{k: raw[k] for k in ["vocab_size", "hidden_size", "intermediate_size", "rms_norm_eps"]},
-        num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=raw["num_attention_heads"],
-        num_key_value_heads=raw["num_key_value_heads"],
-        max_position_embeddings=raw["max_position_embeddings"],
-        original_max_position_embeddings=raw["original_max_position_embeddings"],
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": raw["rope_theta"],
-            "short_factor": rope["short_factor"],
-            "long_factor": rope["long_factor"],
-        },
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    model = Phi3ForCausalLM(config).eval()
-    text = {k: torch.from_numpy(v) for k, v in read_weights(model_dir).items()}
-    text = {k: v for k, v in text.items() if not k.startswith("model.vision_embed_tokens.")}
-    model.load_state_dict(text, strict=True)
-    return model
-
-
 def test_phi3_for_causal_lm_loads_strictly_and_decodes_varied_tokens(tiny_model_dir):
     import torch
 
-    model = phi3_torch(tiny_model_dir)
+    model = torch_phi3(read_config(tiny_model_dir), read_weights(tiny_model_dir))
     ids = [1, 4, 208, 96, 81, 285, 6, 208, 5, 208]
     gaps = []
     with torch.no_grad():
@@ -246,20 +217,9 @@ def test_phi3_for_causal_lm_loads_strictly_and_decodes_varied_tokens(tiny_model_
 
 def test_clip_vision_model_loads_strictly_and_keeps_features_o1(tiny_model_dir):
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    vision = read_config(tiny_model_dir)["img_processor"]["vision_config"]
-    names = ["hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"]
-    config = CLIPVisionConfig(
-        **{k: vision[k] for k in names + ["image_size", "patch_size", "layer_norm_eps"]},
-        hidden_act="quick_gelu",
-    )
-    model = CLIPVisionModel(config).eval()
     weights = read_weights(tiny_model_dir)
-    # transformers 5 dropped CLIPVisionModel's ``vision_model`` level that the checkpoints keep
-    prefix = CLIP if hasattr(model, "vision_model") else CLIP + "vision_model."
-    clip = {k[len(prefix) :]: torch.from_numpy(v) for k, v in weights.items() if k.startswith(CLIP)}
-    model.load_state_dict(clip, strict=True)
+    model = torch_clip(read_config(tiny_model_dir), weights)
 
     pixels = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 56, 56)).astype("f4"))
     with torch.no_grad():
