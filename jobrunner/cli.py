@@ -300,6 +300,12 @@ def show(output: Path, limit: int) -> None:
 @click.option("--modes", help="Comma-separated subset of naive,single,unsorted,sorted,pipeline.")
 @click.option("--naive-rows", type=click.IntRange(1), help="Rows for mode 1 (evenly spaced).")
 @click.option("--single-rows", type=click.IntRange(1), help="Rows for mode 2 (evenly spaced).")
+@click.option(
+    "--feature-cache/--no-feature-cache",
+    default=True,
+    help="Modes 2-4 keep image features across batches, as `jobrunner run` does.",
+)
+@click.option("--row-prefill/--no-row-prefill", default=None, help="Modes 3-4: prefill per row.")
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")
 def bench(json_path: Path | None, modes: str | None, **flags) -> None:

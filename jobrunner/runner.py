@@ -179,6 +179,7 @@ class _Session:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
+        from model.cache import ImageFeatureCache
         from model.generate import GenerationParams
         from model.loading import load
 
@@ -195,6 +196,7 @@ class _Session:
             )
         except Exception as err:  # a model that does not load is a configuration error
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
+        self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         single_threaded_numpy_blas()
@@ -272,7 +274,9 @@ class _Session:
         rows = [prepared for _, prepared in ready]
         seeds = [row_seed(self.spec.seed, row.id) for row, _ in ready]
         try:
-            return generate_batch(self.model, self.processor, rows, self.params, seeds)
+            return generate_batch(
+                self.model, self.processor, rows, self.params, seeds, self.feature_cache
+            )
         except Exception:  # noqa: BLE001 - isolate the failing row below
             if len(ready) == 1:
                 return [f"generation failed: {_describe(sys.exc_info()[1])}"]

@@ -1,13 +1,18 @@
-"""Key/value cache for batched decoding.
+"""Caches of generation: the key/value cache of batched decoding, and image features.
 
 One ``KVCache`` per decoder layer holds keys and values of shape ``[batch, kv_heads, capacity,
 head_dim]``. Storage grows in blocks of ``step`` positions (or is reserved up front with
 ``reserve``), and new keys are written in place, so a decode step costs O(1) copies instead of the
 O(length) copy that growing by concatenation costs. All rows share one offset: rows are
 left-padded, so position ``offset`` is the next slot of every row.
+
+``ImageFeatureCache`` keeps the projected features of recently seen images by content hash
+(``ImageInput.key``), so rows that share an image (several prompts per image) encode it once.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import mlx.core as mx
 
@@ -25,8 +30,11 @@ class KVCache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        batch, heads, _, k_dim = keys.shape
+    def _grow(self, keys: mx.array, values: mx.array, needed: int, batch: int = 0) -> None:
+        """Room for ``needed`` positions, shaped like ``keys``/``values`` (``batch`` rows, if
+        given); what is stored so far is kept."""
+        _, heads, _, k_dim = keys.shape
+        batch = batch or keys.shape[0]
         v_dim = values.shape[3]
         blocks = -(-max(needed, self.reserved) // self.step)
         new_k = mx.zeros((batch, heads, blocks * self.step, k_dim), keys.dtype)
@@ -51,6 +59,15 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def write_row(self, row: int, batch: int, keys: mx.array, values: mx.array) -> None:
+        """Place one row's prompt keys/values ``[1, H, L, D]`` so they end at this cache's
+        offset (its left padding before them), allocating ``batch`` rows on first use."""
+        if self.keys is None:
+            self._grow(keys, values, self.offset, batch)
+        start = self.offset - keys.shape[2]
+        self.keys[row : row + 1, :, start : self.offset, :] = keys
+        self.values[row : row + 1, :, start : self.offset, :] = values
+
     def filter(self, rows: mx.array) -> None:
         """Keep only the batch rows in ``rows`` (finished rows leave the batch)."""
         if self.keys is not None:
@@ -66,3 +83,32 @@ class KVCache:
 
 def make_cache(num_layers: int) -> list[KVCache]:
     return [KVCache() for _ in range(num_layers)]
+
+
+class ImageFeatureCache:
+    """Projected image features ``[num_tokens, hidden]`` by content hash, least recently used
+    first out once they hold more than ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[str, mx.array] = OrderedDict()
+
+    def get(self, key: str) -> mx.array | None:
+        features = self._entries.get(key)
+        if features is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return features
+
+    def put(self, key: str, features: mx.array) -> None:
+        if key in self._entries or features.nbytes > self.max_bytes:
+            return
+        self._entries[key] = features
+        self.bytes += features.nbytes
+        while self.bytes > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= dropped.nbytes

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .cache import KVCache, make_cache
+from .cache import ImageFeatureCache, KVCache, make_cache
 from .language import attention_mask, position_ids
 from .phi3_v import Model
-from .processing import PreparedRow, Processor, image_feature_index
+from .processing import ImageInput, PreparedRow, Processor, image_feature_index
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class GenerationParams:
     top_k: int = 0
     prefill_chunk: int = 2048  # prompt positions per prefill call; bounds activation memory
     vision_chunk: int = 32  # crops per vision-tower call; bounds activation memory
+    # Prefill row by row (no compute on padding) or the padded batch at once; None: row by
+    # row on the CPU, where attention's cost on padding dominates, batched on a GPU, where
+    # each new prompt length costs a new attention plan and batches have fewer lengths.
+    row_prefill: bool | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -89,11 +94,40 @@ def sample(logits: mx.array, params: GenerationParams, seeds: mx.array, step: in
     return mx.argmax(logits + gumbel, axis=-1)
 
 
-def image_features(model: Model, rows: Sequence[PreparedRow], chunk: int = 32) -> mx.array | None:
-    """Projected features of every image of the batch, in slot order (row by row)."""
+def image_features(
+    model: Model,
+    rows: Sequence[PreparedRow],
+    chunk: int = 32,
+    cache: ImageFeatureCache | None = None,
+) -> mx.array | None:
+    """Projected features of every image of the batch, in slot order (row by row).
+
+    Each distinct image (by content hash) is encoded once, however many rows share it; with a
+    ``cache``, images seen in earlier batches are not encoded again.
+    """
     images = [image for row in rows for image in row.images]
     if not images:
         return None
+    known = {}
+    if cache is not None:
+        known = {im.key: f for im in images if (f := cache.get(im.key)) is not None}
+    todo = list({im.key: im for im in images if im.key not in known}.values())
+    if todo:
+        fresh = _encode_images(model, todo, chunk)
+        ends = np.cumsum([image.num_tokens for image in todo])[:-1].tolist()
+        for image, features in zip(todo, mx.split(fresh, ends), strict=True):
+            if cache is not None:
+                # a copy: a slice would keep the whole batch's features alive in the cache
+                features = features + 0
+                cache.put(image.key, features)
+            known[image.key] = features
+    if len(images) == 1:
+        return known[images[0].key]
+    return mx.concatenate([known[image.key] for image in images])
+
+
+def _encode_images(model: Model, images: Sequence[ImageInput], chunk: int) -> mx.array:
+    """All crops of ``images`` through the tower (``chunk`` crops per call), then projected."""
     vision = model.vision
     side = vision.vision_config.tokens_per_side
     index, offset = [], 0
@@ -106,6 +140,38 @@ def image_features(model: Model, rows: Sequence[PreparedRow], chunk: int = 32) -
         for start in range(0, len(crops), chunk)
     ]
     return vision.project(mx.concatenate(merged), mx.array(np.concatenate(index)))
+
+
+def kv_bytes_per_token(model: Model) -> int:
+    """Bytes of keys and values one prompt or generated position holds in the cache."""
+    c = model.config
+    itemsize = model.model.embed_tokens.weight.dtype.size  # activations' dtype
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize
+
+
+def batch_limits(
+    model: Model,
+    max_tokens: int,
+    memory_bytes: int,
+    prompt_tokens: int = 1024,
+    fraction: float = 0.5,
+) -> tuple[int, int]:
+    """``(batch_size, max_batch_tokens)`` whose KV cache fits in memory.
+
+    ``fraction`` of the memory left beside the weights goes to the cache (the rest is left to
+    activations, image features and the framework's own pools); a batch of rows of about
+    ``prompt_tokens`` then holds ``batch_size`` rows of prompt plus ``max_tokens``.
+
+    Args:
+        memory_bytes: the device's memory (or the machine's, on a CPU).
+    Returns:
+        The batch size (at least 1, at most 256) and the prompt-slot budget for the planner.
+    """
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    cache_bytes = max(memory_bytes - weights, 0) * fraction
+    slots = int(cache_bytes // kv_bytes_per_token(model))
+    batch_size = max(1, min(256, slots // (prompt_tokens + max_tokens)))
+    return batch_size, max(prompt_tokens, batch_size * prompt_tokens)
 
 
 def _left_pad(rows: Sequence[PreparedRow], pad_id: int) -> tuple[mx.array, mx.array]:
@@ -126,12 +192,16 @@ def prefill(
     features: mx.array | None,
     chunk: int,
 ) -> mx.array:
-    """Run the prompt through the model, filling ``cache``; return last-position logits."""
+    """Run the prompt through the model, filling ``cache``; return last-position logits.
+
+    Only the last position goes through ``lm_head``: the others' logits are never read, and
+    for a long prompt they would cost as much as the rest of the model.
+    """
     embeddings = model.model.embed(ids, features)
     length = ids.shape[1]
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        logits = model(
+        hidden = model.model(
             ids[:, start:end],
             position_ids(pad, start, end - start),
             attention_mask(pad, start, end - start),
@@ -140,7 +210,38 @@ def prefill(
         )
         if end < length:
             mx.eval([c.keys for c in cache])
-    return logits[:, -1]
+    return model.lm_head(hidden[:, -1]).astype(mx.float32)
+
+
+def prefill_rows(
+    model: Model,
+    rows: Sequence[PreparedRow],
+    length: int,
+    cache: list[KVCache],
+    features: mx.array | None,
+    chunk: int,
+) -> mx.array:
+    """``prefill`` one row at a time into the left-padded batch cache of ``length`` positions.
+
+    No position is computed for padding, so a row costs what its own prompt costs (attention
+    grows with the square of the length), and each row's prompt pass is exactly its pass alone.
+    """
+    slots = np.cumsum([0] + [sum(im.num_tokens for im in row.images) for row in rows])
+    for c in cache:
+        c.offset = length
+    logits = []
+    for b, row in enumerate(rows):
+        row_cache = make_cache(len(cache))
+        for c in row_cache:
+            c.reserve(len(row.input_ids))
+        row_features = None if slots[b] == slots[b + 1] else features[slots[b] : slots[b + 1]]
+        ids = mx.array([row.input_ids])
+        pad = mx.zeros((1,), dtype=mx.int32)
+        logits.append(prefill(model, ids, pad, row_cache, row_features, chunk))
+        for c, own in zip(cache, row_cache, strict=True):
+            c.write_row(b, len(rows), *own.state)
+        mx.eval(logits[-1], [c.keys for c in cache], [c.values for c in cache])
+    return mx.concatenate(logits)
 
 
 def decode_step(model: Model, tokens: mx.array, pad: mx.array, cache: list[KVCache]) -> mx.array:
@@ -183,6 +284,7 @@ def generate_batch(
     rows: Sequence[PreparedRow],
     params: GenerationParams,
     seeds: Sequence[int] | None = None,
+    feature_cache: ImageFeatureCache | None = None,
 ) -> list[RowResult]:
     """Generate for a batch of prepared rows; each row's result is what it would get alone.
 
@@ -190,6 +292,8 @@ def generate_batch(
         rows: prompts with image slots (negative ids) and their images.
         params: decoding settings; greedy when ``temperature == 0``.
         seeds: one 32-bit seed per row (see ``row_seed``); needed only for sampling.
+        feature_cache: image features kept across batches (rows sharing an image in
+            different batches); images shared inside the batch are encoded once regardless.
     Returns:
         One ``RowResult`` per row, in the order given.
     """
@@ -200,8 +304,14 @@ def generate_batch(
     cache = make_cache(len(model.layers))
     for c in cache:
         c.reserve(ids.shape[1] + params.max_tokens)
-    features = image_features(model, rows, params.vision_chunk)
-    logits = prefill(model, ids, pad, cache, features, params.prefill_chunk)
+    features = image_features(model, rows, params.vision_chunk, feature_cache)
+    row_prefill = params.row_prefill
+    if row_prefill is None:
+        row_prefill = mx.default_device() == mx.cpu
+    if row_prefill and len(rows) > 1:
+        logits = prefill_rows(model, rows, ids.shape[1], cache, features, params.prefill_chunk)
+    else:
+        logits = prefill(model, ids, pad, cache, features, params.prefill_chunk)
     batch = _Batch(len(rows), processor.stop_token_ids)
     tokens = sample(logits, params, row_seeds, 0)
     mx.async_eval(tokens)

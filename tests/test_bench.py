@@ -1,0 +1,192 @@
+"""`jobrunner bench` on the tiny preset: the report's structure and the modes' agreement.
+
+No timing is asserted (timings belong in the bench output, not in tests).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from jobrunner.bench import MODES, BenchSettings, format_report
+from jobrunner.cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = CliRunner().invoke(
+        main,
+        ["bench", "--preset", "tiny", "--rows", "6", "--max-tokens", "5", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "modes 2-5 agree: yes" in result.output  # the printed table says it too
+    return json.loads(out.read_text())
+
+
+def test_every_mode_reports_its_numbers(report):
+    assert list(report["modes"]) == list(MODES)
+    for mode, numbers in report["modes"].items():
+        assert numbers["rows"] >= 1, mode
+        assert numbers["seconds"] > 0, mode
+        assert numbers["rows_per_second"] > 0, mode
+        assert numbers["peak_memory_bytes"] > 0, mode
+        assert 0 <= numbers["padding_fraction"] < 1, mode
+    for mode in ("unsorted", "sorted", "pipeline"):  # the batched modes run every row
+        assert report["modes"][mode]["rows"] == 6
+    # every row generates exactly max_tokens: the bench model never emits a stop token
+    assert report["modes"]["sorted"]["generated_tokens"] == 6 * 5
+    assert report["modes"]["pipeline"]["generated_tokens"] == 6 * 5
+    assert set(report["ratios"]["over_naive"]) == set(MODES)
+    assert report["ratios"]["over_single"]["single"] == pytest.approx(1.0)
+
+
+def test_modes_agree_on_tokens(report):
+    agreement = report["agreement"]
+    assert agreement["modes_2_to_5_agree"] is True
+    for mode in ("unsorted", "sorted", "pipeline"):
+        assert agreement[mode]["rows_compared"] == 6
+        assert agreement[mode]["rows_different"] == 0
+    assert agreement["naive"]["rows_compared"] >= 1
+
+
+def test_sorting_does_not_add_padding(report):
+    modes = report["modes"]
+    assert modes["sorted"]["padding_fraction"] <= modes["unsorted"]["padding_fraction"]
+    # run_job plans the same batches (its summary rounds to 4 decimals)
+    assert modes["pipeline"]["padding_fraction"] == pytest.approx(
+        modes["sorted"]["padding_fraction"], abs=1e-3
+    )
+
+
+def test_ceilings_roofline_and_targets_are_reported(report):
+    assert report["ceilings"]["matmul_gflops"] > 0
+    assert report["ceilings"]["read_gbs"] > 0
+    roofline = report["roofline"]
+    assert roofline["decode_step_seconds"] > 0
+    assert roofline["decoder_weight_bytes"] > 0
+    assert roofline["prefill_gflops"] > 0
+    assert set(report["targets"]) >= {"sorted_over_naive", "sorted_over_single", "sorted_padding"}
+    assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+    text = format_report(report)
+    for mode in MODES:
+        assert mode in text
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="preset"):
+        BenchSettings(preset="huge").resolved()
+    with pytest.raises(ValueError, match="modes"):
+        BenchSettings(preset="tiny", modes=("sorted", "fastest")).resolved()
+    result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--modes", "sorted,bogus"])
+    assert result.exit_code == 2
+    assert "unknown modes" in result.output
+
+
+# -- the engine levers the bench measures --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from model.loading import load
+
+    return load(str(tiny_model_dir))
+
+
+def _rows(processor, n_images: int = 3):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, size=(40 + 30 * k, 90, 3), dtype=np.uint8))
+        for k in range(n_images)
+    ]
+    prompts = ["Describe it.", "What colour is the square on the left?", "Caption."]
+    rows = [processor.prepare(p, pictures[k % n_images]) for k, p in enumerate(prompts * 2)]
+    return rows + [processor.prepare("Tell me a story about a red circle.", None)]
+
+
+def test_row_prefill_equals_batched_prefill_and_each_row_alone(loaded):
+    import mlx.core as mx
+
+    from model.cache import make_cache
+    from model.generate import (
+        GenerationParams,
+        _left_pad,
+        generate_batch,
+        image_features,
+        prefill,
+        prefill_rows,
+    )
+
+    model, processor = loaded
+    rows = _rows(processor)
+    ids, pad = _left_pad(rows, processor.pad_token_id)
+    features = image_features(model, rows)
+    batched_cache, row_cache = make_cache(len(model.layers)), make_cache(len(model.layers))
+    batched = prefill(model, ids, pad, batched_cache, features, chunk=64)
+    by_row = prefill_rows(model, rows, ids.shape[1], row_cache, features, chunk=64)
+    scale = float(mx.abs(batched).max())
+    assert float(mx.abs(batched - by_row).max()) <= 1e-4 * scale
+    for b in range(len(rows)):  # the real positions of the cache hold the same keys
+        start = int(pad[b])
+        k_batched = batched_cache[0].state[0][b, :, start:]
+        k_row = row_cache[0].state[0][b, :, start:]
+        assert float(mx.abs(k_batched - k_row).max()) <= 1e-4 * float(mx.abs(k_row).max())
+    results = {}
+    for row_prefill in (False, True):
+        params = GenerationParams(max_tokens=6, row_prefill=row_prefill)
+        results[row_prefill] = [r.token_ids for r in generate_batch(model, processor, rows, params)]
+    assert results[True] == results[False]
+
+
+def test_shared_images_are_encoded_once(loaded):
+    from model.cache import ImageFeatureCache
+    from model.generate import GenerationParams, generate_batch, image_features
+
+    model, processor = loaded
+    rows = _rows(processor)  # 6 image rows over 3 distinct images
+    distinct = {image.key: image for row in rows for image in row.images}
+    crops = sum(image.crops.shape[0] for image in distinct.values())
+    before = model.vision.crops_encoded
+    shared = image_features(model, rows)
+    assert model.vision.crops_encoded - before == crops  # each distinct image once
+    cache = ImageFeatureCache()
+    first = image_features(model, rows[:3], cache=cache)
+    before = model.vision.crops_encoded
+    again = image_features(model, rows[3:6], cache=cache)  # same three images, other prompts
+    assert model.vision.crops_encoded == before
+    assert cache.hits == 3
+    assert shared.shape[0] == first.shape[0] + again.shape[0]
+    params = GenerationParams(max_tokens=5)
+    plain = [r.token_ids for r in generate_batch(model, processor, rows[3:], params)]
+    cached = generate_batch(model, processor, rows[3:], params, feature_cache=cache)
+    assert [r.token_ids for r in cached] == plain
+
+
+def test_feature_cache_is_bounded():
+    import mlx.core as mx
+
+    from model.cache import ImageFeatureCache
+
+    cache = ImageFeatureCache(max_bytes=3 * 400)
+    for k in range(5):
+        cache.put(str(k), mx.zeros((100,), dtype=mx.float32))  # 400 bytes each
+    assert cache.bytes <= 1200
+    assert cache.get("0") is None and cache.get("4") is not None
+
+
+def test_batch_limits_follow_memory(loaded):
+    from model.generate import batch_limits, kv_bytes_per_token
+
+    model, _ = loaded
+    per_token = kv_bytes_per_token(model)
+    c = model.config
+    assert per_token == 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    small = batch_limits(model, 64, memory_bytes=50 << 20, prompt_tokens=500)
+    large = batch_limits(model, 64, memory_bytes=4 << 30, prompt_tokens=500)
+    assert 1 <= small[0] < large[0] <= 256
+    assert small[0] * (500 + 64) * per_token <= (50 << 20) * 0.5
