@@ -73,10 +73,10 @@ def _run_options(func):
 @click.version_option(package_name="mlx-jobrunner")
 def main() -> None:
     """Caption and question image datasets with Phi-3-Vision on MLX."""
-    from ._blas import load_openblas
+    from ._blas import prepare_process
 
     disabled = os.environ.get("JOBRUNNER_BLAS", "").strip().lower() == "none"
-    if load_openblas() is None and sys.platform.startswith("linux") and not disabled:
+    if prepare_process() is None and sys.platform.startswith("linux") and not disabled:
         import mlx.core as mx
 
         if mx.default_device() == mx.cpu:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         k = SuScaledRoPE.apply(k, *rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = ops.attention(q, k, v, self.scale, mask, causal=True)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -96,7 +97,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(ops.swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -519,9 +519,9 @@ def report(model_dir: str, count: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from jobrunner._blas import load_openblas
+    from jobrunner._blas import prepare_process
 
-    load_openblas()
+    prepare_process()
     parser = argparse.ArgumentParser(description="Train the demo Phi-3-V on synthetic scenes.")
     parser.add_argument("--out", type=Path, default=Path("model/demo"))
     parser.add_argument("--samples", type=Path, default=Path("jobs/demo"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .config import ModelConfig, VisionConfig
 
 
@@ -32,7 +33,7 @@ class ClipAttention(nn.Module):
             return t.reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = ops.attention(q, k, v, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dim))
 
 
@@ -44,7 +45,7 @@ class ClipMLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.fc1(x)
-        return self.fc2(h * mx.sigmoid(1.702 * h))  # quick_gelu
+        return self.fc2(ops.quick_gelu(h))
 
 
 class ClipEncoderLayer(nn.Module):

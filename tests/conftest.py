@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Phi-3-V model directories, built once per test session.
 
-OpenBLAS is loaded first, before anything imports ``mlx.core`` (see ``jobrunner/_blas.py``).
+OpenBLAS is loaded (and the allocator tuned) before anything imports ``mlx.core`` (see
+``jobrunner/_blas.py``).
 All model fixtures use seed 0, so they hold the same weights in different layouts.
 """
 
@@ -11,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repo is not installed in the test venv
     sys.path.insert(0, str(ROOT))
 
-from jobrunner._blas import load_openblas  # noqa: E402
+from jobrunner._blas import prepare_process  # noqa: E402
 
-load_openblas()
+prepare_process()
 
 import pytest  # noqa: E402
 
