@@ -15,7 +15,6 @@ Where no C++ compiler is available, MLX runs compiled functions unfused: slower,
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import mlx.nn as nn
 
