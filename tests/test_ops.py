@@ -1,0 +1,78 @@
+"""The CPU fast paths of model/ops.py against MLX's own kernels and numpy."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from model import ops
+from model.language import attention_mask
+
+
+def test_exp_matches_numpy_over_float32_range():
+    x = mx.concatenate([mx.linspace(-87.0, 88.0, 200_001), mx.random.normal((10_000,)) * 5])
+    expected = np.exp(np.array(x).astype(np.float64))
+    got = np.array(ops.exp(x)).astype(np.float64)
+    assert np.max(np.abs(got - expected) / expected) < 5e-6
+    near = np.abs(np.array(x)) < 10  # the range attention and activations live in
+    assert np.max(np.abs(got - expected)[near] / expected[near]) < 1e-6
+
+
+def test_exp_limits():
+    x = mx.array([-mx.inf, -1000.0, -100.0, 0.0, 1.0, 88.0])
+    got = ops.exp(x).tolist()
+    assert got[:3] == [0.0, 0.0, 0.0]  # underflow is exactly 0: masked keys weigh nothing
+    assert got[3] == 1.0
+    assert got[4] == pytest.approx(np.e, rel=1e-6)
+    assert got[5] == pytest.approx(np.exp(88.0), rel=1e-5)
+    assert np.isnan(ops.exp(mx.array([np.nan])).item())
+
+
+def test_activations_match_mlx():
+    x = mx.random.normal((64, 300), key=mx.random.key(1)) * 6
+    y = mx.random.normal((64, 300), key=mx.random.key(2))
+    assert mx.allclose(ops.swiglu(x, y), nn.silu(x) * y, rtol=1e-5, atol=1e-6).item()
+    assert mx.allclose(ops.quick_gelu(x), x * mx.sigmoid(1.702 * x), rtol=1e-5, atol=1e-6).item()
+    huge = mx.array([-200.0, 200.0])
+    assert ops.swiglu(huge, mx.ones(2)).tolist() == pytest.approx([0.0, 200.0], abs=1e-30)
+
+
+def _reference(q, k, v, scale, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("block_scores", [1 << 21, 64])  # one block; blocks of 16 queries
+def test_causal_attention_with_padding_and_cache_offset(kv_heads, block_scores, monkeypatch):
+    monkeypatch.setattr(ops, "_BLOCK_SCORES", block_scores)
+    batch, heads, offset, length, dim = 3, 4, 37, 53, 16
+    keys = offset + length
+    rng = [mx.random.key(s) for s in range(3)]
+    q = mx.random.normal((batch, heads, length, dim), key=rng[0])
+    k = mx.random.normal((batch, kv_heads, keys, dim), key=rng[1])
+    v = mx.random.normal((batch, kv_heads, keys, dim), key=rng[2])
+    pad = mx.array([0, 5, 60])  # the last row's padding reaches into this chunk
+    mask = attention_mask(pad, offset, length)
+    got = ops.attention(q, k, v, 0.25, mask, causal=True)
+    assert mx.allclose(got, _reference(q, k, v, 0.25, mask), rtol=1e-5, atol=1e-5).item()
+
+
+def test_unmasked_attention_in_blocks(monkeypatch):
+    monkeypatch.setattr(ops, "_BLOCK_SCORES", 500)
+    q, k, v = (mx.random.normal((2, 3, 41, 8), key=mx.random.key(s)) for s in range(3))
+    got = ops.attention(q, k, v, 0.3)
+    assert mx.allclose(got, _reference(q, k, v, 0.3, None), rtol=1e-5, atol=1e-5).item()
+
+
+def test_a_row_does_not_depend_on_its_batch():
+    q, k, v = (mx.random.normal((4, 2, 30, 8), key=mx.random.key(s)) for s in range(3))
+    batched = ops.attention(q, k, v, 0.3)
+    alone = ops.attention(q[2:3], k[2:3], v[2:3], 0.3)
+    assert mx.array_equal(batched[2:3], alone).item()
+
+
+def test_half_precision_takes_mlx_kernels():
+    x = (mx.random.normal((8, 8)) * 3).astype(mx.float16)
+    assert mx.array_equal(ops.exp(x), mx.exp(x)).item()
+    q = mx.random.normal((1, 2, 5, 8)).astype(mx.bfloat16)
+    assert mx.array_equal(ops.attention(q, q, q, 0.3), _reference(q, q, q, 0.3, None)).item()
