@@ -468,14 +468,16 @@ def decoder_weight_bytes(model) -> int:
 
 
 def prefill_flops(model, batch: int, length: int) -> float:
-    """Matmul FLOPs of prefill as executed: linears on every slot, full-square attention and
-    ``lm_head`` on the last position."""
+    """Useful matmul FLOPs of prefill: linears on every slot, causal attention (query ``i``
+    against its ``i + 1`` keys: QK^T and AV) and ``lm_head`` on the last position.
+
+    The CPU path skips most masked keys but not all of them; they are not counted.
+    """
     c = model.config
     qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    linear = c.hidden_size * (qkv + c.hidden_size + 3 * c.intermediate_size)
-    attention = 2 * c.num_attention_heads * c.head_dim * length  # QK^T and AV per query
-    per_token = 2 * c.num_hidden_layers * (linear + attention)
-    return batch * (length * per_token + 2 * c.hidden_size * c.vocab_size)
+    linear = 2 * length * c.hidden_size * (qkv + c.hidden_size + 3 * c.intermediate_size)
+    attention = 4 * c.num_attention_heads * c.head_dim * length * (length + 1) // 2
+    return batch * (c.num_hidden_layers * (linear + attention) + 2 * c.hidden_size * c.vocab_size)
 
 
 def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str, Any]:

@@ -190,3 +190,20 @@ def test_batch_limits_follow_memory(loaded):
     large = batch_limits(model, 64, memory_bytes=4 << 30, prompt_tokens=500)
     assert 1 <= small[0] < large[0] <= 256
     assert small[0] * (500 + 64) * per_token <= (50 << 20) * 0.5
+
+
+def test_prefill_flops_count_causal_attention():
+    from types import SimpleNamespace
+
+    from jobrunner.bench import prefill_flops
+    from model.config import ModelConfig
+    from model.tiny import tiny_config
+
+    config = ModelConfig.from_dict(tiny_config())
+    model = SimpleNamespace(config=config)
+    c, length = config, 7
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    per_token = 2 * c.hidden_size * (qkv + c.hidden_size + 3 * c.intermediate_size)
+    layer = sum(per_token + 4 * c.num_attention_heads * c.head_dim * (i + 1) for i in range(length))
+    one_row = c.num_hidden_layers * layer + 2 * c.hidden_size * c.vocab_size
+    assert prefill_flops(model, 3, length) == 3 * one_row
