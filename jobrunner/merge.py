@@ -48,6 +48,7 @@ from jobrunner.writers import (
     decode_kept,
     fsync_dir,
     kept_type,
+    remove_orphan_temps,
     results_schema,
     temp_path_for,
 )
@@ -257,6 +258,7 @@ def _atomic_parquet(
     path: Path, schema: pa.Schema, parts: list[_Part], total: int, kinds: dict, rows_per_group: int
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(path)  # an earlier merge killed midway
     tmp = temp_path_for(path)
     try:
         with pq.ParquetWriter(tmp, schema) as writer:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import glob
 import json
 import os
 import platform
+import socket
 import sys
 import time
 import uuid
@@ -315,6 +317,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
+    remove_orphan_temps(path)
     tmp = temp_path_for(path)
     # O_EXCL with 0o666 (not mkstemp's 0o600) so the final file gets the user's umask.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -331,8 +334,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def temp_path_for(path: Path) -> Path:
-    """A unique hidden sibling of ``path`` ending in ``.tmp`` (what crash cleanup looks for)."""
-    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    """A unique hidden sibling of ``path`` ending in ``.tmp`` (what crash cleanup looks for),
+    naming the host and process that write it."""
+    return (
+        path.parent
+        / f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    )
+
+
+def remove_orphan_temps(path: Path) -> list[Path]:
+    """Delete the temp siblings of ``path`` that processes of this host left when they were
+    killed mid-write; return them.
+
+    A temp of another host, or of a process that still runs, may be a write in progress (shards
+    of one job can merge from several machines), so it stays.
+    """
+    prefix, host = f".{path.name}.", socket.gethostname()
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        writer = tmp.name[len(prefix) : -len(".tmp")].rsplit(".", 2)
+        if len(writer) != 3 or writer[0] != host or not writer[1].isdigit():
+            continue
+        if not _process_alive(int(writer[1])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -475,6 +476,29 @@ def test_merge_writes_input_order_each_row_once(tmp_path):
     assert table.schema.field("width").type == pa.int64()
     assert table.schema.field("score").type == pa.float64()  # ints and floats → float64
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_merge_removes_temps_of_killed_merges_only(tmp_path):
+    """A merge killed midway leaves a temp next to the output; the next merge on this host
+    deletes it, but not a temp another host or a live process may still be writing."""
+    directory, out = tmp_path / "parts", tmp_path / "out.parquet"
+    run_shard(directory, (0, 1), total=9, every_rows=4, seed=2)
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".out.parquet.{host}.{dead.pid}.0123456789ab.tmp"
+    live = tmp_path / f".out.parquet.{host}.{os.getpid()}.0123456789ab.tmp"
+    elsewhere = tmp_path / f".out.parquet.other-host.{dead.pid}.0123456789ab.tmp"
+    unrelated = tmp_path / f".other.parquet.{host}.{dead.pid}.0123456789ab.tmp"
+    for path in (orphan, live, elsewhere, unrelated):
+        path.write_bytes(b"PAR1 half a file")
+    merge(directory, out)
+    assert pq.read_table(out).num_rows == 9
+    assert not orphan.exists()
+    assert live.exists() and elsewhere.exists() and unrelated.exists()
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(
+        p.name for p in (live, elsewhere, unrelated)
+    )
 
 
 def test_merge_detects_rows_missing_or_duplicated(tmp_path):
