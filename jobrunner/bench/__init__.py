@@ -1,0 +1,329 @@
+"""``jobrunner bench``: throughput of the engine and the whole run path, side by side, in one run.
+
+A random-weight model of a chosen size and a synthetic dataset (PNG images of mixed sizes and
+aspect ratios shared by one to three prompts of mixed lengths, some text-only rows, as JSONL) are
+written to a temporary folder. The same rows then go, one mode after another, through:
+
+1. ``naive``: one row at a time, no cache; every new token recomputes the whole sequence (the
+   seed tutorials' loop). The image is encoded once per row and only the last position goes
+   through ``lm_head``, so this baseline is if anything flattered.
+2. ``single``: one row at a time with the KV cache (``generate_batch`` on one row).
+3. ``unsorted``: batched with the cache, rows in input order (``plan_batches``, window 1).
+4. ``sorted``: batched with the cache, length-sorted: the engine's default path.
+5. ``pipeline``: ``run_job`` on the JSONL (reader, planner, preprocessing threads, engine,
+   Parquet parts, merge), timed from the reporter's start (model loaded) to the merged file.
+
+How to read the report. Modes 1-4 time the engine on rows prepared beforehand (image decode, HD
+transform and tokenizing are not timed), so (5) against (4) shows whether the pipeline hides that
+work behind the model. ``x(1)`` and ``x(2)`` are rows/s over modes 1 and 2. The per-row modes 1
+and 2 may run on subsets of the rows taken at evenly spaced quantiles of prompt length (a per-row
+rate depends on the mix of lengths, which the quantiles keep, not on the other rows); mode 1's
+rows are among mode 2's, so the two are compared token by token. Padding is the share of prompt
+slots that are padding. Peak memory is MLX's allocator peak during the mode. Untimed warm-up
+runs come first; on a GPU they run every prompt shape of modes 2-4 once, since the backend plans
+attention once per shape and process, and the first mode would pay for all of them.
+
+Every mode does the same work: the bench model's ``lm_head`` rows of special tokens and of ids
+the tokenizer does not know are zero, so greedy decoding never stops and always emits decodable
+text, and every row generates exactly ``max_tokens`` tokens. Modes 2-5 must then produce the same
+tokens (mode 5 is compared by decoded text and token count): in float32 on a CPU they do. In
+bfloat16 on a GPU, kernels chosen by batch size round differently and a row may depart at a near
+tie; the report gives the position where each differing row first departs.
+
+Ceilings are measured in the same process: dense matmul GFLOP/s and memory read GB/s through MLX
+(the better of a row reduction and a matrix-vector product over a buffer far larger than caches).
+The batch-1 decode step is compared with weight bytes / read bandwidth (the time to stream the
+decoder's weights once), and prefill GFLOP/s of the longest row with the matmul ceiling.
+
+Layout: ``workload`` (presets, the model and the dataset), ``modes`` (the five modes),
+``roofline`` (ceilings, prefill and decode step against them), ``report`` (ratios, agreement,
+targets and the table); this module runs them in order.
+
+This package imports ``mlx.core``: import it after ``jobrunner._blas.load_openblas()`` (the CLI
+does).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from model.cache import ImageFeatureCache
+from model.generate import GenerationParams, batch_limits, generate_batch, kv_bytes_per_token
+from model.loading import default_dtype, load
+
+from .. import _blas
+from ..spec import JobSpec
+from .modes import (
+    MODES,
+    ModeResult,
+    _subset,
+    naive_generate,
+    plan,
+    run_batches,
+    run_naive,
+    run_pipeline,
+)
+from .report import _agreement, _ratios, _targets, format_report
+from .roofline import decoder_weight_bytes, measure_ceilings, prefill_flops, roofline
+from .workload import (
+    IMAGE_SIZES,
+    PRESETS,
+    TEXT_ONLY_EVERY,
+    Preset,
+    build_model_dir,
+    load_rows,
+    make_dataset,
+)
+
+__all__ = [
+    "IMAGE_SIZES",
+    "MODES",
+    "PRESETS",
+    "TEXT_ONLY_EVERY",
+    "BenchSettings",
+    "ModeResult",
+    "Preset",
+    "build_model_dir",
+    "decoder_weight_bytes",
+    "format_report",
+    "load_rows",
+    "make_dataset",
+    "measure_ceilings",
+    "naive_generate",
+    "plan",
+    "prefill_flops",
+    "roofline",
+    "run_batches",
+    "run_bench",
+    "run_naive",
+    "run_pipeline",
+]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to run; ``None`` fields take the preset's value."""
+
+    preset: str = "small"
+    rows: int | None = None
+    max_tokens: int | None = None
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    dtype: str | None = None
+    modes: tuple[str, ...] = MODES
+    naive_rows: int | None = None
+    single_rows: int | None = None
+    workdir: Path | None = None
+    seed: int = 0
+    feature_cache: bool = True  # modes 2-4 keep image features across batches, as run does
+    row_prefill: bool | None = None  # modes 3-4: None is the engine's default for the device
+
+    def resolved(self) -> BenchSettings:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        unknown = set(self.modes) - set(MODES)
+        if unknown:
+            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+        p = PRESETS[self.preset]
+        return replace(
+            self,
+            rows=self.rows or p.rows,
+            max_tokens=self.max_tokens or p.max_tokens,
+            batch_size=self.batch_size or p.batch_size,
+            max_batch_tokens=self.max_batch_tokens or _spec_default("max_batch_tokens"),
+            naive_rows=self.naive_rows or p.naive_rows,
+            single_rows=self.single_rows or p.single_rows,
+        )
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the model and data, measure the ceilings and every mode; return the report.
+
+    Args:
+        settings: preset and overrides.
+        log: progress lines (default: stderr).
+
+    Returns:
+        The report as JSON-ready data: settings, machine, ceilings, one entry per mode, ratios,
+        token agreement, roofline and targets.
+    """
+    log = log or (lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
+    s = settings.resolved()
+    if s.workdir is not None:
+        return _run_in(s, Path(s.workdir), log)
+    with tempfile.TemporaryDirectory(prefix="jobrunner-bench-") as tmp:
+        return _run_in(s, Path(tmp), log)
+
+
+def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    dtype = s.dtype or default_dtype()
+    preset = PRESETS[s.preset]
+    log(f"building the {s.preset} model ({dtype}) and {s.rows} rows in {work}")
+    model_dir = build_model_dir(work / "model", preset, dtype, s.seed)
+    jsonl = make_dataset(work / "data", s.rows, s.seed)
+    model, processor = load(str(model_dir), dtype)
+    prepared = _prepare(processor, jsonl)
+    gpu = mx.default_device() != mx.cpu
+    log("measuring the machine's ceilings")
+    ceilings = measure_ceilings(dtype, gpu, quick=s.preset == "tiny")
+    params = GenerationParams(max_tokens=s.max_tokens, row_prefill=s.row_prefill)
+    warm_up = _warm_up(model, processor, prepared, replace(params, max_tokens=2), s, gpu)
+    log(f"warm-up: {warm_up:.1f}s")
+    results, tokens = {}, {}
+    sorted_plan = plan(prepared, s.batch_size, s.max_batch_tokens, sort=True)
+    for mode in s.modes:
+        log(f"mode {MODES.index(mode) + 1} ({mode})")
+        result, tokens[mode] = _run_mode(mode, s, model, processor, prepared, params, work)
+        results[mode] = result
+        log(f"  {result.rows} rows in {result.seconds:.1f}s: {result.rows_per_second:.3f} rows/s")
+    log("roofline: prefill and batch-1 decode step")
+    report = {
+        "settings": _settings_dict(s, dtype),
+        "machine": _machine(gpu),
+        "model": _model_summary(model, prepared),
+        "ceilings": ceilings,
+        "warm_up_seconds": warm_up,
+        "modes": {mode: r.to_dict() for mode, r in results.items()},
+        "ratios": _ratios(results),
+        "agreement": _agreement(tokens, processor),
+        "roofline": roofline(model, processor, prepared, ceilings),
+        "memory": _memory(model, prepared, sorted_plan, s, gpu),
+    }
+    report["targets"] = _targets(report)
+    return report
+
+
+def _warm_up(model, processor, prepared, params, s: BenchSettings, gpu: bool) -> float:
+    """Untimed runs before the modes. On a GPU every prompt shape of modes 2-4 is run once:
+    the backend plans attention per shape, once per process, and whichever mode came first
+    would pay for all of them (a job pays once per shape, over far more rows)."""
+    start = time.perf_counter()
+    generate_batch(model, processor, prepared[:2], params)
+    if gpu:
+        batches = [[i] for i in _subset(s.single_rows, prepared)]
+        for sort in (False, True):
+            batches += plan(prepared, s.batch_size, s.max_batch_tokens, sort)
+        for batch in batches:
+            generate_batch(model, processor, [prepared[i] for i in batch], params)
+    return time.perf_counter() - start
+
+
+def _prepare(processor, jsonl: Path) -> list:
+    from PIL import Image
+
+    prepared = []
+    for record in load_rows(jsonl):
+        if record["image"] is None:
+            prepared.append(processor.prepare(record["prompt"], None))
+            continue
+        with Image.open(jsonl.parent / record["image"]) as image:
+            prepared.append(processor.prepare(record["prompt"], image))
+    return prepared
+
+
+def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, work: Path):
+    if mode == "naive":
+        # a subset of mode 2's rows, so that the two can be compared token by token
+        among = _subset(s.single_rows, prepared)
+        rows = _subset(s.naive_rows, prepared, among)
+        bucket = 1 if mx.default_device() == mx.cpu else 64
+        return run_naive(model, prepared, rows, s.max_tokens, bucket)
+    cache = ImageFeatureCache() if s.feature_cache else None
+    if mode == "single":
+        batches = [[i] for i in _subset(s.single_rows, prepared)]
+        return run_batches(model, processor, prepared, batches, params, mode, cache)
+    if mode in ("unsorted", "sorted"):
+        batches = plan(prepared, s.batch_size, s.max_batch_tokens, sort=mode == "sorted")
+        return run_batches(model, processor, prepared, batches, params, mode, cache)
+    settings = {
+        "max_tokens": s.max_tokens,
+        "batch_size": s.batch_size,
+        "max_batch_tokens": s.max_batch_tokens,
+        "dtype": s.dtype,
+        "quiet": True,
+    }
+    return run_pipeline(work / "data" / "bench.jsonl", work / "model", work, settings)
+
+
+def _spec_default(name: str) -> Any:
+    return JobSpec.__dataclass_fields__[name].default
+
+
+def _settings_dict(s: BenchSettings, dtype: str) -> dict[str, Any]:
+    out = {k: v for k, v in asdict(s).items() if k != "workdir"}
+    return out | {"dtype": dtype, "modes": list(s.modes), "num_crops": PRESETS[s.preset].num_crops}
+
+
+def _machine(gpu: bool) -> dict[str, Any]:
+    import platform
+
+    info = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
+    return {
+        "device": "gpu" if gpu else "cpu",
+        "device_info": info,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "mlx": mx.__version__,
+        "blas": _blas._loaded[0] if _blas._loaded else None,
+        "memory_bytes": _memory_bytes(gpu),
+        "load_average": os.getloadavg(),
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _memory_bytes(gpu: bool) -> int | None:
+    """GPU memory when the device reports it, else the machine's physical memory."""
+    if gpu:
+        size = mx.device_info().get("memory_size")
+        if size:
+            return int(size)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def _model_summary(model, prepared) -> dict[str, Any]:
+    params = tree_flatten(model.parameters())
+    lengths = [len(row.input_ids) for row in prepared]
+    c = model.config
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+    return {
+        "parameters": sum(int(v.size) for _, v in params),
+        "weight_bytes": sum(int(v.nbytes) for _, v in params),
+        "decoder_weight_bytes": decoder_weight_bytes(model),
+        "kv_bytes_per_token": kv_per_token * params[0][1].dtype.size,
+        "prompt_tokens_min": min(lengths),
+        "prompt_tokens_mean": sum(lengths) / len(lengths),
+        "prompt_tokens_max": max(lengths),
+        "images": len({image.key for row in prepared for image in row.images}),
+        "crops": sum(image.crops.shape[0] for row in prepared for image in row.images),
+    }
+
+
+def _memory(model, prepared, batches, s: BenchSettings, gpu: bool) -> dict[str, Any]:
+    """The run's KV budget (its largest batch's cache) beside the weights, and the limits
+    ``batch_limits`` would choose from this machine's memory."""
+    longest = [max(len(prepared[i].input_ids) for i in b) for b in batches]
+    widest = max(len(b) * (n + s.max_tokens) for b, n in zip(batches, longest, strict=True))
+    memory = _memory_bytes(gpu)
+    mean_prompt = int(sum(len(r.input_ids) for r in prepared) / len(prepared))
+    suggested = batch_limits(model, s.max_tokens, memory, mean_prompt) if memory else None
+    return {
+        "weight_bytes": sum(int(v.nbytes) for _, v in tree_flatten(model.parameters())),
+        "kv_budget_bytes": widest * kv_bytes_per_token(model),
+        "machine_memory_bytes": memory,
+        "suggested_batch_size": suggested and suggested[0],
+        "suggested_max_batch_tokens": suggested and suggested[1],
+    }
