@@ -25,7 +25,7 @@ _ROUND_BITS = 0x4B400000  # the bit pattern of _ROUND; a rounded sum's bits minu
 
 
 @mx.compile
-def _exp_float32(x: mx.array) -> mx.array:
+def _exp_kernel(x: mx.array) -> mx.array:
     # exp(x) = 2**t, t = n + f with n = round(t), |f| <= 1/2; 2**-127 and below flush to 0
     t = mx.clip(x * _LOG2E, -127.0, 127.0)
     shifted = t + _ROUND
@@ -36,6 +36,58 @@ def _exp_float32(x: mx.array) -> mx.array:
     return p * mx.view(power, mx.float32)
 
 
+@mx.compile
+def _sigmoid_kernel(x: mx.array) -> mx.array:
+    return 1.0 / (1.0 + _exp_kernel(-x))
+
+
+@mx.compile
+def _swiglu_kernel(gate: mx.array, up: mx.array) -> mx.array:
+    return gate * up / (1.0 + _exp_kernel(-gate))
+
+
+@mx.compile
+def _quick_gelu_kernel(x: mx.array) -> mx.array:
+    return x / (1.0 + _exp_kernel(-1.702 * x))
+
+
+# The kernels' bit operations have no derivative in MLX; training (model/train_demo.py) runs
+# through these, so each gets its gradient written out.
+
+
+@mx.custom_function
+def _exp_float32(x: mx.array) -> mx.array:
+    return _exp_kernel(x)
+
+
+@_exp_float32.vjp
+def _exp_vjp(x, cotangent, output):
+    return cotangent * output
+
+
+@mx.custom_function
+def _swiglu_float32(gate: mx.array, up: mx.array) -> mx.array:
+    return _swiglu_kernel(gate, up)
+
+
+@_swiglu_float32.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    s = _sigmoid_kernel(gate)
+    return cotangent * up * s * (1.0 + gate * (1.0 - s)), cotangent * gate * s
+
+
+@mx.custom_function
+def _quick_gelu_float32(x: mx.array) -> mx.array:
+    return _quick_gelu_kernel(x)
+
+
+@_quick_gelu_float32.vjp
+def _quick_gelu_vjp(x, cotangent, output):
+    s = _sigmoid_kernel(1.702 * x)
+    return cotangent * (s + 1.702 * x * s * (1.0 - s))
+
+
 def _fast(x: mx.array) -> bool:
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
@@ -43,16 +95,6 @@ def _fast(x: mx.array) -> bool:
 def exp(x: mx.array) -> mx.array:
     """``exp(x)`` within 3e-6 relative (float32 CPU); results below 2**-127 are 0."""
     return _exp_float32(x) if _fast(x) else mx.exp(x)
-
-
-@mx.compile
-def _swiglu_float32(gate: mx.array, up: mx.array) -> mx.array:
-    return gate * up / (1.0 + _exp_float32(-gate))
-
-
-@mx.compile
-def _quick_gelu_float32(x: mx.array) -> mx.array:
-    return x / (1.0 + _exp_float32(-1.702 * x))
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
