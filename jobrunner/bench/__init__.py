@@ -36,10 +36,10 @@ The batch-1 decode step is compared with weight bytes / read bandwidth (the time
 decoder's weights once), and prefill GFLOP/s of the longest row with the matmul ceiling.
 
 Layout: ``workload`` (presets, the model and the dataset), ``modes`` (the five modes),
-``roofline`` (ceilings, prefill and decode step against them), ``report`` (ratios, agreement,
-targets and the table); this module runs them in order.
+``ceilings`` (the ceilings, and prefill and decode step against them), ``report`` (ratios,
+agreement, targets and the table); this module runs them in order.
 
-This package imports ``mlx.core``: import it after ``jobrunner._blas.load_openblas()`` (the CLI
+This package imports ``mlx.core``: import it after ``jobrunner._blas.prepare_process()`` (the CLI
 does).
 """
 
@@ -64,6 +64,7 @@ from model.loading import default_dtype, load
 
 from .. import _blas
 from ..spec import JobSpec
+from .ceilings import decoder_weight_bytes, measure_ceilings, prefill_flops, roofline
 from .modes import (
     MODES,
     ModeResult,
@@ -75,7 +76,6 @@ from .modes import (
     run_pipeline,
 )
 from .report import _agreement, _ratios, _targets, format_report
-from .roofline import decoder_weight_bytes, measure_ceilings, prefill_flops, roofline
 from .workload import (
     IMAGE_SIZES,
     PRESETS,
