@@ -1,16 +1,20 @@
 """Attention and activations that are fast on the CPU as well as on a GPU.
 
-MLX's CPU backend computes ``exp`` one element at a time (about 25 ns each on the 2-core x86
-machine this was measured on, against 0.7 ns for a multiply), and ``scaled_dot_product_attention``
-on the CPU is a plain softmax over full score matrices. For a Phi-3-V prompt that exponent is most
-of the prefill: softmax over the scores and the sigmoids of SiLU / quick-GELU. On the CPU, float32
+MLX's CPU backend computes ``exp`` one element at a time (14-25 ns each on the 2-core x86 machine
+this was measured on, against under 1 ns for a multiply), and ``scaled_dot_product_attention`` on
+the CPU is a plain softmax over full score matrices. For a Phi-3-V prompt that exponent is most of
+the prefill: softmax over the scores and the sigmoids of SiLU / quick-GELU. On the CPU, float32
 arrays therefore take an ``exp`` built from multiplies and adds (range reduction to ``2**n * 2**f``,
 a degree-6 polynomial for ``2**f``, ``2**n`` written into the exponent bits) that ``mx.compile``
-fuses into one vectorized loop; attention there is matmuls plus that softmax, normalised after
-``@ V``. Everything else (GPU, float16/bfloat16) takes MLX's own kernels.
+fuses into a few loops (2-4 ns per element); attention there is matmuls plus that softmax,
+normalised after ``@ V``, in blocks of queries that skip keys a causal mask hides. Measured on the
+small bench preset's longest prompt (975 tokens): prefill 1.23 s -> 0.40-0.45 s, vision tower on
+5 crops 1.03 s -> 0.33 s (with ``jobrunner._blas.tune_allocator``). Everything else (GPU,
+float16/bfloat16) takes MLX's own kernels.
 
 Every operation here is elementwise or row-wise, so a row's result never depends on its batch.
-Where no C++ compiler is available, MLX runs compiled functions unfused: slower, same results.
+Gradients are written out (the demo model trains through these functions). Where no C++ compiler
+is available, MLX runs compiled functions unfused: slower, same results.
 """
 
 from __future__ import annotations
