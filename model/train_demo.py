@@ -48,7 +48,7 @@ MIN_COVER = 0.15  # a feature cell is labelled with a shape covering at least th
 @dataclass(frozen=True)
 class TrainSettings:
     vision_steps: int = 800
-    steps: int = 700
+    steps: int = 1200
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup: int = 50
