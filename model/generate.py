@@ -30,8 +30,10 @@ class GenerationParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    prefill_chunk: int = 2048  # prompt positions per prefill call; bounds activation memory
-    vision_chunk: int = 32  # crops per vision-tower call; bounds activation memory
+    # Prompt positions per prefill call and crops per vision-tower call: they bound activation
+    # memory. None: sized to the device (see ``chunk_sizes``).
+    prefill_chunk: int | None = None
+    vision_chunk: int | None = None
     # Prefill row by row (no compute on padding) or the padded batch at once; None: row by
     # row on the CPU, where attention's cost on padding dominates, batched on a GPU, where
     # each new prompt length costs a new attention plan and batches have fewer lengths.
@@ -46,6 +48,9 @@ class GenerationParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        for name in ("prefill_chunk", "vision_chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
 
 @dataclass
@@ -92,6 +97,28 @@ def sample(logits: mx.array, params: GenerationParams, seeds: mx.array, step: in
         logits = mx.where(probs < floor, -mx.inf, logits)
     gumbel = -mx.log(-mx.log(_hash_uniform(seeds, step, vocab)))
     return mx.argmax(logits + gumbel, axis=-1)
+
+
+_CPU_PREFILL_CHUNK = 256
+_CPU_VISION_BYTES = 8 << 20
+
+
+def chunk_sizes(model: Model, params: GenerationParams) -> tuple[int, int]:
+    """``(prefill_chunk, vision_chunk)``: the params' values, or the device's defaults.
+
+    On a GPU, 2048 positions and 32 crops. On the CPU, smaller calls are faster: 256 positions
+    (prefill of a 975-token prompt 0.39-0.40 s -> 0.33-0.34 s on the small bench preset, chunk
+    attention skipping later keys) and as many crops as keep one MLP activation within 8 MiB
+    (one crop of the real CLIP tower; per-crop time at 8 crops per call was 1.5x that of 1).
+    """
+    gpu = mx.default_device() != mx.cpu
+    prefill_chunk = params.prefill_chunk or (2048 if gpu else _CPU_PREFILL_CHUNK)
+    if params.vision_chunk or gpu:
+        return prefill_chunk, params.vision_chunk or 32
+    vision = model.vision.vision_config
+    itemsize = model.model.embed_tokens.weight.dtype.size
+    crop_bytes = (vision.grid_size**2 + 1) * vision.intermediate_size * itemsize
+    return prefill_chunk, max(1, _CPU_VISION_BYTES // crop_bytes)
 
 
 def image_features(
@@ -304,14 +331,15 @@ def generate_batch(
     cache = make_cache(len(model.layers))
     for c in cache:
         c.reserve(ids.shape[1] + params.max_tokens)
-    features = image_features(model, rows, params.vision_chunk, feature_cache)
+    prefill_chunk, vision_chunk = chunk_sizes(model, params)
+    features = image_features(model, rows, vision_chunk, feature_cache)
     row_prefill = params.row_prefill
     if row_prefill is None:
         row_prefill = mx.default_device() == mx.cpu
     if row_prefill and len(rows) > 1:
-        logits = prefill_rows(model, rows, ids.shape[1], cache, features, params.prefill_chunk)
+        logits = prefill_rows(model, rows, ids.shape[1], cache, features, prefill_chunk)
     else:
-        logits = prefill(model, ids, pad, cache, features, params.prefill_chunk)
+        logits = prefill(model, ids, pad, cache, features, prefill_chunk)
     batch = _Batch(len(rows), processor.stop_token_ids)
     tokens = sample(logits, params, row_seeds, 0)
     mx.async_eval(tokens)

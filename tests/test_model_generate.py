@@ -11,6 +11,7 @@ from model.cache import make_cache
 from model.generate import (
     GenerationParams,
     _left_pad,
+    chunk_sizes,
     decode_step,
     generate_batch,
     image_features,
@@ -149,6 +150,18 @@ def test_generation_params_are_validated():
         GenerationParams(top_p=0)
     with pytest.raises(ValueError, match="max_tokens"):
         GenerationParams(max_tokens=0)
+    with pytest.raises(ValueError, match="vision_chunk"):
+        GenerationParams(vision_chunk=0)
+
+
+def test_chunk_sizes_follow_the_device_unless_given(loaded):
+    model, _ = loaded
+    assert chunk_sizes(model, GenerationParams(prefill_chunk=7, vision_chunk=3)) == (7, 3)
+    prefill_chunk, vision_chunk = chunk_sizes(model, GenerationParams())
+    vision = model.vision.vision_config
+    crop_bytes = (vision.grid_size**2 + 1) * vision.intermediate_size * 4  # float32
+    assert prefill_chunk == 256  # the suite runs on the CPU
+    assert vision_chunk == max(1, (8 << 20) // crop_bytes)
 
 
 def test_row_seed_depends_on_job_seed_and_id_only():

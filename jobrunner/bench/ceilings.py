@@ -12,7 +12,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from model.cache import make_cache
-from model.generate import _left_pad, decode_step, image_features, prefill
+from model.generate import (
+    GenerationParams,
+    _left_pad,
+    chunk_sizes,
+    decode_step,
+    image_features,
+    prefill,
+)
 from model.loading import DTYPES
 
 # ---------------------------------------------------------------------------------------------
@@ -83,9 +90,10 @@ def prefill_flops(model, batch: int, length: int) -> float:
 
 
 def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str, Any]:
-    """Prefill GFLOP/s of the longest row (rows are prefilled one at a time) and the batch-1
-    decode step against streaming the decoder's weights once."""
+    """Prefill GFLOP/s of the longest row (rows are prefilled one at a time, in the engine's
+    chunks) and the batch-1 decode step against streaming the decoder's weights once."""
     row = max(prepared, key=lambda r: len(r.input_ids))
+    chunk = chunk_sizes(model, GenerationParams())[0]
     features = image_features(model, [row])
     ids, pad = _left_pad([row], processor.pad_token_id)
     mx.eval(features, ids, pad)
@@ -94,7 +102,7 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
         cache = make_cache(len(model.layers))
         for c in cache:
             c.reserve(ids.shape[1])
-        return prefill(model, ids, pad, cache, features, chunk=1 << 30)
+        return prefill(model, ids, pad, cache, features, chunk)
 
     seconds = _best_seconds(run_prefill, repeats=2)
     flops = prefill_flops(model, *ids.shape)
@@ -103,6 +111,7 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
     ideal = weight_bytes / (ceilings["read_gbs"] * 1e9)
     return {
         "prefill_tokens": ids.shape[1],
+        "prefill_chunk": chunk,
         "prefill_seconds": seconds,
         "prefill_gflops": flops / seconds / 1e9,
         "prefill_fraction_of_matmul": flops / seconds / 1e9 / ceilings["matmul_gflops"],
@@ -119,7 +128,8 @@ def _decode_step_seconds(model, processor, row, steps: int = 16) -> float:
     cache = make_cache(len(model.layers))
     for c in cache:
         c.reserve(ids.shape[1] + 2 * steps + 1)
-    logits = prefill(model, ids, pad, cache, image_features(model, [row]), chunk=1 << 30)
+    chunk = chunk_sizes(model, GenerationParams())[0]
+    logits = prefill(model, ids, pad, cache, image_features(model, [row]), chunk)
     token = mx.argmax(logits, axis=-1)
     for k in range(2 * steps):  # the first half warms up
         if k == steps:
