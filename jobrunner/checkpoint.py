@@ -1,4 +1,4 @@
-"""Durable checkpoints: manifest, part files, progress records, locks, shards.
+"""Durable checkpoints: manifest, shards, and the store of one shard that ties them together.
 
 Takes Arrow tables of results and paths; knows nothing of the model or of job specs beyond the
 plain dict and fingerprint it is handed. Layout of a checkpoint directory (default
@@ -17,8 +17,9 @@ recorded by appending one line to ``progress.jsonl`` (fsynced). On open a record
 if its line is complete and its file has the recorded size, sha256 and row indices; everything
 else (temp files, unrecorded parts, damaged parts, a torn last line) is ignored and deleted, so a
 process killed at any instant loses at most the part it was writing. A restart trusts these
-records, never memory. Joining the shards into the output file and reporting progress live in
-`jobrunner.merge`.
+records, never memory. Part files and progress records live in `jobrunner.parts`, the locks in
+`jobrunner.locks` (their names are re-exported here). Joining the shards into the output file and
+reporting progress live in `jobrunner.merge`.
 
 Shards: row ``i`` belongs to shard ``i % N`` (shards are 0-based: ``K/N`` with ``0 <= K < N``).
 The partition is stable and needs no row count up front. Each shard has its own lock, parts and
@@ -30,15 +31,12 @@ deleted: deleting a flock'd file lets a second process lock a fresh inode of the
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import re
-import socket
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,37 +44,32 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobrunner.writers import (
-    INDEX_COLUMN,
-    atomic_write_bytes,
-    atomic_write_json,
-    fsync_dir,
-    part_kinds,
+# `write_part` calls `_append_record` through this module's globals, so tests that patch
+# ``checkpoint._append_record`` still reach it. The ``X as X`` names are only re-exported: callers
+# and tests import them from here.
+from jobrunner.locks import CheckpointError, JobLock, _manifest_lock, is_locked
+from jobrunner.locks import LockHeld as LockHeld
+from jobrunner.locks import read_lock_info as read_lock_info
+from jobrunner.parts import (
+    _PART_RE,
+    PROGRESS,
+    PartRecord,
+    _append_record,
+    _clean_shard_dir,
+    scan_shard,
 )
+from jobrunner.parts import ShardScan as ShardScan
+from jobrunner.parts import read_progress as read_progress
+from jobrunner.writers import INDEX_COLUMN, atomic_write_bytes, atomic_write_json, fsync_dir
 
 MANIFEST = "manifest.json"
-PROGRESS = "progress.jsonl"
 COMPLETE = "complete.json"
 FORMAT_VERSION = 1
-_PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 _SHARD_DIR_RE = re.compile(r"^shard-\d{5,}-of-\d{5,}$")
-
-
-class CheckpointError(Exception):
-    """The checkpoint directory cannot be used as asked; the message says what to do."""
 
 
 class FingerprintMismatch(CheckpointError):
     """The checkpoint belongs to a job with another fingerprint."""
-
-
-class LockHeld(CheckpointError):
-    """Another live process holds the lock."""
-
-    def __init__(self, path: Path, info: dict[str, Any] | None):
-        self.path, self.info = Path(path), info or {}
-        who = ", ".join(f"{k} {v}" for k, v in self.info.items() if k in ("pid", "host", "started"))
-        super().__init__(f"another run holds the lock {self.path}" + (f" ({who})" if who else ""))
 
 
 # --- shards ------------------------------------------------------------------------------------
@@ -101,212 +94,6 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     if not (isinstance(k, int) and isinstance(n, int) and n >= 1 and 0 <= k < n):
         raise ValueError(f"shard must be (K, N) with 0 <= K < N, got {shard!r}")
     return k, n
-
-
-# --- locks -------------------------------------------------------------------------------------
-
-
-def read_lock_info(path: Path) -> dict[str, Any] | None:
-    """The pid/host/start written by the lock's last holder (informational only)."""
-    try:
-        return json.loads(Path(path).read_text() or "null")
-    except (OSError, ValueError):
-        return None
-
-
-def is_locked(path: Path) -> bool:
-    """Whether a live process holds the flock on ``path`` (a killed holder never counts)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing also drops the shared lock if we got it
-    return False
-
-
-class JobLock:
-    """Exclusive, non-blocking ``flock`` on a file; raises `LockHeld` if another holder is alive.
-
-    The kernel drops the lock when its holder dies, so a killed run never blocks the next one.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> JobLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockHeld(self.path, read_lock_info(self.path)) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> JobLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-@contextlib.contextmanager
-def _manifest_lock(directory: Path) -> Iterator[None]:
-    """Serialise manifest reads/writes/wipes between shards (held for milliseconds)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# --- progress records --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PartRecord:
-    """One line of ``progress.jsonl``: a part file that is durable."""
-
-    part: str
-    rows: int
-    errors: int
-    min_index: int
-    max_index: int
-    bytes: int
-    sha256: str
-    time: float
-    session_start: float
-
-    @classmethod
-    def from_line(cls, line: bytes) -> PartRecord:
-        data = json.loads(line)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-
-    def to_line(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
-
-
-class _BadPart(Exception):
-    pass
-
-
-def read_progress(shard_dir: Path) -> tuple[list[PartRecord], bool]:
-    """Records of complete, parseable lines, and whether anything (a torn line) was skipped."""
-    try:
-        data = (shard_dir / PROGRESS).read_bytes()
-    except FileNotFoundError:
-        return [], False
-    *lines, tail = data.split(b"\n")
-    records, damaged = [], bool(tail)
-    for line in lines:
-        try:
-            records.append(PartRecord.from_line(line))
-        except (ValueError, KeyError, TypeError):
-            damaged = True
-    return records, damaged
-
-
-def _verify_part(path: Path, rec: PartRecord, k: int, n: int) -> tuple[np.ndarray, pa.Schema]:
-    """Index column and schema of a part, after checking that it matches its record."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise _BadPart("file missing") from None
-    if len(data) != rec.bytes:
-        raise _BadPart(f"size {len(data)} != recorded {rec.bytes}")
-    if hashlib.sha256(data).hexdigest() != rec.sha256:
-        raise _BadPart("sha256 differs from the record")
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-        index = parquet.read(columns=[INDEX_COLUMN]).column(0).to_numpy()
-    except (pa.ArrowException, OSError, KeyError) as exc:
-        raise _BadPart(f"unreadable: {exc}") from None
-    ok = len(index) == rec.rows and rec.rows > 0 and bool(np.all(np.diff(index) > 0))
-    ok = ok and int(index[0]) == rec.min_index and int(index[-1]) == rec.max_index
-    if not ok or bool(np.any(index % n != k)):
-        raise _BadPart("row indices differ from the record or the shard")
-    return index, parquet.schema_arrow
-
-
-@dataclass
-class ShardScan:
-    """What `scan_shard` trusts in one shard folder, and what it dropped (with the reason)."""
-
-    records: list[PartRecord] = field(default_factory=list)
-    indices: list[np.ndarray] = field(default_factory=list)
-    kinds: dict[str, set[str]] = field(default_factory=dict)
-    layouts: set[tuple[str, ...]] = field(default_factory=set)
-    dropped: list[str] = field(default_factory=list)
-    torn: bool = False
-
-    @property
-    def rows(self) -> int:
-        return sum(r.rows for r in self.records)
-
-    @property
-    def errors(self) -> int:
-        return sum(r.errors for r in self.records)
-
-
-def scan_shard(shard_dir: Path, k: int, n: int, seen: set[int] | None = None) -> ShardScan:
-    """Check every recorded part; ``seen`` (if given) collects indices and rejects repeats."""
-    records, torn = read_progress(shard_dir)
-    scan = ShardScan(torn=torn)
-    accepted: set[str] = set()
-    for rec in records:
-        try:
-            if rec.part in accepted or not _PART_RE.match(rec.part):
-                raise _BadPart("recorded twice or badly named")
-            index, schema = _verify_part(shard_dir / rec.part, rec, k, n)
-            if seen is not None and not seen.isdisjoint(index.tolist()):
-                raise _BadPart("repeats rows of an earlier part")
-        except _BadPart as exc:
-            scan.dropped.append(f"{shard_dir.name}/{rec.part}: {exc}")
-            continue
-        accepted.add(rec.part)
-        if seen is not None:
-            seen.update(index.tolist())
-        scan.records.append(rec)
-        scan.indices.append(index)
-        scan.layouts.add(tuple(schema.names))
-        for name, values in part_kinds(schema).items():
-            scan.kinds.setdefault(name, set()).update(values)
-    return scan
-
-
-def _clean_shard_dir(shard_dir: Path, keep: set[str]) -> list[str]:
-    """Delete temp files and part files not in ``keep``; returns what was removed."""
-    removed = []
-    for path in sorted(shard_dir.iterdir()) if shard_dir.is_dir() else []:
-        stray_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
-        if stray_tmp or (_PART_RE.match(path.name) and path.name not in keep):
-            path.unlink(missing_ok=True)
-            removed.append(f"{shard_dir.name}/{path.name}")
-    if removed:
-        fsync_dir(shard_dir)
-    return removed
 
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -672,16 +459,3 @@ class CheckpointStore:
     def is_complete(self) -> bool:
         done = read_json(self.shard_dir / COMPLETE)
         return done is not None and self._covers(done.get("total_rows"))
-
-
-def _append_record(path: Path, record: PartRecord) -> None:
-    """Append one progress line and fsync it (and the folder, when the file is new)."""
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, record.to_line())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
