@@ -134,7 +134,9 @@ def attention(
     keys = k.shape[2]
     # query heads sharing a key/value head form one group: [B, KV, H/KV, L, D]
     q = (q * scale).reshape(batch, k.shape[1], heads // k.shape[1], length, dim)
-    k, v = k[:, :, None], v[:, :, None]
+    # a column of ones after V: one matmul gives the softmax numerator and its denominator
+    ones = mx.ones((*v.shape[:-1], 1), dtype=v.dtype)
+    k, v = k[:, :, None], mx.concatenate([v, ones], axis=-1)[:, :, None]
     if mask is not None and mask.ndim == 4:
         mask = mask[:, :, None]
     # blocks of at most ~2M scores: fewer wasted future keys, and buffers small enough for
@@ -164,4 +166,5 @@ def _softmax_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | N
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
     weights = _exp_float32(scores - scores.max(axis=-1, keepdims=True))
-    return (weights @ v) / weights.sum(axis=-1, keepdims=True)
+    out = weights @ v  # v ends with a column of ones: the last column is the weights' sum
+    return out[..., :-1] / out[..., -1:]
