@@ -104,7 +104,7 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
             c.reserve(ids.shape[1])
         return prefill(model, ids, pad, cache, features, chunk)
 
-    seconds = _best_seconds(run_prefill, repeats=2)
+    seconds = _best_seconds(run_prefill, repeats=5)
     flops = prefill_flops(model, *ids.shape)
     step = _decode_step_seconds(model, processor, row)
     weight_bytes = decoder_weight_bytes(model)
