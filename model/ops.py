@@ -134,9 +134,12 @@ def attention(
     keys = k.shape[2]
     # query heads sharing a key/value head form one group: [B, KV, H/KV, L, D]
     q = (q * scale).reshape(batch, k.shape[1], heads // k.shape[1], length, dim)
-    # a column of ones after V: one matmul gives the softmax numerator and its denominator
-    ones = mx.ones((*v.shape[:-1], 1), dtype=v.dtype)
-    k, v = k[:, :, None], mx.concatenate([v, ones], axis=-1)[:, :, None]
+    # Many queries (prefill, vision): a column of ones after V makes one matmul give the
+    # softmax's numerator and denominator. Few (decoding): copying V would cost more than the sum.
+    sum_column = length > 2 * dim
+    if sum_column:
+        v = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), dtype=v.dtype)], axis=-1)
+    k, v = k[:, :, None], v[:, :, None]
     if mask is not None and mask.ndim == 4:
         mask = mask[:, :, None]
     # blocks of at most ~2M scores: fewer wasted future keys, and buffers small enough for
@@ -152,6 +155,7 @@ def attention(
                 k[..., :seen, :],
                 v[..., :seen, :],
                 None if mask is None else mask[..., start:end, :seen],
+                sum_column,
             )
         )
     out = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
@@ -161,10 +165,14 @@ def attention(
 _BLOCK_SCORES = 1 << 21
 
 
-def _softmax_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+def _softmax_attention(
+    q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, sum_column: bool
+) -> mx.array:
     scores = q @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
     weights = _exp_float32(scores - scores.max(axis=-1, keepdims=True))
+    if not sum_column:
+        return (weights @ v) / weights.sum(axis=-1, keepdims=True)
     out = weights @ v  # v ends with a column of ones: the last column is the weights' sum
     return out[..., :-1] / out[..., -1:]
