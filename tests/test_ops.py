@@ -57,6 +57,16 @@ def test_causal_attention_with_padding_and_cache_offset(kv_heads, block_scores, 
     assert mx.allclose(got, _reference(q, k, v, 0.25, mask), rtol=1e-5, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("length", [1, 5, 40])  # decoding, a short chunk, a long one
+def test_attention_both_ways_of_normalising(length):
+    keys = 30 + length
+    q = mx.random.normal((2, 4, length, 16), key=mx.random.key(5))
+    k, v = (mx.random.normal((2, 4, keys, 16), key=mx.random.key(s)) for s in (6, 7))
+    mask = attention_mask(mx.array([0, 7]), keys - length, length)
+    got = ops.attention(q, k, v, 0.25, mask, causal=True)
+    assert mx.allclose(got, _reference(q, k, v, 0.25, mask), rtol=1e-5, atol=1e-5).item()
+
+
 def test_unmasked_attention_in_blocks(monkeypatch):
     monkeypatch.setattr(ops, "_BLOCK_SCORES", 500)
     q, k, v = (mx.random.normal((2, 3, 41, 8), key=mx.random.key(s)) for s in range(3))
