@@ -97,7 +97,8 @@ def _fast(x: mx.array) -> bool:
 
 
 def exp(x: mx.array) -> mx.array:
-    """``exp(x)`` within 3e-6 relative (float32 CPU); results below 2**-127 are 0."""
+    """``exp(x)``; on the CPU in float32 within 4e-6 relative (6e-7 on [-10, 10]), and results
+    below 2**-127 are 0."""
     return _exp_float32(x) if _fast(x) else mx.exp(x)
 
 
