@@ -124,10 +124,11 @@ def chunk_sizes(model: Model, params: GenerationParams) -> tuple[int, int]:
 def image_features(
     model: Model,
     rows: Sequence[PreparedRow],
-    chunk: int = 32,
+    chunk: int | None = None,
     cache: ImageFeatureCache | None = None,
 ) -> mx.array | None:
-    """Projected features of every image of the batch, in slot order (row by row).
+    """Projected features of every image of the batch, in slot order (row by row), encoded
+    ``chunk`` crops per call (default: the device's, see ``chunk_sizes``).
 
     Each distinct image (by content hash) is encoded once, however many rows share it; with a
     ``cache``, images seen in earlier batches are not encoded again.
@@ -140,6 +141,7 @@ def image_features(
         known = {im.key: f for im in images if (f := cache.get(im.key)) is not None}
     todo = list({im.key: im for im in images if im.key not in known}.values())
     if todo:
+        chunk = chunk or chunk_sizes(model, GenerationParams())[1]
         fresh = _encode_images(model, todo, chunk)
         ends = np.cumsum([image.num_tokens for image in todo])[:-1].tolist()
         for image, features in zip(todo, mx.split(fresh, ends), strict=True):
