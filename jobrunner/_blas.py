@@ -10,7 +10,8 @@ MLX's CPU backend takes its buffers from ``malloc``. glibc serves blocks above i
 (128 KiB, rising only as far as the largest block freed) with fresh mappings, so a prefill's score
 matrices and activations page-fault in anew at every call; on the 2-core VM this was measured on,
 that tripled the cost of a 30 MB elementwise pass. ``tune_allocator()`` keeps blocks up to 32 MiB
-(glibc's limit) on the heap and freed memory in the process, where the next call reuses it.
+(the most older glibc versions accept) on the heap and freed memory in the process, where the
+next call reuses it.
 """
 
 from __future__ import annotations

@@ -249,14 +249,11 @@ def test_load_openblas_is_idempotent_and_configurable(monkeypatch):
     assert _blas._candidates() == ["/no/such/libopenblas.so.0"]
 
 
-def test_tune_allocator_reports_what_glibc_accepted():
+def test_tune_allocator_sets_glibc_thresholds():
     import platform
     import sys
 
     from jobrunner import _blas
 
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        assert _blas.tune_allocator() is False
-        return
-    assert _blas.tune_allocator(mmap_threshold=64 << 20) is False  # above glibc's 32 MiB cap
-    assert _blas.tune_allocator() is True  # the settings prepare_process() uses
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert _blas.tune_allocator() is on_glibc  # both mallopt calls accepted where glibc runs
