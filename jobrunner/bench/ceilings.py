@@ -106,7 +106,7 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
 
     seconds = _best_seconds(run_prefill, repeats=5)
     flops = prefill_flops(model, *ids.shape)
-    step = _decode_step_seconds(model, processor, row)
+    step = _decode_step_seconds(model, processor, row, chunk)
     weight_bytes = decoder_weight_bytes(model)
     ideal = weight_bytes / (ceilings["read_gbs"] * 1e9)
     return {
@@ -122,13 +122,13 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
     }
 
 
-def _decode_step_seconds(model, processor, row, steps: int = 16) -> float:
-    """Seconds per batch-1 decode step, pipelined as ``generate_batch`` runs it."""
+def _decode_step_seconds(model, processor, row, chunk: int, steps: int = 16) -> float:
+    """Seconds per batch-1 decode step, pipelined as ``generate_batch`` runs it (after a
+    prefill in ``chunk``-position calls)."""
     ids, pad = _left_pad([row], processor.pad_token_id)
     cache = make_cache(len(model.layers))
     for c in cache:
         c.reserve(ids.shape[1] + 2 * steps + 1)
-    chunk = chunk_sizes(model, GenerationParams())[0]
     logits = prefill(model, ids, pad, cache, image_features(model, [row]), chunk)
     token = mx.argmax(logits, axis=-1)
     for k in range(2 * steps):  # the first half warms up
