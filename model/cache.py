@@ -4,7 +4,9 @@ One ``KVCache`` per decoder layer holds keys and values of shape ``[batch, kv_he
 head_dim]``. Storage grows in blocks of ``step`` positions (or is reserved up front with
 ``reserve``), and new keys are written in place, so a decode step costs O(1) copies instead of the
 O(length) copy that growing by concatenation costs. All rows share one offset: rows are
-left-padded, so position ``offset`` is the next slot of every row.
+left-padded, so position ``offset`` is the next slot of every row. A ``static`` cache hands
+attention its whole buffer (the unwritten slots are masked as future positions), so the shapes
+attention sees change once per block instead of once per step.
 
 ``ImageFeatureCache`` keeps the projected features of recently seen images by content hash
 (``ImageInput.key``), so rows that share an image (several prompts per image) encode it once.
@@ -20,15 +22,24 @@ import mlx.core as mx
 class KVCache:
     step = 256
 
-    def __init__(self):
+    def __init__(self, static: bool = False):
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
         self.reserved = 0
+        self.static = static
 
     @property
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
+
+    def _capacity_for(self, needed: int) -> int:
+        return -(-max(needed, self.reserved, self.capacity) // self.step) * self.step
+
+    def visible(self, end: int) -> int:
+        """Keys attention sees once positions up to ``end`` are written: ``end``, or the whole
+        buffer for a static cache."""
+        return self._capacity_for(end) if self.static else end
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int, batch: int = 0) -> None:
         """Room for ``needed`` positions, shaped like ``keys``/``values`` (``batch`` rows, if
@@ -36,9 +47,9 @@ class KVCache:
         _, heads, _, k_dim = keys.shape
         batch = batch or keys.shape[0]
         v_dim = values.shape[3]
-        blocks = -(-max(needed, self.reserved) // self.step)
-        new_k = mx.zeros((batch, heads, blocks * self.step, k_dim), keys.dtype)
-        new_v = mx.zeros((batch, heads, blocks * self.step, v_dim), values.dtype)
+        size = -(-max(needed, self.reserved) // self.step) * self.step
+        new_k = mx.zeros((batch, heads, size, k_dim), keys.dtype)
+        new_v = mx.zeros((batch, heads, size, v_dim), values.dtype)
         if self.keys is not None:
             new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
             new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
@@ -49,7 +60,8 @@ class KVCache:
         self.reserved = total
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write ``keys``/``values`` ``[B, H, L, D]`` at the current offset; return all so far."""
+        """Write ``keys``/``values`` ``[B, H, L, D]`` at the current offset; return the first
+        ``visible(end)`` positions."""
         start = self.offset
         end = start + keys.shape[2]
         if end > self.capacity:
@@ -57,6 +69,8 @@ class KVCache:
         self.keys[..., start:end, :] = keys
         self.values[..., start:end, :] = values
         self.offset = end
+        if self.static:
+            return self.keys, self.values
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def write_row(self, row: int, batch: int, keys: mx.array, values: mx.array) -> None:
@@ -81,8 +95,8 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
 
-def make_cache(num_layers: int) -> list[KVCache]:
-    return [KVCache() for _ in range(num_layers)]
+def make_cache(num_layers: int, static: bool = False) -> list[KVCache]:
+    return [KVCache(static) for _ in range(num_layers)]
 
 
 class ImageFeatureCache:

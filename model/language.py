@@ -119,15 +119,17 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def attention_mask(pad: mx.array, offset: int, length: int) -> mx.array:
-    """Boolean mask ``[B, 1, length, offset + length]`` for left-padded rows.
+def attention_mask(pad: mx.array, offset: int, length: int, keys: int | None = None) -> mx.array:
+    """Boolean mask ``[B, 1, length, keys]`` for left-padded rows.
 
     Query ``i`` (absolute position ``offset + i``) sees key ``j`` when ``j`` is not in the future
     and is not padding (``j >= pad[b]``). A padding query also sees itself, so no softmax row is
-    empty; padding outputs are never read.
+    empty; padding outputs are never read. ``keys`` defaults to ``offset + length``; more keys
+    (a static cache's whole buffer) are future positions, hidden.
     """
+    keys = offset + length if keys is None else keys
     q_pos = mx.arange(offset, offset + length)[:, None]
-    k_pos = mx.arange(offset + length)[None, :]
+    k_pos = mx.arange(keys)[None, :]
     causal = k_pos <= q_pos
     not_pad = k_pos[None] >= pad[:, None, None]
     return (causal[None] & (not_pad | (k_pos == q_pos)[None]))[:, None]

@@ -126,8 +126,10 @@ def attention(
     Args:
         mask: boolean, broadcastable to ``[B, H, L, S]``, True where a query may see a key;
             every query must see at least one key.
-        causal: the queries are the last ``L`` of the ``S`` positions and ``mask`` hides every
-            later key. On the CPU, blocks of queries then skip the keys none of them can see.
+        causal: ``mask`` hides every key after a query's own position, and the queries are the
+            last ``L`` of the ``S`` positions or earlier ones (keys past them, such as a static
+            cache's unwritten slots, are masked). On the CPU, blocks of queries then skip the
+            keys after the last ``L`` that none of them can see.
     """
     if not _fast(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

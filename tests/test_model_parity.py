@@ -16,6 +16,11 @@ from tests.reference import torch_clip, torch_phi3
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# float32 on the CPU agrees to rounding. MLX's CUDA backend runs float32 matmuls in TF32 (10
+# mantissa bits), which moves results by about 1e-3 relative; the suite can run there too.
+ON_CPU = mx.default_device() == mx.cpu
+TOL = 1e-4 if ON_CPU else 1e-2
+
 
 def mlx_model(config: dict, weights: dict[str, np.ndarray]) -> Model:
     model = Model(ModelConfig.from_dict(config))
@@ -55,7 +60,7 @@ def test_decoder_logits_match_transformers_left_padded(switch, lengths):
             attention_mask=torch.from_numpy(real.astype(np.int64)),
             position_ids=torch.from_numpy(hf_positions),
         ).logits.numpy()
-    assert relative_error(np.array(ours)[real], ref[real]) <= 1e-4
+    assert relative_error(np.array(ours)[real], ref[real]) <= TOL
 
 
 def test_clip_hidden_state_minus_two_matches_transformers():
@@ -68,7 +73,7 @@ def test_clip_hidden_state_minus_two_matches_transformers():
     with torch.no_grad():
         ref = clip(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2].numpy()
     ours = mlx_model(config, weights).vision.img_processor(mx.array(pixels.transpose(0, 2, 3, 1)))
-    assert relative_error(np.array(ours), ref) <= 1e-4
+    assert relative_error(np.array(ours), ref) <= TOL
 
 
 def hd_layout_reference(merged, sub_gn, glb_gn, grids, t):
@@ -113,4 +118,4 @@ def test_hd_layout_and_projection_match_plain_reference():
     w2, b2 = (torch.from_numpy(weights[p + n]) for n in ("2.weight", "2.bias"))
     ref = torch.nn.functional.gelu(x @ w0.T + b0) @ w2.T + b2
     assert ours.shape == tuple(ref.shape)
-    assert relative_error(np.array(ours), ref.numpy()) <= 1e-5
+    assert relative_error(np.array(ours), ref.numpy()) <= (1e-5 if ON_CPU else TOL)
