@@ -306,6 +306,11 @@ def show(output: Path, limit: int) -> None:
     help="Modes 2-4 keep image features across batches, as `jobrunner run` does.",
 )
 @click.option("--row-prefill/--no-row-prefill", default=None, help="Modes 3-4: prefill per row.")
+@click.option(
+    "--clear-cache/--keep-cache",
+    default=False,
+    help="Empty MLX's buffer cache after the warm-up and after each mode.",
+)
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")
 def bench(json_path: Path | None, modes: str | None, **flags) -> None:

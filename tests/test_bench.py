@@ -75,6 +75,29 @@ def test_ceilings_roofline_and_targets_are_reported(report):
         assert mode in text
 
 
+def test_clear_cache_empties_mlx_buffer_cache_between_modes(tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    clear, cleared = mx.clear_cache, []
+
+    def counting_clear():
+        clear()
+        cleared.append(mx.get_cache_memory())
+
+    monkeypatch.setattr(mx, "clear_cache", counting_clear)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--rows", "4", "--max-tokens", "2", "--clear-cache"]
+    result = CliRunner().invoke(main, [*args, "--modes", "single,sorted", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert cleared == [0, 0, 0]  # after the warm-up and after each of the two modes
+    assert result.output.count("(cache cleared)") == 3
+    report = json.loads(out.read_text())
+    assert report["settings"]["clear_cache"] is True
+    for mode in ("single", "sorted"):
+        assert report["modes"][mode]["extra"]["mlx_cached_after"] >= 0
+        assert report["modes"][mode]["extra"]["mlx_active_after"] > 0  # the model's weights
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="preset"):
         BenchSettings(preset="huge").resolved()

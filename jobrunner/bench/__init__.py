@@ -128,6 +128,7 @@ class BenchSettings:
     seed: int = 0
     feature_cache: bool = True  # modes 2-4 keep image features across batches, as run does
     row_prefill: bool | None = None  # modes 3-4: None is the engine's default for the device
+    clear_cache: bool = False  # empty MLX's buffer cache after the warm-up and after each mode
 
     def resolved(self) -> BenchSettings:
         if self.preset not in PRESETS:
@@ -179,14 +180,17 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
     ceilings = measure_ceilings(dtype, gpu, quick=s.preset == "tiny")
     params = GenerationParams(max_tokens=s.max_tokens, row_prefill=s.row_prefill)
     warm_up = _warm_up(model, processor, prepared, replace(params, max_tokens=2), s, gpu)
-    log(f"warm-up: {warm_up:.1f}s")
+    log(f"warm-up: {warm_up:.1f}s; {_buffers(s.clear_cache)}")
     results, tokens = {}, {}
     sorted_plan = plan(prepared, s.batch_size, s.max_batch_tokens, sort=True)
     for mode in s.modes:
         log(f"mode {MODES.index(mode) + 1} ({mode})")
         result, tokens[mode] = _run_mode(mode, s, model, processor, prepared, params, work)
         results[mode] = result
+        result.extra |= {"mlx_active_after": mx.get_active_memory()}
+        result.extra |= {"mlx_cached_after": mx.get_cache_memory()}
         log(f"  {result.rows} rows in {result.seconds:.1f}s: {result.rows_per_second:.3f} rows/s")
+        log(f"  {_buffers(s.clear_cache)}")
     log("roofline: prefill and batch-1 decode step")
     report = {
         "settings": _settings_dict(s, dtype),
@@ -202,6 +206,19 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
     }
     report["targets"] = _targets(report)
     return report
+
+
+def _buffers(clear: bool) -> str:
+    """MLX's active and cached buffer memory (a mode's speed can depend on what the previous
+    one left cached); with ``clear``, the cache is then emptied."""
+    line = (
+        f"MLX buffers: active {mx.get_active_memory() / 2**20:,.0f} MiB, "
+        f"cached {mx.get_cache_memory() / 2**20:,.0f} MiB"
+    )
+    if clear:
+        mx.clear_cache()
+        line += " (cache cleared)"
+    return line
 
 
 def _warm_up(model, processor, prepared, params, s: BenchSettings, gpu: bool) -> float:
