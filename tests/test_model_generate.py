@@ -149,9 +149,21 @@ def test_vision_tower_sees_only_real_crops(loaded, mixed_batch):
     assert real < len(images) * (processor.num_crops + 1)  # padding crops were skipped
 
 
-def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch):
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch, static, monkeypatch):
+    """A stopped row leaves the batch (the cache drops its row) and the others go on."""
+    from model.cache import KVCache
+
+    filtered = []
+    keep_rows = KVCache.filter
+
+    def counting_filter(self, rows):
+        filtered.append(rows.size)
+        keep_rows(self, rows)
+
+    monkeypatch.setattr(KVCache, "filter", counting_filter)
     model, processor = loaded
-    params = GenerationParams(max_tokens=8)
+    params = GenerationParams(max_tokens=8, static_shapes=static)
     free = generate_batch(model, processor, mixed_batch[:3], params)
     assert all(r.finish_reason == "length" and r.output_tokens == 8 for r in free)
     stop = free[1].token_ids[2]  # make row 1's third token a stop token
@@ -162,6 +174,7 @@ def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch):
     finally:
         processor.stop_token_ids = original
     first_stop = free[1].token_ids.index(stop)
+    assert filtered and set(filtered) == {2}  # every layer's cache kept the other two rows
     assert stopped[1].finish_reason == "stop"
     assert stopped[1].token_ids == free[1].token_ids[:first_stop]
     assert stopped[1].output_tokens == first_stop
