@@ -33,13 +33,17 @@ class KVCache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def _capacity_for(self, needed: int) -> int:
-        return -(-max(needed, self.reserved, self.capacity) // self.step) * self.step
+    def _size_for(self, needed: int) -> int:
+        """Positions an allocation for ``needed`` positions holds (whole blocks, the
+        reservation included)."""
+        return -(-max(needed, self.reserved) // self.step) * self.step
 
     def visible(self, end: int) -> int:
-        """Keys attention sees once positions up to ``end`` are written: ``end``, or the whole
-        buffer for a static cache."""
-        return self._capacity_for(end) if self.static else end
+        """Keys attention sees once positions up to ``end`` are written: ``end``, or for a
+        static cache the whole buffer, as it will be then."""
+        if not self.static:
+            return end
+        return self.capacity if end <= self.capacity else self._size_for(end)
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int, batch: int = 0) -> None:
         """Room for ``needed`` positions, shaped like ``keys``/``values`` (``batch`` rows, if
@@ -47,7 +51,7 @@ class KVCache:
         _, heads, _, k_dim = keys.shape
         batch = batch or keys.shape[0]
         v_dim = values.shape[3]
-        size = -(-max(needed, self.reserved) // self.step) * self.step
+        size = self._size_for(needed)
         new_k = mx.zeros((batch, heads, size, k_dim), keys.dtype)
         new_v = mx.zeros((batch, heads, size, v_dim), values.dtype)
         if self.keys is not None:

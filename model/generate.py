@@ -137,6 +137,9 @@ def static_shapes(params: GenerationParams) -> bool:
     0.2-1.1 ms once planned. With lengths in buckets of ``LENGTH_BUCKET`` and attention over the
     whole KV buffer (256-position blocks), a job sees a few dozen shapes instead of one per
     prompt length and decode step. On the CPU nothing is planned, and the extra keys would cost.
+
+    The planner's padding figures and its ``max_batch_tokens`` budget count the rows' own
+    lengths: the bucket adds up to ``LENGTH_BUCKET - 1`` padded positions to each row of a batch.
     """
     if params.static_shapes is not None:
         return params.static_shapes
@@ -275,23 +278,27 @@ def prefill_rows(
     cache: list[KVCache],
     features: mx.array | None,
     chunk: int,
+    multiple: int = 1,
 ) -> mx.array:
     """``prefill`` one row at a time into the left-padded batch cache of ``length`` positions.
 
-    No position is computed for padding, so a row costs what its own prompt costs (attention
-    grows with the square of the length), and each row's prompt pass is exactly its pass alone.
+    No position is computed for the batch's padding, so a row costs what its own prompt costs
+    (attention grows with the square of the length), and each row's prompt pass is exactly its
+    pass alone. With ``multiple`` > 1 (static shapes), a row is left-padded to a multiple of it
+    and prefilled through a static cache, as it would be alone.
     """
     slots = np.cumsum([0] + [sum(im.num_tokens for im in row.images) for row in rows])
     for c in cache:
         c.offset = length
+    static = multiple > 1
+    pad_id = int(model.config.pad_token_id or 0)
     logits = []
     for b, row in enumerate(rows):
-        row_cache = make_cache(len(cache))
+        ids, pad = _left_pad([row], pad_id, multiple)
+        row_cache = make_cache(len(cache), static)
         for c in row_cache:
-            c.reserve(len(row.input_ids))
+            c.reserve(ids.shape[1])
         row_features = None if slots[b] == slots[b + 1] else features[slots[b] : slots[b + 1]]
-        ids = mx.array([row.input_ids])
-        pad = mx.zeros((1,), dtype=mx.int32)
         logits.append(prefill(model, ids, pad, row_cache, row_features, chunk))
         for c, own in zip(cache, row_cache, strict=True):
             c.write_row(b, len(rows), *own.state)
@@ -365,7 +372,8 @@ def generate_batch(
     if row_prefill is None:
         row_prefill = mx.default_device() == mx.cpu
     if row_prefill and len(rows) > 1:
-        logits = prefill_rows(model, rows, ids.shape[1], cache, features, prefill_chunk)
+        multiple = LENGTH_BUCKET if static else 1
+        logits = prefill_rows(model, rows, ids.shape[1], cache, features, prefill_chunk, multiple)
     else:
         logits = prefill(model, ids, pad, cache, features, prefill_chunk)
     batch = _Batch(len(rows), processor.stop_token_ids)

@@ -126,10 +126,10 @@ def attention(
     Args:
         mask: boolean, broadcastable to ``[B, H, L, S]``, True where a query may see a key;
             every query must see at least one key.
-        causal: ``mask`` hides every key after a query's own position, and the queries are the
-            last ``L`` of the ``S`` positions or earlier ones (keys past them, such as a static
-            cache's unwritten slots, are masked). On the CPU, blocks of queries then skip the
-            keys after the last ``L`` that none of them can see.
+        causal: ``mask`` hides every key after a query's own position. On the CPU, each block
+            of queries then skips the keys after the last key the block could see if the
+            queries were the last ``L`` positions. Keys past the queries' positions (a static
+            cache's unwritten slots) stay correct, since the mask hides them, but cost work.
     """
     if not _fast(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
-from model.cache import make_cache
+from model.cache import KVCache, make_cache
 from model.generate import (
     LENGTH_BUCKET,
     GenerationParams,
@@ -104,8 +106,6 @@ def test_cached_decoding_equals_full_recompute(loaded, mixed_batch, static):
     features = image_features(model, rows)
     cache = make_cache(len(model.layers), static)
     logits = prefill(model, mx.array(ids), pad, cache, features, chunk=7)  # chunked prefill too
-    # a static cache hands attention its whole buffer: more keys than positions written
-    assert cache[0].visible(cache[0].offset) == (cache[0].capacity if static else width)
     sequence = mx.array(ids)
     for _ in range(6):
         length = sequence.shape[1]
@@ -122,16 +122,55 @@ def test_cached_decoding_equals_full_recompute(loaded, mixed_batch, static):
         logits = decode_step(model, token, pad, cache)
 
 
-def test_static_shapes_change_no_output(loaded, mixed_batch):
+def test_static_cache_shows_attention_what_it_returns():
+    """``visible`` (the mask's width) always equals the keys ``update_and_fetch`` hands over:
+    while the buffer holds, when it grows by a block, and after a later, larger reservation."""
+
+    def write(cache, n):
+        kv = mx.ones((2, 1, n, 4))
+        end = cache.offset + n
+        width = cache.visible(end)
+        keys, values = cache.update_and_fetch(kv, kv)
+        return width, keys.shape[2], values.shape[2]
+
+    static = KVCache(static=True)
+    static.reserve(100)
+    assert write(static, 50) == (256, 256, 256)
+    static.reserve(600)  # for the next allocation only
+    assert write(static, 1) == (256, 256, 256)
+    assert write(static, 300) == (768, 768, 768)  # grown: room for the reservation
+    assert write(static, 1) == (768, 768, 768)
+    growing = KVCache()
+    assert write(growing, 5) == (5, 5, 5)
+    assert write(growing, 300) == (305, 305, 305)
+
+
+@pytest.mark.parametrize("row_prefill", [True, False], ids=["row-prefill", "batch-prefill"])
+def test_static_shapes_change_no_output(loaded, mixed_batch, monkeypatch, row_prefill):
     """Bucketed prompt lengths and whole-buffer attention (the GPU default) give each row the
-    tokens it gets without them, batched or alone."""
+    tokens it gets without them, batched or alone, and attention then sees few shapes."""
+    from model import ops
+
     model, processor = loaded
-    growing = generate_batch(
-        model, processor, mixed_batch, GenerationParams(max_tokens=12, static_shapes=False)
-    )
-    params = GenerationParams(max_tokens=12, static_shapes=True)
+    base = GenerationParams(max_tokens=12, row_prefill=row_prefill, static_shapes=False)
+    growing = generate_batch(model, processor, mixed_batch, base)
+    seen = []
+    attention = ops.attention
+
+    def spy(q, k, v, *args, **kwargs):
+        if kwargs.get("causal"):  # the decoder's, not the vision tower's
+            seen.append((q.shape[2], k.shape[2]))
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    params = replace(base, static_shapes=True)
     static = generate_batch(model, processor, mixed_batch, params)
+    monkeypatch.undo()
     assert [r.token_ids for r in static] == [r.token_ids for r in growing]
+    # the decoder's attention sees whole 256-position blocks, and every prompt's queries come
+    # in multiples of the length bucket
+    assert seen and all(keys % KVCache.step == 0 for _, keys in seen)
+    assert all(queries == 1 or queries % LENGTH_BUCKET == 0 for queries, _ in seen)
     alone = generate_batch(model, processor, [mixed_batch[2]], params)[0]
     assert alone.token_ids == growing[2].token_ids
     ids, _ = _left_pad(mixed_batch, processor.pad_token_id, LENGTH_BUCKET)
@@ -152,8 +191,6 @@ def test_vision_tower_sees_only_real_crops(loaded, mixed_batch):
 @pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch, static, monkeypatch):
     """A stopped row leaves the batch (the cache drops its row) and the others go on."""
-    from model.cache import KVCache
-
     filtered = []
     keep_rows = KVCache.filter
 

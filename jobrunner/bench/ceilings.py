@@ -13,12 +13,14 @@ from mlx.utils import tree_flatten
 
 from model.cache import make_cache
 from model.generate import (
+    LENGTH_BUCKET,
     GenerationParams,
     _left_pad,
     chunk_sizes,
     decode_step,
     image_features,
     prefill,
+    static_shapes,
 )
 from model.loading import DTYPES
 
@@ -91,26 +93,32 @@ def prefill_flops(model, batch: int, length: int) -> float:
 
 def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str, Any]:
     """Prefill GFLOP/s of the longest row (rows are prefilled one at a time, in the engine's
-    chunks) and the batch-1 decode step against streaming the decoder's weights once."""
+    chunks and shapes) and the batch-1 decode step against streaming the decoder's weights once.
+
+    Prefill FLOPs count the row's own tokens: where the engine pads a prompt to a length bucket
+    (static shapes, on a GPU), the padding's work is not counted as useful.
+    """
     row = max(prepared, key=lambda r: len(r.input_ids))
-    chunk = chunk_sizes(model, GenerationParams())[0]
+    params = GenerationParams()
+    chunk = chunk_sizes(model, params)[0]
+    static = static_shapes(params)
     features = image_features(model, [row])
-    ids, pad = _left_pad([row], processor.pad_token_id)
+    ids, pad = _left_pad([row], processor.pad_token_id, LENGTH_BUCKET if static else 1)
     mx.eval(features, ids, pad)
 
     def run_prefill():
-        cache = make_cache(len(model.layers))
+        cache = make_cache(len(model.layers), static)
         for c in cache:
             c.reserve(ids.shape[1])
         return prefill(model, ids, pad, cache, features, chunk)
 
     seconds = _best_seconds(run_prefill, repeats=5)
-    flops = prefill_flops(model, *ids.shape)
-    step = _decode_step_seconds(model, processor, row, chunk)
+    flops = prefill_flops(model, 1, len(row.input_ids))
+    step = _decode_step_seconds(model, processor, row, chunk, static)
     weight_bytes = decoder_weight_bytes(model)
     ideal = weight_bytes / (ceilings["read_gbs"] * 1e9)
     return {
-        "prefill_tokens": ids.shape[1],
+        "prefill_tokens": len(row.input_ids),
         "prefill_chunk": chunk,
         "prefill_seconds": seconds,
         "prefill_gflops": flops / seconds / 1e9,
@@ -122,11 +130,13 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
     }
 
 
-def _decode_step_seconds(model, processor, row, chunk: int, steps: int = 16) -> float:
+def _decode_step_seconds(
+    model, processor, row, chunk: int, static: bool = False, steps: int = 16
+) -> float:
     """Seconds per batch-1 decode step, pipelined as ``generate_batch`` runs it (after a
-    prefill in ``chunk``-position calls)."""
-    ids, pad = _left_pad([row], processor.pad_token_id)
-    cache = make_cache(len(model.layers))
+    prefill in ``chunk``-position calls, with static shapes if ``static``)."""
+    ids, pad = _left_pad([row], processor.pad_token_id, LENGTH_BUCKET if static else 1)
+    cache = make_cache(len(model.layers), static)
     for c in cache:
         c.reserve(ids.shape[1] + 2 * steps + 1)
     logits = prefill(model, ids, pad, cache, image_features(model, [row]), chunk)
