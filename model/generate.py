@@ -39,7 +39,7 @@ class GenerationParams:
     # each new prompt length costs a new attention plan and batches have fewer lengths.
     row_prefill: bool | None = None
     # Prompt lengths rounded up to a multiple of ``LENGTH_BUCKET`` (more left padding) and
-    # attention over the whole KV buffer, so that shapes repeat; None: on a GPU, whose attention
+    # attention over the whole KV buffer, so that shapes repeat; None: under CUDA, whose attention
     # is planned per shape (see ``static_shapes``).
     static_shapes: bool | None = None
 
@@ -129,21 +129,24 @@ LENGTH_BUCKET = 128
 
 
 def static_shapes(params: GenerationParams) -> bool:
-    """Whether to keep shapes static: the params' choice, else on a GPU.
+    """Whether to keep shapes static: the params' choice, else when running on CUDA.
 
     MLX's CUDA backend builds a cuDNN attention graph for every new combination of shapes, and
     its fallback kernels are set up per shape too. A prompt length or a cache length seen for
     the first time cost 0.04-1.6 s (prefill) and 7-19 ms (one decode step) on an H100, against
     0.2-1.1 ms once planned. With lengths in buckets of ``LENGTH_BUCKET`` and attention over the
     whole KV buffer (256-position blocks), a job sees a few dozen shapes instead of one per
-    prompt length and decode step. On the CPU nothing is planned, and the extra keys would cost.
+    prompt length and decode step. On the CPU nothing is planned, and the extra keys would cost;
+    MLX's Metal attention kernels are specialised by dtype, head size and a few flags
+    (alignment, mask, causal), not by length, so Apple GPUs keep exact shapes (not measured on
+    one here).
 
     The planner's padding figures and its ``max_batch_tokens`` budget count the rows' own
     lengths: the bucket adds up to ``LENGTH_BUCKET - 1`` padded positions to each row of a batch.
     """
     if params.static_shapes is not None:
         return params.static_shapes
-    return mx.default_device() != mx.cpu
+    return mx.default_device() != mx.cpu and mx.cuda.is_available()
 
 
 def image_features(
