@@ -294,7 +294,7 @@ def prefill_rows(
     for c in cache:
         c.offset = length
     static = multiple > 1
-    pad_id = int(model.config.pad_token_id or 0)
+    pad_id = int(model.config.pad_token_id or 0)  # any id: padding is masked
     logits = []
     for b, row in enumerate(rows):
         ids, pad = _left_pad([row], pad_id, multiple)
@@ -364,7 +364,8 @@ def generate_batch(
     if not rows:
         return []
     static = static_shapes(params)
-    ids, pad = _left_pad(rows, processor.pad_token_id, LENGTH_BUCKET if static else 1)
+    multiple = LENGTH_BUCKET if static else 1
+    ids, pad = _left_pad(rows, processor.pad_token_id, multiple)
     row_seeds = mx.array(np.asarray(seeds or [0] * len(rows), dtype=np.uint32))
     cache = make_cache(len(model.layers), static)
     for c in cache:
@@ -375,7 +376,6 @@ def generate_batch(
     if row_prefill is None:
         row_prefill = mx.default_device() == mx.cpu
     if row_prefill and len(rows) > 1:
-        multiple = LENGTH_BUCKET if static else 1
         logits = prefill_rows(model, rows, ids.shape[1], cache, features, prefill_chunk, multiple)
     else:
         logits = prefill(model, ids, pad, cache, features, prefill_chunk)
