@@ -114,7 +114,7 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
 
     seconds = _best_seconds(run_prefill, repeats=5)
     flops = prefill_flops(model, 1, len(row.input_ids))
-    step = _decode_step_seconds(model, processor, row, chunk, static)
+    step = _decode_step_seconds(model, ids, pad, features, chunk, static)
     weight_bytes = decoder_weight_bytes(model)
     ideal = weight_bytes / (ceilings["read_gbs"] * 1e9)
     return {
@@ -131,15 +131,15 @@ def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str
 
 
 def _decode_step_seconds(
-    model, processor, row, chunk: int, static: bool = False, steps: int = 16
+    model, ids, pad, features, chunk: int, static: bool, steps: int = 16
 ) -> float:
-    """Seconds per batch-1 decode step, pipelined as ``generate_batch`` runs it (after a
-    prefill in ``chunk``-position calls, with static shapes if ``static``)."""
-    ids, pad = _left_pad([row], processor.pad_token_id, LENGTH_BUCKET if static else 1)
+    """Seconds per batch-1 decode step, pipelined as ``generate_batch`` runs it, after a
+    prefill of the padded prompt ``ids`` in ``chunk``-position calls (static shapes if
+    ``static``)."""
     cache = make_cache(len(model.layers), static)
     for c in cache:
         c.reserve(ids.shape[1] + 2 * steps + 1)
-    logits = prefill(model, ids, pad, cache, image_features(model, [row]), chunk)
+    logits = prefill(model, ids, pad, cache, features, chunk)
     token = mx.argmax(logits, axis=-1)
     for k in range(2 * steps):  # the first half warms up
         if k == steps:
