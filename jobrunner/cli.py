@@ -305,6 +305,11 @@ def show(output: Path, limit: int) -> None:
     default=True,
     help="Modes 2-4 keep image features across batches, as `jobrunner run` does.",
 )
+@click.option(
+    "--prefix-cache/--no-prefix-cache",
+    default=True,
+    help="Modes 2-4 keep prompt prefixes up to the image across batches, as `jobrunner run` does.",
+)
 @click.option("--row-prefill/--no-row-prefill", default=None, help="Modes 3-4: prefill per row.")
 @click.option(
     "--clear-cache/--keep-cache",

@@ -179,7 +179,7 @@ class _Session:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
-        from model.cache import ImageFeatureCache
+        from model.cache import ImageFeatureCache, PrefixCache
         from model.generate import GenerationParams
         from model.loading import load
 
@@ -197,6 +197,7 @@ class _Session:
         except Exception as err:  # a model that does not load is a configuration error
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
         self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
+        self.prefix_cache = PrefixCache()  # ... and prefill the prompt up to it once
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         single_threaded_numpy_blas()
@@ -275,7 +276,13 @@ class _Session:
         seeds = [row_seed(self.spec.seed, row.id) for row, _ in ready]
         try:
             return generate_batch(
-                self.model, self.processor, rows, self.params, seeds, self.feature_cache
+                self.model,
+                self.processor,
+                rows,
+                self.params,
+                seeds,
+                self.feature_cache,
+                self.prefix_cache,
             )
         except Exception:  # noqa: BLE001 - isolate the failing row below
             if len(ready) == 1:

@@ -10,6 +10,8 @@ attention sees change once per block instead of once per step.
 
 ``ImageFeatureCache`` keeps the projected features of recently seen images by content hash
 (``ImageInput.key``), so rows that share an image (several prompts per image) encode it once.
+``PrefixCache`` keeps the keys and values of a prompt's part up to its last image slot, so such rows
+also prefill that part once.
 """
 
 from __future__ import annotations
@@ -103,30 +105,62 @@ def make_cache(num_layers: int, static: bool = False) -> list[KVCache]:
     return [KVCache(static) for _ in range(num_layers)]
 
 
-class ImageFeatureCache:
-    """Projected image features ``[num_tokens, hidden]`` by content hash, least recently used
-    first out once they hold more than ``max_bytes``."""
+class _BytesLRU:
+    """Values by key, least recently used first out once they hold more than ``max_bytes``;
+    a value larger than ``max_bytes`` is not kept."""
 
-    def __init__(self, max_bytes: int = 256 << 20):
+    def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[str, mx.array] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[object, int]] = OrderedDict()
 
-    def get(self, key: str) -> mx.array | None:
-        features = self._entries.get(key)
-        if features is None:
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _get(self, key: str):
+        entry = self._entries.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        return features
+        return entry[0]
+
+    def _put(self, key: str, value, nbytes: int) -> None:
+        if key in self._entries or nbytes > self.max_bytes:
+            return
+        self._entries[key] = (value, nbytes)
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+
+class ImageFeatureCache(_BytesLRU):
+    """Projected image features ``[num_tokens, hidden]`` by content hash, least recently used
+    first out once they hold more than ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        super().__init__(max_bytes)
+
+    def get(self, key: str) -> mx.array | None:
+        return self._get(key)
 
     def put(self, key: str, features: mx.array) -> None:
-        if key in self._entries or features.nbytes > self.max_bytes:
-            return
-        self._entries[key] = features
-        self.bytes += features.nbytes
-        while self.bytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self.bytes -= dropped.nbytes
+        self._put(key, features, features.nbytes)
+
+
+class PrefixCache(_BytesLRU):
+    """Per-layer ``(keys, values)`` ``[1, H, P, D]`` of prompt prefixes (see
+    ``model.generate.prompt_prefix``), least recently used first out once they hold more than
+    ``max_bytes``. The arrays must own their memory (not be slices of a larger cache)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        super().__init__(max_bytes)
+
+    def get(self, key: str) -> list[tuple[mx.array, mx.array]] | None:
+        return self._get(key)
+
+    def put(self, key: str, states: list[tuple[mx.array, mx.array]]) -> None:
+        self._put(key, states, sum(k.nbytes + v.nbytes for k, v in states))

@@ -6,6 +6,12 @@ Prefill runs over the whole prompt (in chunks for long prompts), then decoding f
 row per step into a cache written in place. Sampling draws its randomness from a counter-based
 hash of (row seed, step, token id), so a sampled row's output does not depend on its batch either.
 Rows that stop leave the batch once enough of them have finished.
+
+Prefilled row by row, a row with images runs in two parts: its prompt up to its last image slot
+(the prefix), then the rest. Rows with the same images and the same text before them (several
+prompts over one image) share the prefix, whose keys and values a ``PrefixCache`` keeps, so it is
+computed and its images encoded once. Every row is split the same way whether or not its prefix
+is cached, so its output does not depend on which rows came before it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import ImageFeatureCache, KVCache, make_cache
+from .cache import ImageFeatureCache, KVCache, PrefixCache, make_cache
 from .language import attention_mask, position_ids
 from .phi3_v import Model
 from .processing import ImageInput, PreparedRow, Processor, image_feature_index
@@ -183,6 +189,22 @@ def image_features(
     return mx.concatenate([known[image.key] for image in images])
 
 
+def features_by_row(
+    rows: Sequence[PreparedRow], features: mx.array | None, need: Sequence[int] | None = None
+) -> list[mx.array | None]:
+    """``features`` of the rows numbered ``need`` (default: every row with images), in slot
+    order, split into one entry per row of ``rows``; None for the others."""
+    if need is None:
+        need = [b for b, row in enumerate(rows) if row.images]
+    out: list[mx.array | None] = [None] * len(rows)
+    start = 0
+    for b in need:
+        count = sum(image.num_tokens for image in rows[b].images)
+        out[b] = features[start : start + count]
+        start += count
+    return out
+
+
 def _encode_images(model: Model, images: Sequence[ImageInput], chunk: int) -> mx.array:
     """All crops of ``images`` through the tower (``chunk`` crops per call), then projected."""
     vision = model.vision
@@ -252,26 +274,46 @@ def prefill(
     cache: list[KVCache],
     features: mx.array | None,
     chunk: int,
-) -> mx.array:
-    """Run the prompt through the model, filling ``cache``; return last-position logits.
+    logits: bool = True,
+) -> mx.array | None:
+    """Run ``ids`` through the model after what ``cache`` holds, filling it; return the last
+    position's logits (None without ``logits``).
 
     Only the last position goes through ``lm_head``: the others' logits are never read, and
     for a long prompt they would cost as much as the rest of the model.
     """
     embeddings = model.model.embed(ids, features)
-    length = ids.shape[1]
+    base, length = cache[0].offset, ids.shape[1]
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
         hidden = model.model(
             ids[:, start:end],
-            position_ids(pad, start, end - start),
-            attention_mask(pad, start, end - start, cache[0].visible(end)),
+            position_ids(pad, base + start, end - start),
+            attention_mask(pad, base + start, end - start, cache[0].visible(base + end)),
             cache,
             embeddings=embeddings[:, start:end],
         )
         if end < length:
             mx.eval([c.keys for c in cache])
+    if not logits:
+        return None
     return model.lm_head(hidden[:, -1]).astype(mx.float32)
+
+
+def prompt_prefix(row: PreparedRow) -> tuple[int, str] | None:
+    """``(length, key)`` of the row's prompt up to and including its last image slot, the part
+    that rows with the same images and the same text before them share; None for a row without
+    images or with nothing after its last image (then there is no second part to prefill)."""
+    if not row.images:
+        return None
+    ids = np.asarray(row.input_ids, dtype=np.int32)
+    length = int(np.flatnonzero(ids < 0)[-1]) + 1
+    if length >= len(ids):
+        return None
+    digest = hashlib.sha256(ids[:length].tobytes())
+    for image in row.images:
+        digest.update(f"|{image.key}".encode())
+    return length, digest.hexdigest()
 
 
 def prefill_rows(
@@ -279,33 +321,56 @@ def prefill_rows(
     rows: Sequence[PreparedRow],
     length: int,
     cache: list[KVCache],
-    features: mx.array | None,
+    features: Sequence[mx.array | None],
     chunk: int,
     multiple: int = 1,
+    prefixes: PrefixCache | None = None,
+    known: dict[int, list[tuple[mx.array, mx.array]]] | None = None,
 ) -> mx.array:
     """``prefill`` one row at a time into the left-padded batch cache of ``length`` positions.
 
     No position is computed for the batch's padding, so a row costs what its own prompt costs
     (attention grows with the square of the length), and each row's prompt pass is exactly its
     pass alone. With ``multiple`` > 1 (static shapes), a row is left-padded to a multiple of it
-    and prefilled through a static cache, as it would be alone.
+    and prefilled through a static cache, as it would be alone. Otherwise a row with images is
+    prefilled in two parts (``prompt_prefix``); the first comes from ``known`` (row number to
+    the prefix's keys and values, looked up before the batch's images were encoded) or
+    ``prefixes`` when there, and goes into ``prefixes`` when computed.
+
+    Args:
+        features: each row's image features (None for a row without images, or whose prefix
+            is in ``known``).
     """
-    slots = np.cumsum([0] + [sum(im.num_tokens for im in row.images) for row in rows])
     for c in cache:
         c.offset = length
     static = multiple > 1
     pad_id = int(model.config.pad_token_id or 0)  # any id: padding is masked
+    known = known or {}
     logits = []
     for b, row in enumerate(rows):
         ids, pad = _left_pad([row], pad_id, multiple)
         row_cache = make_cache(len(cache), static)
         for c in row_cache:
             c.reserve(ids.shape[1])
-        row_features = None if slots[b] == slots[b + 1] else features[slots[b] : slots[b + 1]]
-        logits.append(prefill(model, ids, pad, row_cache, row_features, chunk))
+        prefix = None if static else prompt_prefix(row)
+        kept = []
+        if prefix is None:
+            logits.append(prefill(model, ids, pad, row_cache, features[b], chunk))
+        else:
+            split, key = prefix
+            states = known.get(b) or (prefixes.get(key) if prefixes is not None else None)
+            if states is None:
+                prefill(model, ids[:, :split], pad, row_cache, features[b], chunk, logits=False)
+                if prefixes is not None:  # copies: slices would keep the row's buffers alive
+                    kept = [(k + 0, v + 0) for k, v in (c.state for c in row_cache)]
+                    prefixes.put(key, kept)
+            else:
+                for c, (k, v) in zip(row_cache, states, strict=True):
+                    c.update_and_fetch(k, v)
+            logits.append(prefill(model, ids[:, split:], pad, row_cache, None, chunk))
         for c, own in zip(cache, row_cache, strict=True):
             c.write_row(b, len(rows), *own.state)
-        mx.eval(logits[-1], [c.keys for c in cache], [c.values for c in cache])
+        mx.eval(logits[-1], [c.keys for c in cache], [c.values for c in cache], kept)
     return mx.concatenate(logits)
 
 
@@ -349,6 +414,7 @@ def generate_batch(
     params: GenerationParams,
     seeds: Sequence[int] | None = None,
     feature_cache: ImageFeatureCache | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[RowResult]:
     """Generate for a batch of prepared rows; each row's result is what it would get alone.
 
@@ -358,6 +424,8 @@ def generate_batch(
         seeds: one 32-bit seed per row (see ``row_seed``); needed only for sampling.
         feature_cache: image features kept across batches (rows sharing an image in
             different batches); images shared inside the batch are encoded once regardless.
+        prefix_cache: keys and values of prompt prefixes up to the last image (see
+            ``prompt_prefix``), kept across batches; used when prefilling row by row.
     Returns:
         One ``RowResult`` per row, in the order given.
     """
@@ -371,13 +439,27 @@ def generate_batch(
     for c in cache:
         c.reserve(ids.shape[1] + params.max_tokens)
     prefill_chunk, vision_chunk = chunk_sizes(model, params)
-    features = image_features(model, rows, vision_chunk, feature_cache)
     row_prefill = params.row_prefill
     if row_prefill is None:
         row_prefill = mx.default_device() == mx.cpu
-    if row_prefill and len(rows) > 1:
-        logits = prefill_rows(model, rows, ids.shape[1], cache, features, prefill_chunk, multiple)
+    if row_prefill:
+        # rows whose prefix is cached need neither their images encoded nor the prefix run
+        known = {}
+        if prefix_cache is not None and not static:
+            prefixes = {b: prompt_prefix(row) for b, row in enumerate(rows)}
+            known = {
+                b: states
+                for b, prefix in prefixes.items()
+                if prefix is not None and (states := prefix_cache.get(prefix[1])) is not None
+            }
+        need = [b for b, row in enumerate(rows) if row.images and b not in known]
+        encoded = image_features(model, [rows[b] for b in need], vision_chunk, feature_cache)
+        features = features_by_row(rows, encoded, need)
+        logits = prefill_rows(
+            model, rows, ids.shape[1], cache, features, prefill_chunk, multiple, prefix_cache, known
+        )
     else:
+        features = image_features(model, rows, vision_chunk, feature_cache)
         logits = prefill(model, ids, pad, cache, features, prefill_chunk)
     batch = _Batch(len(rows), processor.stop_token_ids)
     tokens = sample(logits, params, row_seeds, 0)

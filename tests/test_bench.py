@@ -139,6 +139,7 @@ def test_row_prefill_equals_batched_prefill_and_each_row_alone(loaded):
     from model.generate import (
         GenerationParams,
         _left_pad,
+        features_by_row,
         generate_batch,
         image_features,
         prefill,
@@ -151,7 +152,8 @@ def test_row_prefill_equals_batched_prefill_and_each_row_alone(loaded):
     features = image_features(model, rows)
     batched_cache, row_cache = make_cache(len(model.layers)), make_cache(len(model.layers))
     batched = prefill(model, ids, pad, batched_cache, features, chunk=64)
-    by_row = prefill_rows(model, rows, ids.shape[1], row_cache, features, chunk=64)
+    per_row = features_by_row(rows, features)
+    by_row = prefill_rows(model, rows, ids.shape[1], row_cache, per_row, chunk=64)
     scale = float(mx.abs(batched).max())
     assert float(mx.abs(batched - by_row).max()) <= 1e-4 * scale
     for b in range(len(rows)):  # the real positions of the cache hold the same keys

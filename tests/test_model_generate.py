@@ -278,3 +278,97 @@ def test_batch_invariance_across_the_long_rope_switch(tmp_path):
     for b, row in enumerate(rows):
         alone = last_logits([row])[0]
         assert float(mx.abs(together[b] - alone).max()) <= 1e-4 * float(mx.abs(alone).max())
+
+
+def _sharing_rows(processor):
+    """Three prompts over picture A, two over B (same size, other pixels), one text-only."""
+    a, b = picture(120, 90, seed=11), picture(120, 90, seed=12)
+    prompts = [
+        ("Describe the picture.", a),
+        ("What is in the top left corner of this image?", b),
+        ("Caption.", a),
+        ("Tell me about the weather.", None),
+        ("How many shapes?", b),
+        ("Is there a circle in it, and what colour is it?", a),
+    ]
+    return [processor.prepare(prompt, image) for prompt, image in prompts]
+
+
+def test_prompt_prefix_ends_at_the_last_image_slot(loaded):
+    from model.generate import prompt_prefix
+    from model.processing import PreparedRow
+
+    _, processor = loaded
+    rows = _sharing_rows(processor)
+    assert prompt_prefix(rows[3]) is None  # text only
+    length, key = prompt_prefix(rows[0])
+    ids = rows[0].input_ids
+    assert ids[length - 1] < 0 and all(i >= 0 for i in ids[length:]) and length < len(ids)
+    assert prompt_prefix(rows[2])[1] == key  # same image, other prompt
+    assert prompt_prefix(rows[1])[1] != key  # same size, other pixels
+    image = picture(120, 90, seed=11)
+    raw = processor.prepare("<|image_1|>\nCaption.", image, chat=False)
+    assert prompt_prefix(raw)[1] != key  # other text before the image
+    last = PreparedRow(rows[0].input_ids[:length], rows[0].images)
+    assert prompt_prefix(last) is None  # nothing after the image: no second part
+
+
+def test_shared_prefixes_are_prefilled_once_and_change_no_output(loaded):
+    from model.cache import ImageFeatureCache, PrefixCache
+
+    model, processor = loaded
+    rows = _sharing_rows(processor)
+    params = GenerationParams(max_tokens=6, row_prefill=True)
+    alone = [generate_batch(model, processor, [row], params)[0].token_ids for row in rows]
+    prefixes, features = PrefixCache(), ImageFeatureCache()
+    got = {}
+    for batch in ([0, 1], [2, 3, 4], [5]):  # A and B first, then only rows that share them
+        before = model.vision.crops_encoded
+        results = generate_batch(
+            model, processor, [rows[i] for i in batch], params, None, features, prefixes
+        )
+        got |= {i: r.token_ids for i, r in zip(batch, results, strict=True)}
+        if batch != [0, 1]:
+            assert model.vision.crops_encoded == before  # prefixes cached: nothing encoded
+    assert [got[i] for i in range(len(rows))] == alone
+    assert prefixes.hits == 3 and len(prefixes) == 2
+    # inside one batch: the second row over A uses the first one's prefix
+    prefixes = PrefixCache()
+    results = generate_batch(
+        model, processor, [rows[0], rows[2], rows[5]], params, None, None, prefixes
+    )
+    assert [r.token_ids for r in results] == [alone[0], alone[2], alone[5]]
+    assert prefixes.hits == 2
+
+
+def test_prefix_evicted_during_its_batch_is_still_used(loaded):
+    from model.cache import PrefixCache
+    from model.generate import prompt_prefix
+
+    model, processor = loaded
+    rows = _sharing_rows(processor)
+    params = GenerationParams(max_tokens=6, row_prefill=True)
+    alone = [generate_batch(model, processor, [row], params)[0].token_ids for row in rows]
+    prefixes = PrefixCache()
+    generate_batch(model, processor, [rows[0]], params, None, None, prefixes)
+    prefixes.max_bytes = prefixes.bytes  # room for one prefix: B's will push A's out
+    before = model.vision.crops_encoded
+    results = generate_batch(model, processor, [rows[1], rows[2]], params, None, None, prefixes)
+    assert [r.token_ids for r in results] == [alone[1], alone[2]]
+    b_crops = rows[1].images[0].crops.shape[0]
+    assert model.vision.crops_encoded - before == b_crops  # A's image was not encoded again
+    assert prefixes.get(prompt_prefix(rows[0])[1]) is None
+    assert prefixes.get(prompt_prefix(rows[1])[1]) is not None
+
+
+def test_prefix_cache_changes_nothing_on_the_batched_prefill_path(loaded):
+    from model.cache import PrefixCache
+
+    model, processor = loaded
+    rows = _sharing_rows(processor)
+    params = GenerationParams(max_tokens=4, row_prefill=False)
+    plain = generate_batch(model, processor, rows, params)
+    prefixes = PrefixCache()
+    cached = generate_batch(model, processor, rows, params, None, None, prefixes)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
+    assert len(prefixes) == 0

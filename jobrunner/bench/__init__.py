@@ -58,7 +58,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from model.cache import ImageFeatureCache
+from model.cache import ImageFeatureCache, PrefixCache
 from model.generate import GenerationParams, batch_limits, generate_batch, kv_bytes_per_token
 from model.loading import default_dtype, load
 
@@ -127,6 +127,7 @@ class BenchSettings:
     workdir: Path | None = None
     seed: int = 0
     feature_cache: bool = True  # modes 2-4 keep image features across batches, as run does
+    prefix_cache: bool = True  # modes 2-4 keep prompt prefixes across batches, as run does
     row_prefill: bool | None = None  # modes 3-4: None is the engine's default for the device
     clear_cache: bool = False  # empty MLX's buffer cache after the warm-up and after each mode
 
@@ -256,13 +257,16 @@ def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, w
         rows = _subset(s.naive_rows, prepared, among)
         bucket = 1 if mx.default_device() == mx.cpu else 64
         return run_naive(model, prepared, rows, s.max_tokens, bucket)
-    cache = ImageFeatureCache() if s.feature_cache else None
+    caches = (
+        ImageFeatureCache() if s.feature_cache else None,
+        PrefixCache() if s.prefix_cache else None,
+    )
     if mode == "single":
         batches = [[i] for i in _subset(s.single_rows, prepared)]
-        return run_batches(model, processor, prepared, batches, params, mode, cache)
+        return run_batches(model, processor, prepared, batches, params, mode, *caches)
     if mode in ("unsorted", "sorted"):
         batches = plan(prepared, s.batch_size, s.max_batch_tokens, sort=mode == "sorted")
-        return run_batches(model, processor, prepared, batches, params, mode, cache)
+        return run_batches(model, processor, prepared, batches, params, mode, *caches)
     settings = {
         "max_tokens": s.max_tokens,
         "batch_size": s.batch_size,

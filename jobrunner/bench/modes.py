@@ -90,7 +90,9 @@ def run_naive(model, prepared, indices: Sequence[int], max_tokens: int, bucket: 
     return result, tokens
 
 
-def run_batches(model, processor, prepared, batches, params, mode: str, feature_cache=None):
+def run_batches(
+    model, processor, prepared, batches, params, mode: str, feature_cache=None, prefix_cache=None
+):
     """Run ``generate_batch`` on each batch of row indices; time it all."""
     stats, tokens = PlanStats(), {}
     crops_before = model.vision.crops_encoded
@@ -99,7 +101,9 @@ def run_batches(model, processor, prepared, batches, params, mode: str, feature_
     for batch in batches:
         rows = [prepared[i] for i in batch]
         stats.add([len(row.input_ids) for row in rows])
-        results = generate_batch(model, processor, rows, params, feature_cache=feature_cache)
+        results = generate_batch(
+            model, processor, rows, params, feature_cache=feature_cache, prefix_cache=prefix_cache
+        )
         for i, result in zip(batch, results, strict=True):
             tokens[i] = result.token_ids
     seconds = time.perf_counter() - start
@@ -108,6 +112,8 @@ def run_batches(model, processor, prepared, batches, params, mode: str, feature_
         mode, prepared, indices, seconds, tokens, stats.padding_fraction, stats.batches
     )
     result.extra["crops_encoded"] = model.vision.crops_encoded - crops_before
+    if prefix_cache is not None:
+        result.extra["prefix_hits"] = prefix_cache.hits
     return result, tokens
 
 
