@@ -365,6 +365,9 @@ class _Session:
             "generated_tokens_per_second": round(self.generated / seconds, 3) if seconds else None,
             "padding_fraction": round(self.stats.padding_fraction, 4),
             "batches": self.stats.batches,
+            # rows over an image seen before: its features, and the prompt up to it, reused
+            "image_feature_hits": getattr(getattr(self, "feature_cache", None), "hits", 0),
+            "prefix_hits": getattr(getattr(self, "prefix_cache", None), "hits", 0),
             "peak_memory_bytes": peak_memory_bytes(),
         }
 

@@ -86,6 +86,34 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
+def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):
+    """Several questions per image: the prompt up to the image is reused from the prefix
+    cache, across batches, and every row still gets what it gets alone."""
+    write_image(tmp_path / "a.png", 120, 90, seed=1)
+    write_image(tmp_path / "b.png", 40, 300, seed=2)
+    questions = ["Caption.", "What colour is the sky in this picture?", "How many people?"]
+    rows = [
+        {"id": f"{name}-{q}", "image": f"{name}.png", "prompt": question}
+        for name in ("a", "b")
+        for q, question in enumerate(questions)
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, processor = load(str(tiny_model_dir))
+    alone = {}
+    for row in rows:
+        prepared = processor.prepare(row["prompt"], Image.open(tmp_path / row["image"]))
+        alone[row["id"]] = generate_batch(model, processor, [prepared], GenerationParams(4))[0].text
+    output = tmp_path / "qa.parquet"
+    code, text = run(
+        str(tmp_path / "qa.jsonl"), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", "4", "--batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, text
+    assert {r["id"]: r["output"] for r in read(output)} == alone
+    summary = json.loads(output.with_name("qa.parquet.summary.json").read_text())
+    assert summary["prefix_hits"] == 4  # two images, three prompts each
+
+
 def test_parquet_with_bytes_and_template(tiny_model_dir, dataset, expected, tmp_path):
     records = [json.loads(line) for line in dataset.read_text().splitlines()]
     table = pa.table(

@@ -8,6 +8,9 @@ written to a temporary folder. The same rows then go, one mode after another, th
    seed tutorials' loop). The image is encoded once per row and only the last position goes
    through ``lm_head``, so this baseline is if anything flattered.
 2. ``single``: one row at a time with the KV cache (``generate_batch`` on one row).
+   Modes 2-4 keep image features and prompt prefixes across batches, as ``run`` does
+   (``--no-feature-cache``, ``--no-prefix-cache``); mode 2's few rows rarely share an image,
+   so the caches help modes 3-5 more (the JSON's ``prefix_hits`` per mode).
 3. ``unsorted``: batched with the cache, rows in input order (``plan_batches``, window 1).
 4. ``sorted``: batched with the cache, length-sorted: the engine's default path.
 5. ``pipeline``: ``run_job`` on the JSONL (reader, planner, preprocessing threads, engine,
@@ -15,13 +18,14 @@ written to a temporary folder. The same rows then go, one mode after another, th
 
 How to read the report. Modes 1-4 time the engine on rows prepared beforehand (image decode, HD
 transform and tokenizing are not timed), so (5) against (4) shows whether the pipeline hides that
-work behind the model. ``x(1)`` and ``x(2)`` are rows/s over modes 1 and 2. The per-row modes 1
-and 2 may run on subsets of the rows taken at evenly spaced quantiles of prompt length (a per-row
-rate depends on the mix of lengths, which the quantiles keep, not on the other rows); mode 1's
-rows are among mode 2's, so the two are compared token by token. Padding is the share of prompt
-slots that are padding. Peak memory is MLX's allocator peak during the mode. Untimed warm-up
-runs come first; on a GPU they run every prompt shape of modes 2-4 once, since the backend plans
-attention once per shape and process, and the first mode would pay for all of them.
+work behind the model. ``x(1)`` and ``x(2)`` are rows/s over modes 1 and 2. The per-row modes 1 and
+2 may run on subsets of the rows taken at evenly spaced quantiles of prompt length (a per-row rate
+depends on the mix of lengths, which the quantiles keep, and, through the caches, on how many rows
+share an image, which a subset has fewer of); mode 1's rows are among mode 2's, so the two are
+compared token by token. Padding is the share of prompt slots that are padding. Peak memory is
+MLX's allocator peak during the mode. Untimed warm-up runs come first; on a GPU they run every
+prompt shape of modes 2-4 once, since the backend plans attention once per shape and process, and
+the first mode would pay for all of them.
 
 Every mode does the same work: the bench model's ``lm_head`` rows of special tokens and of ids
 the tokenizer does not know are zero, so greedy decoding never stops and always emits decodable
