@@ -180,7 +180,7 @@ class _Session:
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
         from model.cache import ImageFeatureCache, PrefixCache
-        from model.generate import GenerationParams
+        from model.generate import GenerationParams, device_memory_bytes
         from model.loading import load
 
         spec = self.spec
@@ -197,7 +197,8 @@ class _Session:
         except Exception as err:  # a model that does not load is a configuration error
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
         self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
-        self.prefix_cache = PrefixCache()  # ... and prefill the prompt up to it once
+        # ... and prefill the prompt up to it once
+        self.prefix_cache = PrefixCache.for_memory(device_memory_bytes())
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         single_threaded_numpy_blas()

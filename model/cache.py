@@ -118,17 +118,21 @@ class _BytesLRU:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _get(self, key: str):
+    def fits(self, nbytes: int) -> bool:
+        """Whether a value of ``nbytes`` would be kept."""
+        return nbytes <= self.max_bytes
+
+    def _get(self, key: str, count: bool = True):
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
+            self.misses += count
             return None
-        self.hits += 1
+        self.hits += count
         self._entries.move_to_end(key)
         return entry[0]
 
     def _put(self, key: str, value, nbytes: int) -> None:
-        if key in self._entries or nbytes > self.max_bytes:
+        if key in self._entries or not self.fits(nbytes):
             return
         self._entries[key] = (value, nbytes)
         self.bytes += nbytes
@@ -154,13 +158,20 @@ class ImageFeatureCache(_BytesLRU):
 class PrefixCache(_BytesLRU):
     """Per-layer ``(keys, values)`` ``[1, H, P, D]`` of prompt prefixes (see
     ``model.generate.prompt_prefix``), least recently used first out once they hold more than
-    ``max_bytes``. The arrays must own their memory (not be slices of a larger cache)."""
+    ``max_bytes``. The arrays must be evaluated and own their memory (not be slices of a larger
+    cache)."""
 
     def __init__(self, max_bytes: int = 1 << 30):
         super().__init__(max_bytes)
 
-    def get(self, key: str) -> list[tuple[mx.array, mx.array]] | None:
-        return self._get(key)
+    @classmethod
+    def for_memory(cls, memory_bytes: int | None) -> PrefixCache:
+        """A cache of an eighth of the device's (or machine's) memory, at least 1 GiB."""
+        return cls(max(1 << 30, (memory_bytes or 0) // 8))
+
+    def get(self, key: str, count: bool = True) -> list[tuple[mx.array, mx.array]] | None:
+        """The prefix's states, or None; ``count``: whether to count the hit or miss."""
+        return self._get(key, count)
 
     def put(self, key: str, states: list[tuple[mx.array, mx.array]]) -> None:
         self._put(key, states, sum(k.nbytes + v.nbytes for k, v in states))

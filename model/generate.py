@@ -17,6 +17,7 @@ is cached, so its output does not depend on which rows came before it.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -206,7 +207,15 @@ def features_by_row(
 
 
 def _encode_images(model: Model, images: Sequence[ImageInput], chunk: int) -> mx.array:
-    """All crops of ``images`` through the tower (``chunk`` crops per call), then projected."""
+    """All crops of ``images`` through the tower (``chunk`` crops per call), then projected.
+
+    On the CPU each image goes through on its own: BLAS results can change with a matmul's
+    shape, so features encoded beside other images would depend on the batch (and on what the
+    caches held) in the last bits, and float32 outputs are promised exact. A GPU takes the
+    crops of all images together, ``chunk`` per call.
+    """
+    if len(images) > 1 and mx.default_device() == mx.cpu:
+        return mx.concatenate([_encode_images(model, [image], chunk) for image in images])
     vision = model.vision
     side = vision.vision_config.tokens_per_side
     index, offset = [], 0
@@ -226,6 +235,18 @@ def kv_bytes_per_token(model: Model) -> int:
     c = model.config
     itemsize = model.model.embed_tokens.weight.dtype.size  # activations' dtype
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize
+
+
+def device_memory_bytes() -> int | None:
+    """The GPU's memory when the device reports it, else the machine's physical memory."""
+    if mx.default_device() != mx.cpu:
+        size = mx.device_info().get("memory_size")
+        if size:
+            return int(size)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
 
 
 def batch_limits(
@@ -353,16 +374,23 @@ def prefill_rows(
         for c in row_cache:
             c.reserve(ids.shape[1])
         prefix = None if static else prompt_prefix(row)
-        kept = []
         if prefix is None:
             logits.append(prefill(model, ids, pad, row_cache, features[b], chunk))
         else:
             split, key = prefix
-            states = known.get(b) or (prefixes.get(key) if prefixes is not None else None)
+            states = known.get(b)
+            if states is not None and prefixes is not None:
+                prefixes.hits += 1  # looked up uncounted before the batch's images were encoded
+            elif prefixes is not None:
+                states = prefixes.get(key)
             if states is None:
                 prefill(model, ids[:, :split], pad, row_cache, features[b], chunk, logits=False)
-                if prefixes is not None:  # copies: slices would keep the row's buffers alive
+                kept = []
+                if prefixes is not None and prefixes.fits(split * kv_bytes_per_token(model)):
+                    # copies: slices would keep the row's buffers alive
                     kept = [(k + 0, v + 0) for k, v in (c.state for c in row_cache)]
+                mx.eval([c.keys for c in row_cache], [c.values for c in row_cache], kept)
+                if kept:
                     prefixes.put(key, kept)
             else:
                 for c, (k, v) in zip(row_cache, states, strict=True):
@@ -370,7 +398,7 @@ def prefill_rows(
             logits.append(prefill(model, ids[:, split:], pad, row_cache, None, chunk))
         for c, own in zip(cache, row_cache, strict=True):
             c.write_row(b, len(rows), *own.state)
-        mx.eval(logits[-1], [c.keys for c in cache], [c.values for c in cache], kept)
+        mx.eval(logits[-1], [c.keys for c in cache], [c.values for c in cache])
     return mx.concatenate(logits)
 
 
@@ -450,7 +478,8 @@ def generate_batch(
             known = {
                 b: states
                 for b, prefix in prefixes.items()
-                if prefix is not None and (states := prefix_cache.get(prefix[1])) is not None
+                if prefix is not None
+                and (states := prefix_cache.get(prefix[1], count=False)) is not None
             }
         need = [b for b, row in enumerate(rows) if row.images and b not in known]
         encoded = image_features(model, [rows[b] for b in need], vision_chunk, feature_cache)

@@ -372,3 +372,29 @@ def test_prefix_cache_changes_nothing_on_the_batched_prefill_path(loaded):
     cached = generate_batch(model, processor, rows, params, None, None, prefixes)
     assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
     assert len(prefixes) == 0
+
+
+def test_image_features_do_not_depend_on_the_other_images(loaded):
+    """Bit for bit on the CPU: which images are encoded together depends on the batch and on
+    the caches, and float32 exactness of a row's output must not."""
+    model, processor = loaded
+    rows = [row for row in _sharing_rows(processor) if row.images][:2]
+    rows.append(processor.prepare("Caption.", picture(300, 80, seed=13)))
+    alone = image_features(model, rows[2:], chunk=3)
+    together = image_features(model, rows, chunk=3)
+    assert np.array_equal(np.array(together[-alone.shape[0] :]), np.array(alone))
+
+
+def test_prefix_too_large_for_the_cache_is_not_kept(loaded):
+    from model.cache import PrefixCache
+
+    model, processor = loaded
+    rows = _sharing_rows(processor)
+    params = GenerationParams(max_tokens=4, row_prefill=True)
+    alone = [generate_batch(model, processor, [row], params)[0].token_ids for row in rows[:3]]
+    prefixes = PrefixCache(max_bytes=1024)
+    results = generate_batch(model, processor, rows[:3], params, None, None, prefixes)
+    assert [r.token_ids for r in results] == alone
+    assert (
+        len(prefixes) == 0 and prefixes.hits == 0 and prefixes.misses == 3
+    )  # nothing kept: every row misses

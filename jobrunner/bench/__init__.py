@@ -63,7 +63,13 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from model.cache import ImageFeatureCache, PrefixCache
-from model.generate import GenerationParams, batch_limits, generate_batch, kv_bytes_per_token
+from model.generate import (
+    GenerationParams,
+    batch_limits,
+    device_memory_bytes,
+    generate_batch,
+    kv_bytes_per_token,
+)
 from model.loading import default_dtype, load
 
 from .. import _blas
@@ -263,7 +269,7 @@ def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, w
         return run_naive(model, prepared, rows, s.max_tokens, bucket)
     caches = (
         ImageFeatureCache() if s.feature_cache else None,
-        PrefixCache() if s.prefix_cache else None,
+        PrefixCache.for_memory(device_memory_bytes()) if s.prefix_cache else None,
     )
     if mode == "single":
         batches = [[i] for i in _subset(s.single_rows, prepared)]
@@ -301,22 +307,10 @@ def _machine(gpu: bool) -> dict[str, Any]:
         "platform": platform.platform(),
         "mlx": mx.__version__,
         "blas": _blas._loaded[0] if _blas._loaded else None,
-        "memory_bytes": _memory_bytes(gpu),
+        "memory_bytes": device_memory_bytes(),
         "load_average": os.getloadavg(),
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-
-
-def _memory_bytes(gpu: bool) -> int | None:
-    """GPU memory when the device reports it, else the machine's physical memory."""
-    if gpu:
-        size = mx.device_info().get("memory_size")
-        if size:
-            return int(size)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
 
 
 def _model_summary(model, prepared) -> dict[str, Any]:
@@ -342,7 +336,7 @@ def _memory(model, prepared, batches, s: BenchSettings, gpu: bool) -> dict[str, 
     ``batch_limits`` would choose from this machine's memory."""
     longest = [max(len(prepared[i].input_ids) for i in b) for b in batches]
     widest = max(len(b) * (n + s.max_tokens) for b, n in zip(batches, longest, strict=True))
-    memory = _memory_bytes(gpu)
+    memory = device_memory_bytes()
     mean_prompt = int(sum(len(r.input_ids) for r in prepared) / len(prepared))
     suggested = batch_limits(model, s.max_tokens, memory, mean_prompt) if memory else None
     return {

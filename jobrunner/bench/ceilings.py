@@ -93,7 +93,9 @@ def prefill_flops(model, batch: int, length: int) -> float:
 
 def roofline(model, processor, prepared, ceilings: dict[str, float]) -> dict[str, Any]:
     """Prefill GFLOP/s of the longest row (rows are prefilled one at a time, in the engine's
-    chunks and shapes) and the batch-1 decode step against streaming the decoder's weights once.
+    chunks and shapes, here in one pass: the engine's split of an image row after its last
+    image slot adds a call, not FLOPs) and the batch-1 decode step against streaming the
+    decoder's weights once.
 
     Prefill FLOPs count the row's own tokens: where the engine pads a prompt to a length bucket
     (static shapes, on a GPU), the padding's work is not counted as useful.
