@@ -175,6 +175,7 @@ class _Session:
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
         self.started = time.monotonic()
         self.model_seconds = 0.0
+        self.feature_cache = self.prefix_cache = None  # made with the model
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -367,8 +368,8 @@ class _Session:
             "padding_fraction": round(self.stats.padding_fraction, 4),
             "batches": self.stats.batches,
             # rows over an image seen before: its features, and the prompt up to it, reused
-            "image_feature_hits": getattr(getattr(self, "feature_cache", None), "hits", 0),
-            "prefix_hits": getattr(getattr(self, "prefix_cache", None), "hits", 0),
+            "image_feature_hits": self.feature_cache.hits if self.feature_cache else 0,
+            "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,
             "peak_memory_bytes": peak_memory_bytes(),
         }
 

@@ -161,13 +161,15 @@ class PrefixCache(_BytesLRU):
     ``max_bytes``. The arrays must be evaluated and own their memory (not be slices of a larger
     cache)."""
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    default_bytes = 1 << 30
+
+    def __init__(self, max_bytes: int = default_bytes):
         super().__init__(max_bytes)
 
     @classmethod
     def for_memory(cls, memory_bytes: int | None) -> PrefixCache:
-        """A cache of an eighth of the device's (or machine's) memory, at least 1 GiB."""
-        return cls(max(1 << 30, (memory_bytes or 0) // 8))
+        """A cache of an eighth of the device's (or machine's) memory, at least the default."""
+        return cls(max(cls.default_bytes, (memory_bytes or 0) // 8))
 
     def get(self, key: str, count: bool = True) -> list[tuple[mx.array, mx.array]] | None:
         """The prefix's states, or None; ``count``: whether to count the hit or miss."""

@@ -213,7 +213,7 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
         "ratios": _ratios(results),
         "agreement": _agreement(tokens, processor),
         "roofline": roofline(model, processor, prepared, ceilings),
-        "memory": _memory(model, prepared, sorted_plan, s, gpu),
+        "memory": _memory(model, prepared, sorted_plan, s),
     }
     report["targets"] = _targets(report)
     return report
@@ -331,7 +331,7 @@ def _model_summary(model, prepared) -> dict[str, Any]:
     }
 
 
-def _memory(model, prepared, batches, s: BenchSettings, gpu: bool) -> dict[str, Any]:
+def _memory(model, prepared, batches, s: BenchSettings) -> dict[str, Any]:
     """The run's KV budget (its largest batch's cache) beside the weights, and the limits
     ``batch_limits`` would choose from this machine's memory."""
     longest = [max(len(prepared[i].input_ids) for i in b) for b in batches]
