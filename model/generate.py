@@ -296,15 +296,20 @@ def prefill(
     features: mx.array | None,
     chunk: int,
     logits: bool = True,
+    span: mx.array | None = None,
 ) -> mx.array | None:
     """Run ``ids`` through the model after what ``cache`` holds, filling it; return the last
     position's logits (None without ``logits``).
 
     Only the last position goes through ``lm_head``: the others' logits are never read, and
-    for a long prompt they would cost as much as the rest of the model.
+    for a long prompt they would cost as much as the rest of the model. Rotary factors are
+    chosen for each row's whole prompt, ``span`` ``[B]`` positions (default: what the cache
+    holds plus ``ids``), as the reference's single pass over the prompt chooses them.
     """
     embeddings = model.model.embed(ids, features)
     base, length = cache[0].offset, ids.shape[1]
+    if span is None:
+        span = base + length - pad
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
         hidden = model.model(
@@ -313,6 +318,7 @@ def prefill(
             attention_mask(pad, base + start, end - start, cache[0].visible(base + end)),
             cache,
             embeddings=embeddings[:, start:end],
+            rope_span=span,
         )
         if end < length:
             mx.eval([c.keys for c in cache])
@@ -321,10 +327,15 @@ def prefill(
     return model.lm_head(hidden[:, -1]).astype(mx.float32)
 
 
-def prompt_prefix(row: PreparedRow) -> tuple[int, str] | None:
+def prompt_prefix(row: PreparedRow, long_rope: bool = False) -> tuple[int, str] | None:
     """``(length, key)`` of the row's prompt up to and including its last image slot, the part
     that rows with the same images and the same text before them share; None for a row without
-    images or with nothing after its last image (then there is no second part to prefill)."""
+    images or with nothing after its last image (then there is no second part to prefill).
+
+    ``long_rope``: the whole prompt takes the long rotary factors
+    (``model.model.rope.is_long(len(row.input_ids))``); the prefix's keys depend on it, so the
+    key does too.
+    """
     if not row.images:
         return None
     ids = np.asarray(row.input_ids, dtype=np.int32)
@@ -334,7 +345,13 @@ def prompt_prefix(row: PreparedRow) -> tuple[int, str] | None:
     digest = hashlib.sha256(ids[:length].tobytes())
     for image in row.images:
         digest.update(f"|{image.key}".encode())
+    if long_rope:
+        digest.update(b"|long-rope")
     return length, digest.hexdigest()
+
+
+def _row_prefix(model: Model, row: PreparedRow) -> tuple[int, str] | None:
+    return prompt_prefix(row, model.model.rope.is_long(len(row.input_ids)))
 
 
 def prefill_rows(
@@ -373,7 +390,7 @@ def prefill_rows(
         row_cache = make_cache(len(cache), static)
         for c in row_cache:
             c.reserve(ids.shape[1])
-        prefix = None if static else prompt_prefix(row)
+        prefix = None if static else _row_prefix(model, row)
         if prefix is None:
             logits.append(prefill(model, ids, pad, row_cache, features[b], chunk))
         else:
@@ -384,7 +401,8 @@ def prefill_rows(
             elif prefixes is not None:
                 states = prefixes.get(key)
             if states is None:
-                prefill(model, ids[:, :split], pad, row_cache, features[b], chunk, logits=False)
+                whole = mx.array([len(row.input_ids)])  # the prefix's factors: the prompt's
+                prefill(model, ids[:, :split], pad, row_cache, features[b], chunk, False, whole)
                 kept = []
                 if prefixes is not None and prefixes.fits(split * kv_bytes_per_token(model)):
                     # copies: slices would keep the row's buffers alive
@@ -474,7 +492,7 @@ def generate_batch(
         # rows whose prefix is cached need neither their images encoded nor the prefix run
         known = {}
         if prefix_cache is not None and not static:
-            prefixes = {b: prompt_prefix(row) for b, row in enumerate(rows)}
+            prefixes = {b: _row_prefix(model, row) for b, row in enumerate(rows)}
             known = {
                 b: states
                 for b, prefix in prefixes.items()

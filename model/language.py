@@ -17,9 +17,10 @@ from .config import ModelConfig
 class SuScaledRoPE(nn.Module):
     """Rotate-half RoPE with Phi-3's short/long per-frequency factors and cos/sin scaling.
 
-    Like the reference, the long factors apply when a row's largest position in this call is at or
-    beyond ``original_max_position_embeddings``; the choice is made per row, so a row's encoding
-    never depends on the other rows of its batch.
+    Like the reference, the long factors apply when the sequence a forward call covers is longer
+    than ``original_max_position_embeddings``: the whole prompt for a prompt's pass (even when it
+    runs in chunks, or in two parts), the position reached for a decoding step. The choice is made
+    per row, so a row's encoding never depends on the other rows of its batch.
     """
 
     def __init__(self, config: ModelConfig):
@@ -35,12 +36,24 @@ class SuScaledRoPE(nn.Module):
         self._switch = config.original_max_position_embeddings if config.rope_scaling else None
         self.mscale = config.rope_mscale
 
-    def tables(self, positions: mx.array) -> tuple[mx.array, mx.array]:
-        """cos/sin tables ``[B, 1, L, D/2]`` (float32) for integer ``positions`` ``[B, L]``."""
+    def is_long(self, length: int) -> bool:
+        """Whether a sequence of ``length`` positions takes the long factors."""
+        return self._switch is not None and length > self._switch
+
+    def tables(
+        self, positions: mx.array, span: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """cos/sin tables ``[B, 1, L, D/2]`` (float32) for integer ``positions`` ``[B, L]``.
+
+        ``span`` ``[B]``: the length of each row's sequence that the factors are chosen for (its
+        whole prompt, when ``positions`` are a chunk of it); default: up to the last position.
+        """
         if self._switch is None:
             inv = mx.broadcast_to(self._short_inv, (positions.shape[0], self._short_inv.shape[0]))
         else:
-            use_long = positions.max(axis=1, keepdims=True) + 1 > self._switch
+            if span is None:
+                span = positions.max(axis=1) + 1
+            use_long = span[:, None] > self._switch
             inv = mx.where(use_long, self._long_inv[None], self._short_inv[None])
         angles = positions.astype(mx.float32)[:, :, None] * inv[:, None, :]
         return (mx.cos(angles) * self.mscale)[:, None], (mx.sin(angles) * self.mscale)[:, None]

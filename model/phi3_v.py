@@ -47,9 +47,10 @@ class Phi3VModel(nn.Module):
         cache: list[KVCache] | None,
         image_features: mx.array | None = None,
         embeddings: mx.array | None = None,
+        rope_span: mx.array | None = None,
     ) -> mx.array:
         h = self.embed(input_ids, image_features) if embeddings is None else embeddings
-        rope = self.rope.tables(positions)
+        rope = self.rope.tables(positions, rope_span)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, cache[i] if cache is not None else None)
         return self.norm(h)
@@ -78,13 +79,16 @@ class Model(nn.Module):
         cache: list[KVCache] | None = None,
         image_features: mx.array | None = None,
         embeddings: mx.array | None = None,
+        rope_span: mx.array | None = None,
     ) -> mx.array:
         """Logits ``[B, L, vocab]`` (float32).
 
         ``embeddings`` (from ``model.model.embed``) replaces ``input_ids``/``image_features``;
         chunked prefill uses it, since image slots are filled over the whole prompt at once.
+        ``rope_span`` (``[B]``) is each row's whole prompt length when this call covers only part
+        of it (``SuScaledRoPE.tables``).
         """
-        h = self.model(input_ids, positions, mask, cache, image_features, embeddings)
+        h = self.model(input_ids, positions, mask, cache, image_features, embeddings, rope_span)
         return self.lm_head(h).astype(mx.float32)
 
 

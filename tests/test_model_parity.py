@@ -5,11 +5,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
+from model.cache import PrefixCache, make_cache
 from model.config import ModelConfig
+from model.generate import _left_pad, image_features, prefill, prefill_rows
 from model.language import attention_mask, position_ids
 from model.phi3_v import Model, sanitize
-from model.processing import image_feature_index
+from model.processing import PreparedRow, hd_transform, image_feature_index
 from model.tiny import random_weights, tiny_config
 from tests.reference import torch_clip, torch_phi3
 
@@ -119,3 +122,60 @@ def test_hd_layout_and_projection_match_plain_reference():
     ref = torch.nn.functional.gelu(x @ w0.T + b0) @ w2.T + b2
     assert ours.shape == tuple(ref.shape)
     assert relative_error(np.array(ours), ref.numpy()) <= (1e-5 if ON_CPU else TOL)
+
+
+def hf_last_logits(phi, ids: list[int], features: np.ndarray | None = None) -> np.ndarray:
+    """The reference's last-position logits for one row in one pass (image slots filled by
+    ``features`` in order)."""
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        embeddings = phi.model.embed_tokens(t.clamp_min(0))
+        if features is not None:
+            slots = torch.nonzero(t < 0, as_tuple=True)
+            embeddings = embeddings.index_put(slots, torch.from_numpy(features))
+        return phi(inputs_embeds=embeddings).logits[0, -1].numpy()
+
+
+def test_chunked_prefill_chooses_rotary_factors_for_the_whole_prompt():
+    """A prompt longer than original_max_position_embeddings (16 standing for 4096) takes the
+    long factors at every position in the reference's single pass; prefilled in chunks of 8,
+    the first chunks must take them too. Rows of a left-padded batch, each against itself."""
+    config = tiny_config(original_max_position_embeddings=16)
+    weights = random_weights(config, seed=3)
+    model, phi = mlx_model(config, weights), torch_phi3(config, weights)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(16, 500, size=n).tolist() for n in (40, 21, 12)]
+    ids, pad = _left_pad([PreparedRow(r, []) for r in rows], config["pad_token_id"])
+    ours = np.array(prefill(model, ids, pad, make_cache(len(model.layers)), None, chunk=8))
+    for b, row in enumerate(rows):
+        assert relative_error(ours[b], hf_last_logits(phi, row)) <= TOL
+
+
+def test_prompt_prefix_takes_the_rotary_factors_of_its_whole_prompt():
+    """Row prefill runs an image row's prefix and the rest as two passes and keeps the prefix;
+    a prefix shorter than original_max_position_embeddings must still take the long factors
+    when its whole prompt is longer, and must not be shared with a short prompt over it."""
+    config = tiny_config(original_max_position_embeddings=16)
+    weights = random_weights(config, seed=11)
+    model, phi = mlx_model(config, weights), torch_phi3(config, weights)
+    vision = config["img_processor"]["vision_config"]
+    size = vision["image_size"]
+    rng = np.random.default_rng(0)
+    pixels = Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
+    image = hd_transform(pixels, 1, size, tokens_per_side=size // vision["patch_size"] // 2)
+    prefix = [1, 40] + [-1] * image.num_tokens
+    short = PreparedRow(prefix + [1], [image])  # 16 positions: short factors
+    long = PreparedRow(prefix + rng.integers(16, 500, 12).tolist(), [image])  # long factors
+    assert len(short.input_ids) <= 16 < len(long.input_ids)
+    features = np.array(image_features(model, [short], 4))
+    prefixes = PrefixCache()
+    for order in ([short, long], [long, short]):
+        for row in order:
+            ids, _ = _left_pad([row], config["pad_token_id"])
+            cache = make_cache(len(model.layers))
+            ours = prefill_rows(
+                model, [row], ids.shape[1], cache, [mx.array(features)], 8, 1, prefixes
+            )
+            ref = hf_last_logits(phi, row.input_ids, features)
+            assert relative_error(np.array(ours)[0], ref) <= TOL
+    assert len(prefixes) == 2 and prefixes.hits == 2
