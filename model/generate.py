@@ -127,7 +127,7 @@ def chunk_sizes(model: Model, params: GenerationParams) -> tuple[int, int]:
     if params.vision_chunk or gpu:
         return prefill_chunk, params.vision_chunk or 32
     vision = model.vision.vision_config
-    itemsize = model.model.embed_tokens.weight.dtype.size
+    itemsize = activation_dtype(model).size
     crop_bytes = (vision.grid_size**2 + 1) * vision.intermediate_size * itemsize
     return prefill_chunk, max(1, _CPU_VISION_BYTES // crop_bytes)
 
@@ -230,10 +230,16 @@ def _encode_images(model: Model, images: Sequence[ImageInput], chunk: int) -> mx
     return vision.project(mx.concatenate(merged), mx.array(np.concatenate(index)))
 
 
+def activation_dtype(model: Model) -> mx.Dtype:
+    """The dtype activations and the KV cache take: the final norm's, never quantized (a
+    quantized embedding holds packed ``uint32``)."""
+    return model.model.norm.weight.dtype
+
+
 def kv_bytes_per_token(model: Model) -> int:
     """Bytes of keys and values one prompt or generated position holds in the cache."""
     c = model.config
-    itemsize = model.model.embed_tokens.weight.dtype.size  # activations' dtype
+    itemsize = activation_dtype(model).size
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize
 
 

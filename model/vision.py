@@ -86,7 +86,8 @@ class ClipEmbeddings(nn.Module):
         patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
         cls = mx.broadcast_to(self.class_embedding, (patches.shape[0], 1, patches.shape[-1]))
         x = mx.concatenate([cls.astype(patches.dtype), patches], axis=1)
-        return x + self.position_embedding.weight.astype(x.dtype)
+        # called, not read as .weight: a quantized checkpoint may hold it packed
+        return x + self.position_embedding(mx.arange(x.shape[1])).astype(x.dtype)
 
 
 class ClipVisionTransformer(nn.Module):

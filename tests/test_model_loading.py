@@ -12,9 +12,11 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from model.config import ModelConfig
-from model.generate import GenerationParams, generate_batch
+from model.generate import GenerationParams, generate_batch, image_features, kv_bytes_per_token
 from model.loading import ModelLoadError, load, weights_identity
-from model.tiny import tiny_config
+from model.tiny import random_weights, save_model, tiny_config
+
+_CLIP = "model.vision_embed_tokens.img_processor.vision_model."
 
 PROMPT = "Describe the picture."
 
@@ -186,3 +188,46 @@ def test_half_precision_dtypes_follow_float32(tiny_model_dir, reference, dtype):
     row = processor.prepare(PROMPT, Image.new("RGB", (90, 40), "red"))
     result = generate_batch(model, processor, [row], GenerationParams(3))
     assert result[0].output_tokens == 3
+
+
+def test_checkpoint_with_quantized_vision_tower_loads_and_encodes(tmp_path):
+    """mlx-vlm's converter quantizes the vision tower as well (its linears and the CLIP position
+    embedding) and the token embedding unless told to skip them; such a checkpoint loads,
+    encodes images and sizes its cache by the activations' dtype."""
+    config = tiny_config(vision_config={"hidden_size": 64, "intermediate_size": 128})
+    weights = random_weights(config)
+    float_dir = save_model(tmp_path / "float", config, weights, layout="mlx")
+    q4_dir = save_model(tmp_path / "q4-vision", config, weights, layout="mlx")
+    tensors = load_file(q4_dir / "model.safetensors")
+    for name, value in list(tensors.items()):
+        towers = ".vision_model." in name or name == "model.embed_tokens.weight"
+        if towers and value.ndim == 2 and value.shape[-1] % 64 == 0:
+            packed, scales, biases = mx.quantize(mx.array(value), group_size=64, bits=4)
+            path = name[: -len(".weight")]
+            tensors[name] = np.array(packed)
+            tensors[path + ".scales"], tensors[path + ".biases"] = (
+                np.array(scales),
+                np.array(biases),
+            )
+    assert f"{_CLIP}embeddings.position_embedding.scales" in tensors
+    save_file(tensors, q4_dir / "model.safetensors", metadata={"format": "mlx"})
+    config_file = q4_dir / "config.json"
+    quantized_config = {
+        **json.loads(config_file.read_text()),
+        "quantization": {"group_size": 64, "bits": 4},
+    }
+    config_file.write_text(json.dumps(quantized_config))
+
+    model, processor = load(str(q4_dir))
+    assert isinstance(
+        model.vision.img_processor.vision_model.embeddings.position_embedding, nn.QuantizedEmbedding
+    )
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    row = processor.prepare(PROMPT, Image.new("RGB", (90, 40), "red"))
+    ours = image_features(model, [row], 4)
+    float_model = load(str(float_dir))[0]
+    reference = image_features(float_model, [row], 4)
+    half = load(str(q4_dir), dtype="bfloat16")[0]  # 2-byte activations, 4-byte packed weights
+    assert kv_bytes_per_token(half) == kv_bytes_per_token(float_model) // 2
+    assert float(mx.abs(ours - reference).max()) < 0.25 * float(mx.abs(reference).max())
+    assert generate_batch(model, processor, [row], GenerationParams(3))[0].output_tokens == 3

@@ -316,13 +316,11 @@ def _machine(gpu: bool) -> dict[str, Any]:
 def _model_summary(model, prepared) -> dict[str, Any]:
     params = tree_flatten(model.parameters())
     lengths = [len(row.input_ids) for row in prepared]
-    c = model.config
-    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
     return {
         "parameters": sum(int(v.size) for _, v in params),
         "weight_bytes": sum(int(v.nbytes) for _, v in params),
         "decoder_weight_bytes": decoder_weight_bytes(model),
-        "kv_bytes_per_token": kv_per_token * params[0][1].dtype.size,
+        "kv_bytes_per_token": kv_bytes_per_token(model),
         "prompt_tokens_min": min(lengths),
         "prompt_tokens_mean": sum(lengths) / len(lengths),
         "prompt_tokens_max": max(lengths),
