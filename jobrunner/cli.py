@@ -316,10 +316,16 @@ def show(output: Path, limit: int) -> None:
     default=False,
     help="Empty MLX's buffer cache after the warm-up and after each mode.",
 )
+@click.option(
+    "--peer",
+    is_flag=True,
+    help="Then mode 6: mlx-vlm's batch_generate on the same model and rows (pip install mlx-vlm).",
+)
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")
 def bench(json_path: Path | None, modes: str | None, **flags) -> None:
-    """Throughput of the five modes, side by side, on a random model and synthetic rows."""
+    """Throughput of the five modes, side by side, on a random model and synthetic rows (and,
+    with --peer, of mlx-vlm's batch generation on them)."""
     from .bench import MODES, BenchSettings, format_report, run_bench
 
     try:

@@ -141,12 +141,23 @@ def build_tokenizer(out_dir: Path, corpus: list[str] | None = None, vocab_size: 
     return tokenizer
 
 
+# Phi-3-V's template (../shared/PHI3V.md, section 6): each message as <|role|>\n...<|end|>\n,
+# then <|assistant|>\n; the tokenizer adds <s>. Tools that format prompts from the checkpoint's
+# template (mlx-vlm) then see the prompts jobrunner builds.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] "
+    "+ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != "
+    "'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}"
+)
+
+
 def _portable_tokenizer_class(path: Path) -> None:
     # transformers 5 writes "TokenizersBackend", which transformers 4 does not know; both
     # resolve "PreTrainedTokenizerFast".
     tokenizer_config = json.loads(path.read_text())
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tokenizer_config.setdefault("add_bos_token", True)
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
     path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 

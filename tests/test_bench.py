@@ -232,3 +232,34 @@ def test_prefill_flops_count_causal_attention():
     layer = sum(per_token + 4 * c.num_attention_heads * c.head_dim * (i + 1) for i in range(length))
     one_row = c.num_hidden_layers * layer + 2 * c.hidden_size * c.vocab_size
     assert prefill_flops(model, 3, length) == 3 * one_row
+
+
+def test_peer_mode_runs_mlx_vlm_on_the_same_rows(tmp_path):
+    """Mode 6 (mlx-vlm, installed by the dev extra) runs its batch_generate on the small
+    preset's model and rows: every row once, max_tokens each; its rows without an image give
+    jobrunner's text, and rows it ran together are checked against each alone."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "small", "--rows", "12", "--max-tokens", "3", "--batch-size", "4"]
+    result = CliRunner().invoke(main, [*args, "--modes", "sorted", "--peer", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "6 peer" in result.output and "peer (mode 6): mlx-vlm" in result.output
+    report = json.loads(out.read_text())
+    peer = report["modes"]["peer"]
+    assert peer["rows"] == 12 and peer["generated_tokens"] == 12 * 3
+    assert report["ratios"]["sorted_over_peer"] > 0
+    without_image = report["peer"]["rows_without_image"]
+    assert without_image["compared"] >= 2 and without_image["same"] == without_image["compared"]
+    assert report["peer"]["rows_with_image"]["compared"] == 12 - without_image["compared"]
+    # its text-only rows run together; they are checked against each row alone
+    assert report["peer"]["rows_checked_alone"] >= 2
+    assert report["peer"]["rows_same_as_alone"] == report["peer"]["rows_checked_alone"]
+
+
+def test_peer_mode_is_refused_where_it_cannot_run(monkeypatch):
+    result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--peer"])
+    assert result.exit_code == 2
+    assert "336-pixel crops" in result.output and "--preset small" in result.output
+    monkeypatch.setattr("jobrunner.bench.peer.peer_version", lambda: None)
+    result = CliRunner().invoke(main, ["bench", "--preset", "small", "--peer"])
+    assert result.exit_code == 2
+    assert "pip install 'mlx-vlm'" in result.output

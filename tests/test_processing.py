@@ -332,12 +332,20 @@ def test_slot_count_matches_processor_at_336(tokenizer):
 # --- prompts and tokens -----------------------------------------------------------------------
 
 
-def test_chat_prompt(processor):
+def test_chat_prompt(processor, tokenizer):
     assert processor.chat_prompt("Hi", 0) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
     assert (
         processor.chat_prompt("Hi", 2)
         == "<|user|>\n<|image_1|>\n<|image_2|>\nHi<|end|>\n<|assistant|>\n"
     )
+    # the checkpoint's own template (tokenizer_config.json), which other tools format with
+    for images in (0, 2):
+        tags = "".join(f"<|image_{k}|>\n" for k in range(1, images + 1))
+        messages = [{"role": "user", "content": tags + "Hi"}]
+        templated = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        assert templated == processor.chat_prompt("Hi", images)
 
 
 def test_tokenize_interleaves_chunks_and_slots(processor, tokenizer):

@@ -71,6 +71,7 @@ from model.generate import (
     kv_bytes_per_token,
 )
 from model.loading import default_dtype, load
+from model.tiny import tiny_config
 
 from .. import _blas
 from ..spec import JobSpec
@@ -85,6 +86,8 @@ from .modes import (
     run_naive,
     run_pipeline,
 )
+from .peer import PeerUnavailable, check_peer, run_peer
+from .peer import agreement as peer_agreement
 from .report import _agreement, _ratios, _targets, format_report
 from .workload import (
     IMAGE_SIZES,
@@ -140,6 +143,7 @@ class BenchSettings:
     prefix_cache: bool = True  # modes 2-4 keep prompt prefixes across batches, as run does
     row_prefill: bool | None = None  # modes 3-4: None is the engine's default for the device
     clear_cache: bool = False  # empty MLX's buffer cache after the warm-up and after each mode
+    peer: bool = False  # then mode 6: mlx-vlm's batch_generate on the same model and rows
 
     def resolved(self) -> BenchSettings:
         if self.preset not in PRESETS:
@@ -148,6 +152,11 @@ class BenchSettings:
         if unknown:
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
         p = PRESETS[self.preset]
+        if self.peer:
+            try:
+                check_peer(tiny_config(**p.config))
+            except PeerUnavailable as err:
+                raise ValueError(str(err)) from None
         return replace(
             self,
             rows=self.rows or p.rows,
@@ -202,6 +211,15 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
         result.extra |= {"mlx_cached_after": mx.get_cache_memory()}
         log(f"  {result.rows} rows in {result.seconds:.1f}s: {result.rows_per_second:.3f} rows/s")
         log(f"  {_buffers(s.clear_cache)}")
+    peer = None
+    if s.peer:
+        log("mode 6 (peer)")
+        lengths = [len(row.input_ids) for row in prepared]
+        results["peer"], texts = run_peer(
+            model_dir, jsonl, lengths, s.max_tokens, s.batch_size, log
+        )
+        log(f"  {results['peer'].rows} rows in {results['peer'].seconds:.1f}s")
+        peer = _peer_report(results["peer"], texts, tokens, processor, load_rows(jsonl))
     log("roofline: prefill and batch-1 decode step")
     report = {
         "settings": _settings_dict(s, dtype),
@@ -214,9 +232,20 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
         "agreement": _agreement(tokens, processor),
         "roofline": roofline(model, processor, prepared, ceilings),
         "memory": _memory(model, prepared, sorted_plan, s),
+        "peer": peer,
     }
     report["targets"] = _targets(report)
     return report
+
+
+def _peer_report(result, texts, tokens, processor, records) -> dict[str, Any]:
+    """The peer's exactness and its agreement with the first of modes 4, 3, 2 that ran."""
+    out = {k: result.extra[k] for k in ("peer", "rows_checked_alone", "rows_same_as_alone")}
+    base = next((m for m in ("sorted", "unsorted", "single") if m in tokens), None)
+    if base is not None:
+        reference = {i: processor.decode(ids) for i, ids in tokens[base].items()}
+        out |= {"same_text_as": base, **peer_agreement(texts, reference, records)}
+    return out
 
 
 def _buffers(clear: bool) -> str:

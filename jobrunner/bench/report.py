@@ -19,6 +19,10 @@ def _ratios(results: dict[str, ModeResult]) -> dict[str, dict[str, float]]:
         out["sorted_over_unsorted"] = (
             results["sorted"].rows_per_second / results["unsorted"].rows_per_second
         )
+    if "sorted" in results and "peer" in results:
+        out["sorted_over_peer"] = (
+            results["sorted"].rows_per_second / results["peer"].rows_per_second
+        )
     if "sorted" in results and "pipeline" in results:
         out["pipeline_over_sorted"] = (
             results["pipeline"].rows_per_second / results["sorted"].rows_per_second
@@ -113,7 +117,7 @@ def format_report(report: dict[str, Any]) -> str:
     over_naive = report["ratios"].get("over_naive", {})
     over_single = report["ratios"].get("over_single", {})
     for mode, r in report["modes"].items():
-        number = MODES.index(mode) + 1
+        number = (*MODES, "peer").index(mode) + 1
         ratio1 = f"{over_naive[mode]:.1f}" if mode in over_naive else "-"
         ratio2 = f"{over_single[mode]:.2f}" if mode in over_single else "-"
         lines.append(
@@ -135,6 +139,7 @@ def format_report(report: dict[str, Any]) -> str:
         "of the matmul ceiling",
         _memory_line(report),
         _agreement_line(report["agreement"]),
+        *_peer_lines(report),
         "targets: "
         + ", ".join(
             f"{name} {t['value']:g} ({'met' if t['met'] else 'NOT met'}, goal "
@@ -162,6 +167,33 @@ def _memory_line(report: dict[str, Any]) -> str:
 
 
 _AT_MOST = {"sorted_padding", "decode_step_over_weight_stream"}
+
+
+def _peer_lines(report: dict[str, Any]) -> list[str]:
+    peer = report.get("peer")
+    if not peer:
+        return []
+    extra = report["modes"]["peer"]["extra"]
+    line = f"peer (mode 6): {peer['peer']} batch_generate"
+    if "sorted_over_peer" in report["ratios"]:
+        line += f"; sorted is {report['ratios']['sorted_over_peer']:.2f}x its rows/s"
+    lines = [line]
+    if extra["calls_that_could_not_batch"]:
+        lines.append(
+            f"  {extra['calls_that_could_not_batch']} of {extra['calls']} calls could not run "
+            f"their rows together and ran them one by one: {extra['first_error']}"
+        )
+    lines.append(
+        f"  rows run together, then alone: {peer['rows_same_as_alone']}/"
+        f"{peer['rows_checked_alone']} same text"
+    )
+    if "same_text_as" in peer:
+        with_image, without = peer["rows_with_image"], peer["rows_without_image"]
+        lines.append(
+            f"  same text as {peer['same_text_as']}: {with_image['same']}/{with_image['compared']}"
+            f" rows with an image, {without['same']}/{without['compared']} without"
+        )
+    return lines
 
 
 def _agreement_line(agreement: dict[str, Any]) -> str:

@@ -85,6 +85,7 @@ def build_model_dir(out_dir: Path, preset: Preset, dtype: str, seed: int = 0) ->
     """A random-weight model in Hugging Face layout whose greedy outputs never stop early."""
     config = tiny_config(**preset.config)
     marker = {"config": config, "dtype": dtype, "seed": seed, "num_crops": preset.num_crops}
+    marker["tokenizer"] = "chat template"  # a kept --workdir from before the template: rebuilt
     if (out_dir / "bench.json").is_file():  # a kept --workdir: reuse the same model
         if json.loads((out_dir / "bench.json").read_text()) == marker:
             return out_dir
