@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from model.config import ModelConfig
@@ -101,9 +102,24 @@ def test_missing_directory_and_uncached_hub_id(monkeypatch, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_weights_identity_changes_with_weights(tiny_model_dir, tiny_model_dir_mlx):
+def test_weights_identity_changes_with_weights(tiny_model_dir, tiny_model_dir_mlx, tmp_path):
     assert weights_identity(tiny_model_dir) == weights_identity(tiny_model_dir)
     assert weights_identity(tiny_model_dir) != weights_identity(tiny_model_dir_mlx)
+    # a copy elsewhere is the same model
+    assert weights_identity(copy_model(tiny_model_dir, tmp_path / "copy")) == weights_identity(
+        tiny_model_dir
+    )
+    # weights replaced in place with the same names and shapes (retrained, fine-tuned) are not
+    for name in (None, "lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
+        changed = copy_model(tiny_model_dir, tmp_path / str(name))
+        with safe_open(changed / "model.safetensors", "np") as f:
+            metadata = f.metadata()
+        weights = load_file(changed / "model.safetensors")
+        if name is not None:
+            weights[name] = weights[name] + np.float32(1e-3)
+        save_file(weights, changed / "model.safetensors", metadata=metadata)
+        same = weights_identity(changed) == weights_identity(tiny_model_dir)
+        assert same == (name is None)  # rewritten unchanged: the same header, the same hash
 
 
 def microsoft_config(rope_type: str) -> dict:
