@@ -24,7 +24,8 @@ Reported besides the rates: whether rows it ran together give the text each give
 exactness), and how many rows give the same text as a jobrunner mode. Texts are compared without
 U+FFFD: mlx-vlm's streaming detokenizer drops the replacement characters of incomplete byte
 sequences that ``decode`` keeps. Prompt and generated token counts are mlx-vlm's own; padding is
-counted on jobrunner's tokenization of the same calls.
+counted on jobrunner's tokenization of the same calls; peak memory includes jobrunner's model,
+which stays loaded.
 """
 
 from __future__ import annotations
