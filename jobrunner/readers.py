@@ -6,8 +6,13 @@
   (only whitespace) are skipped and get no index; every other line gets one, invalid or not, so
   every input row appears exactly once downstream. ``count_rows`` counts the same way.
 - **Bad rows are data, not exceptions.** Invalid JSON, a non-object line, wrong value types, a
-  missing template field or an image path outside ``image_root`` give a ``Row`` with ``error``
-  set. Only configuration problems found before the first row (``check_input``) raise.
+  missing template field, text that is not valid Unicode (a lone surrogate such as JSON's
+  ``"\\ud800"``, in the id, prompt, template fields or kept columns), a Parquet value Python cannot
+  hold (a timestamp past year 9999) or an image path outside ``image_root`` give a ``Row`` with
+  ``error`` set. Configuration problems found before the first row (``check_input``: missing
+  file or column, JSONL that is not UTF-8) raise ``ReaderConfigError``; a Parquet file that is
+  damaged partway (a corrupt data page) raises ``InputReadError`` when the reader gets there,
+  after yielding every row before the damage.
 - **Images** are referenced, not decoded: a path (relative paths resolve against the dataset
   file's folder; absolute paths are kept), raw bytes, or the Hugging Face ``datasets`` struct
   ``{bytes, path}`` (bytes win when present). ``image_size`` reads only the header;
@@ -37,6 +42,11 @@ _PARQUET_BATCH_ROWS = 256
 
 class ReaderConfigError(ValueError):
     """The input cannot be read as configured (missing file, missing column): nothing was run."""
+
+
+class InputReadError(Exception):
+    """The input became unreadable partway (a damaged Parquet page); the rows before it were
+    yielded. The message names the file and the first row that could not be read."""
 
 
 class ImageError(Exception):
@@ -130,6 +140,37 @@ def check_input(path: str | Path, options: ReadOptions | None = None) -> None:
         missing = _missing_parquet_columns(_parquet_names(path), options)
         if missing:
             raise ReaderConfigError(f"{path}: " + "; ".join(missing))
+    elif encoding := _not_utf8(path):
+        raise ReaderConfigError(
+            f"{path} is not UTF-8 text (it looks like {encoding}); JSONL must be UTF-8: convert "
+            f"it, e.g. iconv -f {encoding} -t UTF-8 IN > OUT (or save it as UTF-8)"
+        )
+
+
+_WIDE_BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def _not_utf8(path: Path) -> str | None:
+    """ "UTF-16" or "UTF-32" when the file starts with their byte-order mark or its text is NUL
+    interleaved (a quarter of the first 4 KiB or more is NUL bytes), else None.
+
+    Read as UTF-8 such a file would split into wrong lines (each an invalid JSON row); JSON text
+    in UTF-8 never holds a raw NUL, so a single NUL-broken line stays an error row only.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            return encoding
+    nuls = head.count(0)
+    if head and nuls * 4 >= len(head):
+        return "UTF-32" if nuls * 4 >= len(head) * 3 else "UTF-16"
+    return None
 
 
 def _parquet_names(path: Path) -> list[str]:
@@ -193,11 +234,15 @@ def iter_rows(path: str | Path, options: ReadOptions | None = None) -> Iterator[
     else:
         records = _jsonl_records(path)
     for index, (record, problem) in enumerate(records):
-        if problem is not None:
+        if problem is None:
+            yield _make_row(index, record, options, base_dir)
+        elif record:  # readable apart from some values (set to None): say what else is wrong
+            row = _make_row(index, record, options, base_dir)
+            row.error = "; ".join(filter(None, [problem, row.error]))
+            yield row
+        else:
             empty = dict.fromkeys(options.keep_columns)
             yield Row(index, str(index), None, None, empty, problem)
-        else:
-            yield _make_row(index, record, options, base_dir)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[Mapping[str, Any], str | None]]:
@@ -217,7 +262,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[Mapping[str, Any], str | None]]
             yield record, None
 
 
-def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping, None]]:
+def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping, str | None]]:
+    """Records row group by row group, so a damaged one is named (``InputReadError``)."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
@@ -236,9 +282,44 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping
             for _ in range(parquet.metadata.row_group(group).num_rows):
                 yield {}, None
         return
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-        for record in batch.to_pylist():
-            yield record, None
+    start = 0
+    for group in range(parquet.num_row_groups):
+        size, read = parquet.metadata.row_group(group).num_rows, 0
+        batches = parquet.iter_batches(_PARQUET_BATCH_ROWS, row_groups=[group], columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... for bad pages
+                raise InputReadError(
+                    f"{path} is damaged: row {start + read} and after (row group {group}, rows "
+                    f"{start}-{start + size - 1}) cannot be read ({str(exc).rstrip('.')})"
+                ) from None
+            if batch is None:
+                break
+            read += batch.num_rows
+            yield from _batch_records(batch)
+        start += size
+
+
+def _batch_records(batch) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """A record batch as dicts; a value Python cannot hold (a timestamp past year 9999, ...)
+    becomes None, with a problem for its row, instead of failing the batch."""
+    try:
+        records = batch.to_pylist()
+    except Exception:  # noqa: BLE001 - convert value by value below to find the bad ones
+        pass
+    else:
+        yield from ((record, None) for record in records)
+        return
+    for i in range(batch.num_rows):
+        record, problems = {}, []
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            try:
+                record[name] = column[i].as_py()
+            except Exception as exc:  # noqa: BLE001 - OverflowError, ValueError, ...
+                record[name] = None
+                problems.append(f"column '{name}' holds a value Python cannot represent: {exc}")
+        yield record, "; ".join(problems) or None
 
 
 def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_dir: Path) -> Row:
@@ -247,14 +328,46 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     image = _image_ref(record.get(options.image_column), options, base_dir, problems)
     prompt = _prompt(record, options, problems)
     extra = {name: record.get(name) for name in options.keep_columns}
+    for name, value in extra.items():
+        _check_text(value, f"kept column '{name}'", problems)
     return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None)
+
+
+def _check_text(value: Any, what: str, problems: list[str]) -> bool:
+    """Note a lone surrogate in ``value`` (a string, or strings inside lists and dicts); True
+    when there is none. JSON's ``"\\ud800"`` decodes to one; no tokenizer or file takes it."""
+    bad = _lone_surrogate(value)
+    if bad is None:
+        return True
+    problems.append(
+        f"{what} holds text that is not valid Unicode: a lone surrogate \\u{ord(bad):04x} "
+        "(a JSON \\u escape without its pair); fix the text in the input"
+    )
+    return False
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return value[exc.start]
+        return None
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return None
+    return next((bad for item in items if (bad := _lone_surrogate(item)) is not None), None)
 
 
 def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -> str:
     if value is None:
         return str(index)
     if isinstance(value, str):
-        return value
+        _check_text(value, f"id column '{options.id_column}'", problems)
+        return value  # the writer stores a lone surrogate as its escape, \\udXXX
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     kind = type(value).__name__
@@ -267,7 +380,8 @@ def _prompt(record: Mapping[str, Any], options: ReadOptions, problems: list[str]
     if template is None:
         value = record.get(options.prompt_column)
         if isinstance(value, str):
-            return value
+            valid = _check_text(value, f"prompt column '{options.prompt_column}'", problems)
+            return value if valid else None
         if value is None:
             problems.append(
                 f"no prompt: column '{options.prompt_column}' is missing or null in this row "
@@ -283,10 +397,16 @@ def _prompt(record: Mapping[str, Any], options: ReadOptions, problems: list[str]
             problems.append(f"prompt template field '{field}' is {state} this row")
             return None
     try:
-        return template.format_map(record)
+        prompt = template.format_map(record)
     except (ValueError, TypeError) as exc:  # e.g. a numeric format spec on a string value
         problems.append(f"cannot fill the prompt template: {exc}")
         return None
+    if _lone_surrogate(prompt) is None:
+        return prompt
+    bad = [f for f in options.template_fields if _lone_surrogate(record.get(f)) is not None]
+    what = f"prompt template field '{bad[0]}'" if bad else "the prompt filled from the template"
+    _check_text(prompt, what, problems)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

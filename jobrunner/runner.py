@@ -6,13 +6,16 @@ checkpoint, streams the rows this shard still owes, and writes results as durabl
 shard is finished and every shard is complete, it merges the parts into the output file and writes
 ``OUTPUT.summary.json``.
 
-Rows that cannot be served (unreadable image, bad prompt, a failure inside generation) become
-error records; they never stop the job. SIGINT/SIGTERM finish the batch in flight, flush what is
-done and end with ``Interrupted``.
+Rows that cannot be served (unreadable image, bad prompt, a failure inside generation, any
+exception while preparing one row) become error records; they never stop the job, and they count
+toward the checkpoint interval like other rows. SIGINT/SIGTERM finish the batch in flight, flush
+what is done and end with ``Interrupted``. An input file damaged partway (a corrupt Parquet page)
+ends the run with ``BadInput`` (exit 2) after the rows read before the damage are done and saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import signal
@@ -27,12 +30,13 @@ from typing import Any
 
 from ._blas import single_threaded_numpy_blas
 from .batching import PlanStats, plan_batches
-from .checkpoint import CheckpointError, CheckpointStore, shard_rows
-from .merge import merge
+from .checkpoint import CheckpointStore, shard_rows
+from .merge import IncompleteJob, merge
 from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
     ImageError,
+    InputReadError,
     ReaderConfigError,
     ReadOptions,
     Row,
@@ -46,10 +50,25 @@ from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, write_summary
 
 PREFETCH_BATCHES = 2
+# Small model files that change outputs besides the weights: hashed whole for the fingerprint.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",  # stop ids
+    "preprocessor_config.json",  # crops, normalisation
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 class ConfigError(Exception):
     """The job cannot start as configured (exit code 2); nothing was run."""
+
+
+class BadInput(ConfigError):
+    """The input turned out unreadable partway (exit code 2); the rows before it are saved."""
 
 
 class Interrupted(Exception):
@@ -72,7 +91,8 @@ class RunResult:
 
 
 def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
-    """Resolve the model and identify it cheaply for the fingerprint: its weights, and the
+    """Resolve the model and identify it cheaply for the fingerprint: its weights, the bytes of
+    its small files (``MODEL_FILES``: config, stop ids, tokenizer, preprocessor), and the
     defaults a spec may leave open (crops from preprocessor_config.json, the compute dtype)."""
     from model.loading import ModelLoadError, default_dtype, resolve_model_path, weights_identity
 
@@ -81,13 +101,41 @@ def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
         identity = {"model": model, "weights": weights_identity(model_dir)}
     except ModelLoadError as err:
         raise ConfigError(str(err)) from None
-    preprocessor = model_dir / "preprocessor_config.json"
-    if preprocessor.is_file():
-        identity["default_num_crops"] = json.loads(preprocessor.read_text()).get("num_crops")
+    files = _model_files(model_dir, model)
+    identity["files"] = {
+        name: hashlib.sha256(data).hexdigest()[:16] for name, data in files.items()
+    }
+    if "preprocessor_config.json" in files:
+        preprocessor = _json_object(files, "preprocessor_config.json", model)
+        identity["default_num_crops"] = preprocessor.get("num_crops")
     identity["default_dtype"] = default_dtype()
     if "snapshots" in model_dir.parts:  # a hub cache snapshot: its folder is the revision
         identity["revision"] = model_dir.name
     return model_dir, identity
+
+
+def _model_files(model_dir: Path, model: str) -> dict[str, bytes]:
+    """The bytes of each of ``MODEL_FILES`` the model has."""
+    files = {}
+    for name in MODEL_FILES:
+        try:
+            files[name] = (model_dir / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise ConfigError(f"cannot load model {model!r}: cannot read {name}: {err}") from None
+    return files
+
+
+def _json_object(files: dict[str, bytes], name: str, model: str) -> dict[str, Any]:
+    try:
+        value = json.loads(files[name])
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"cannot load model {model!r}: {name} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        kind = type(value).__name__
+        raise ConfigError(f"cannot load model {model!r}: {name} holds a JSON {kind}, not an object")
+    return value
 
 
 class _StopFlag:
@@ -176,6 +224,7 @@ class _Session:
         self.started = time.monotonic()
         self.model_seconds = 0.0
         self.feature_cache = self.prefix_cache = None  # made with the model
+        self.read_error: InputReadError | None = None
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -206,42 +255,70 @@ class _Session:
         self.reporter.start(self.owed, self.done_before)
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
-                self._estimates(), spec.batch_size, spec.max_batch_tokens, spec.sort_window
+                self._estimates(stop), spec.batch_size, spec.max_batch_tokens, spec.sort_window
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
             for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
                 self._run_batch(batch)
                 self.writer.maybe_flush()
                 if stop.signum is not None:
-                    self.writer.flush()
-                    for pending in queue:
-                        for _, future in pending:
-                            future.cancel()
-                    raise Interrupted(stop.signum)
+                    self._stop(queue, Interrupted(stop.signum))
+            if stop.signum is not None:  # signalled while reading rows that all failed
+                self._stop(queue, Interrupted(stop.signum))
+            if self.read_error is not None:  # every row read before the damage is done
+                self._stop(queue, BadInput(f"{self.read_error}; {_SAVED}"))
         self.writer.flush()
         self.reporter.close()
         if warning := self.ids.warning():
             self.reporter.event(warning, error=True)
 
-    def _estimates(self) -> Iterator[tuple[int, int]]:
-        """(index, prompt length) of each runnable row; failed rows become error records."""
-        for row in iter_rows(self.spec.input, ReadOptions.from_spec(self.spec)):
+    def _stop(self, queue: deque, reason: Exception) -> None:
+        """Save what is done, drop the batches not started, and end the run with ``reason``."""
+        self.writer.flush()
+        self.reporter.close()
+        for pending in queue:
+            for _, future in pending:
+                future.cancel()
+        raise reason
+
+    def _estimates(self, stop: _StopFlag) -> Iterator[tuple[int, int]]:
+        """(index, prompt length) of each runnable row; failed rows become error records.
+
+        Ends early on a signal, or when the input turns out damaged (``read_error``), so the
+        rows read so far are finished first. Error records are checkpointed here on the usual
+        schedule: a long run of bad rows yields nothing for the planner to batch.
+        """
+        rows = iter_rows(self.spec.input, ReadOptions.from_spec(self.spec))
+        while stop.signum is None:
+            try:
+                row = next(rows, None)
+            except InputReadError as err:
+                self.read_error = err
+                return
+            if row is None:
+                return
             if not self.spec.owns_row(row.index):
                 continue
             self.ids.add(row.id)
             if self.store.is_done(row.index):
                 continue
-            if row.error:
-                self._error(row, row.error)
-                continue
-            try:
-                size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
-                length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
-            except (ImageError, ValueError) as err:
-                self._error(row, str(err))
+            length, problem = self._estimate(row)
+            if problem is not None:
+                self._error(row, problem)
+                self.writer.maybe_flush()
                 continue
             self.rows[row.index] = row
             yield row.index, length
+
+    def _estimate(self, row: Row) -> tuple[int, str | None]:
+        """(prompt length, None), or (0, what is wrong with the row)."""
+        if row.error:
+            return 0, row.error
+        try:
+            size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
+            return self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat), None
+        except Exception as err:  # noqa: BLE001 - one row must never stop the job
+            return 0, _row_problem(err)
 
     def _submit(self, pool: ThreadPoolExecutor, batch: list[int]) -> list[tuple[Row, Future]]:
         rows = [self.rows.pop(index) for index in batch]
@@ -256,8 +333,8 @@ class _Session:
         for row, future in batch:
             try:
                 ready.append((row, future.result()))
-            except (ImageError, ValueError, OSError) as err:
-                self._error(row, str(err))
+            except Exception as err:  # noqa: BLE001 - one row must never stop the job
+                self._error(row, _row_problem(err))
         if not ready:
             return
         self.stats.add([len(prepared.input_ids) for _, prepared in ready])
@@ -275,8 +352,8 @@ class _Session:
         from model.generate import generate_batch, row_seed
 
         rows = [prepared for _, prepared in ready]
-        seeds = [row_seed(self.spec.seed, row.id) for row, _ in ready]
         try:
+            seeds = [row_seed(self.spec.seed, row.id) for row, _ in ready]
             return generate_batch(
                 self.model,
                 self.processor,
@@ -346,9 +423,10 @@ class _Session:
             summary |= {"rows_ok": info.rows - info.errors, "rows_error": info.errors}
             write_summary(spec.output.with_name(spec.output.name + ".summary.json"), summary)
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
-        except CheckpointError as err:  # other shards still running: the last one merges
+        except IncompleteJob as err:  # other shards still running: the last one merges
             self.reporter.event(f"shard done; not merged yet: {err}")
-        errors = summary.get("rows_error", store.errors)
+        # Not merged: the shard's own error records, earlier sessions' included.
+        errors = summary["rows_error"] if merged else store.errors
         return RunResult(total, self.done_before, self.rows_run, errors, merged, summary)
 
     def summary(self) -> dict[str, Any]:
@@ -387,6 +465,19 @@ def _chain(batches, queue: deque, submit) -> Iterator:
 def _discard_output(output: Path) -> None:
     for path in (output, output.with_name(output.name + ".summary.json")):
         path.unlink(missing_ok=True)
+
+
+_SAVED = (
+    "the rows before it are done and saved (see jobrunner status); repair or re-create the "
+    "file and run again (with --overwrite, as a changed input is another job)"
+)
+
+
+def _row_problem(err: Exception) -> str:
+    """Error text for a row: our own messages as they are, anything unexpected with its type."""
+    if isinstance(err, (ImageError, ValueError, OSError)):
+        return str(err)
+    return f"cannot prepare the row: {_describe(err)}"
 
 
 def _describe(err: BaseException | None) -> str:

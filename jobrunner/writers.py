@@ -14,6 +14,11 @@ seen (schema metadata). The merge picks one type per column from the kinds of *a
 final type never depends on where part boundaries fell (a resumed job equals an uninterrupted one):
 only bools → bool, only ints → int64, ints and/or floats → float64, only strings → string, all null
 → string; anything else (lists, dicts, bytes, dates, mixed kinds) stays JSON text.
+
+Text that is not valid Unicode (a lone surrogate, from a JSON ``"\\ud800"`` escape) cannot be
+stored in Parquet: every string written is passed through `storable_text`, which writes such a
+character as the six characters ``\\ud800``. The reader makes those rows error records; this only
+guarantees that no value can make a part write fail.
 """
 
 from __future__ import annotations
@@ -155,6 +160,8 @@ def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
     if target is None:
         return texts.cast(pa.string())
     values = [None if t is None else json.loads(t) for t in texts.to_pylist()]
+    if target == pa.string():  # the JSON text "\\ud800" decodes to a lone surrogate again
+        values = [storable_text(v) for v in values]
     return pa.array(values, type=target)
 
 
@@ -197,10 +204,10 @@ def records_to_table(
     for record in records:
         _check_record(record)
     columns: dict[str, list[Any]] = {
-        "id": [None if r.get("id") is None else str(r["id"]) for r in records],
-        "output": [r.get("output") for r in records],
+        "id": [None if r.get("id") is None else storable_text(str(r["id"])) for r in records],
+        "output": [storable_text(r.get("output")) for r in records],
         "finish_reason": [r["finish_reason"] for r in records],
-        "error": [r.get("error") for r in records],
+        "error": [storable_text(r.get("error")) for r in records],
         "prompt_tokens": [int(r.get("prompt_tokens") or 0) for r in records],
         "output_tokens": [int(r.get("output_tokens") or 0) for r in records],
     }
@@ -208,10 +215,17 @@ def records_to_table(
     for name in keep:
         values = [_plain(_kept_value(r, name)) for r in records]
         kinds[name] = sorted({value_kind(v) for v in values})
-        columns[name] = [encode_kept(v) for v in values]
+        columns[name] = [storable_text(encode_kept(v)) for v in values]
     columns[INDEX_COLUMN] = [_record_index(r) for r in records]
     schema = part_schema(keep).with_metadata({KINDS_METADATA_KEY: json.dumps(kinds).encode()})
     return pa.table(columns, schema=schema)
+
+
+def storable_text(text: str | None) -> str | None:
+    """``text`` as valid UTF-8: each lone surrogate becomes its escape, ``\\udXXX``."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _kept_value(record: Mapping[str, Any], name: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,68 @@ def test_finished_job_is_a_no_op(tiny_model_dir, dataset, tmp_path):
     result = CliRunner().invoke(main, ["run", *args, "--max-tokens", "2"])
     assert result.exit_code == 0 and "nothing to do" in result.output
     assert output.stat().st_mtime_ns == before
+
+
+def test_text_that_is_not_valid_unicode_is_an_error_row(tiny_model_dir, tmp_path):
+    # Valid JSON whose \ud800-style escapes decode to lone surrogates, in each kind of field.
+    source = tmp_path / "surrogates.jsonl"
+    source.write_text(
+        '{"id": "ok", "prompt": "Describe.", "note": "fine"}\n'
+        '{"id": "prompt", "prompt": "bad \\ud800 text", "note": "fine"}\n'
+        '{"id": "id\\udc80", "prompt": "Describe.", "note": "fine"}\n'
+        '{"id": "kept", "prompt": "Describe.", "note": "x\\udc80"}\n'
+        '{"id": "ok2", "prompt": "Describe.", "note": "fine"}\n'
+    )
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", "2", "--keep-columns", "note",
+    )  # fmt: skip
+    assert code == 1, text
+    rows = read(output)
+    assert [r["id"] for r in rows] == ["ok", "prompt", "id\\udc80", "kept", "ok2"]
+    assert [r["finish_reason"] for r in rows[0::4]] == ["length", "length"]
+    for row, column in zip(rows[1:4], ["prompt column", "id column", "kept column"], strict=True):
+        assert row["finish_reason"] == "error", row
+        assert f"{column} '" in row["error"] and "not valid Unicode" in row["error"], row
+    assert rows[3]["note"] == "x\\udc80"  # stored escaped
+
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(tmp_path / "t.parquet"),
+        "--max-tokens", "2", "--prompt", "Q: {prompt}",
+    )  # fmt: skip
+    assert code == 1, text
+    error = read(tmp_path / "t.parquet")[1]["error"]
+    assert "prompt template field 'prompt' holds text that is not valid Unicode" in error
+
+
+def test_damaged_parquet_saves_the_rows_before_it_and_exits_2(tiny_model_dir, tmp_path):
+    source = tmp_path / "data.parquet"
+    table = pa.table({"id": [f"r{i}" for i in range(30)], "prompt": ["Describe."] * 30})
+    pq.write_table(table, source, row_group_size=10)
+    chunk = pq.ParquetFile(source).metadata.row_group(2).column(1)
+    data = bytearray(source.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + 8] = b"\xff" * 8  # its page header
+    source.write_bytes(bytes(data))
+    output = tmp_path / "out.parquet"
+    args = [str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    for _ in range(2):  # a re-run stops at the same place, with the same message
+        result = CliRunner().invoke(main, ["run", *args, "--max-tokens", "2", "--quiet"])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and not output.exists()
+        assert f"{source} is damaged: row 20 and after (row group 2" in result.output
+        assert "the rows before it are done and saved" in result.output
+    status = CliRunner().invoke(main, ["status", str(output), "--json"])
+    assert json.loads(status.output)["rows_done"] == 20
+
+
+@pytest.mark.parametrize(("content", "fragment"), [("{bad", "not valid JSON"), ("[1]", "list")])
+def test_broken_preprocessor_config_exits_2(tiny_model_dir, dataset, tmp_path, content, fragment):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "preprocessor_config.json").write_text(content)
+    result = CliRunner().invoke(main, ["run", str(dataset), "--model", str(model)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "cannot load model" in result.output and "preprocessor_config.json" in result.output
+    assert fragment in result.output

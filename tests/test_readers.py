@@ -19,6 +19,7 @@ from jobrunner.readers import (
     DuplicateIdTracker,
     ImageError,
     ImageRef,
+    InputReadError,
     ReaderConfigError,
     ReadOptions,
     Row,
@@ -130,6 +131,31 @@ def test_wrong_types_are_error_rows(tmp_path: Path, record: dict, needle: str) -
     assert rows[1].id == "1"
 
 
+def test_lone_surrogates_are_error_rows(tmp_path: Path) -> None:
+    # Valid JSON: a \\ud800 escape without its low half decodes to a lone surrogate, which no
+    # tokenizer or Parquet string takes.
+    source = tmp_path / "rows.jsonl"
+    source.write_text(
+        '{"id": "ok", "prompt": "fine", "note": "n"}\n'
+        '{"id": "p", "prompt": "bad \\ud800 text"}\n'
+        '{"id": "i\\udc80", "prompt": "fine"}\n'
+        '{"id": "k", "prompt": "fine", "note": {"deep": ["\\udfff"]}}\n'
+        '{"id": "pair", "prompt": "emoji \\ud83d\\ude00", "note": "\\u00e9"}\n'
+    )
+    rows = rows_of(source, keep_columns=("note",))
+    assert [r.error for r in rows[0::4]] == [None, None]
+    assert rows[4].prompt == "emoji \U0001f600"
+    assert "prompt column 'prompt' holds text that is not valid Unicode" in rows[1].error
+    assert "lone surrogate \\ud800" in rows[1].error and rows[1].prompt is None
+    assert "id column 'id' holds text that is not valid Unicode" in rows[2].error
+    assert rows[2].id == "i\udc80"  # kept: the writer stores it escaped
+    assert "kept column 'note' holds text that is not valid Unicode" in rows[3].error
+
+    rows = rows_of(source, prompt_template="Q: {prompt}")
+    assert "prompt template field 'prompt' holds text that is not valid Unicode" in rows[1].error
+    assert rows[1].prompt is None and rows[0].prompt == "Q: fine"
+
+
 def test_jsonl_path_struct(tmp_path: Path) -> None:
     save_image(tmp_path / "a.png", (3, 2))
     source = write_jsonl(tmp_path / "rows.jsonl", [{"image": {"path": "a.png"}, "prompt": "p"}])
@@ -183,6 +209,38 @@ def test_parquet_streams_by_record_batch(tmp_path: Path) -> None:
     assert rows[9].image is None
     assert [r.extra["note"] for r in rows] == [f"n{i}" for i in range(10)]
     assert count_rows(source) == 10
+
+
+def test_parquet_value_python_cannot_hold_is_an_error_row(tmp_path: Path) -> None:
+    # A timestamp past year 9999 is valid Arrow but not a Python datetime: converting its
+    # record batch fails as a whole; only its row may become an error record.
+    source = tmp_path / "rows.parquet"
+    ts = pa.array([0, 300_000_000_000_000, None], pa.timestamp("ms"))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["p"] * 3, "ts": ts}), source)
+    rows = rows_of(source, keep_columns=("ts",))
+    assert [r.id for r in rows] == ["a", "b", "c"]
+    assert rows[0].error is None and rows[2].error is None
+    assert rows[0].extra["ts"].year == 1970
+    assert rows[1].error.startswith("column 'ts' holds a value Python cannot represent")
+    assert rows[1].extra["ts"] is None and rows[1].prompt == "p"
+
+
+def test_damaged_parquet_page_names_where_after_the_rows_before(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    table = pa.table(
+        {"id": [f"r{i}" for i in range(30)], "prompt": [f"p{i}" * 40 for i in range(30)]}
+    )
+    pq.write_table(table, source, row_group_size=10, compression="snappy")
+    chunk = pq.ParquetFile(source).metadata.row_group(2).column(1)
+    data = bytearray(source.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + 8] = b"\xff" * 8  # its page header
+    source.write_bytes(bytes(data))
+    check_input(source)  # the footer is intact: the damage shows only when the rows are read
+    rows = iter_rows(source)
+    assert [next(rows).id for _ in range(20)] == [f"r{i}" for i in range(20)]
+    with pytest.raises(InputReadError) as caught:
+        next(rows)
+    assert f"{source} is damaged: row 20 and after (row group 2, rows 20-29)" in str(caught.value)
 
 
 def test_parquet_bytes_column(tmp_path: Path) -> None:
@@ -294,6 +352,31 @@ def test_check_input_files(tmp_path: Path) -> None:
         check_input(csv)
     # JSONL rows may differ in keys: nothing about columns is checked up front
     check_input(write_jsonl(tmp_path / "rows.jsonl", [{"x": 1}]), ReadOptions(id_column="key"))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name"),
+    [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")],
+)
+def test_check_input_refuses_jsonl_that_is_not_utf8(
+    tmp_path: Path, encoding: str, name: str
+) -> None:
+    # Windows tools write UTF-16 (with a BOM); read as UTF-8 its lines split in the wrong places.
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes(
+        '{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "yo"}\n'.encode(encoding)
+    )
+    with pytest.raises(ReaderConfigError, match=f"is not UTF-8 text \\(it looks like {name}\\)"):
+        check_input(source)
+
+
+def test_check_input_accepts_utf8_with_bom_and_a_nul_line(tmp_path: Path) -> None:
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n\x00\x00\n{"prompt": "\xc3\xa9t\xc3\xa9"}\n')
+    check_input(source)
+    rows = rows_of(source)
+    assert [r.prompt for r in rows] == ["a", None, "\u00e9t\u00e9"]
+    assert "invalid JSON on line 2" in rows[1].error
 
 
 # --- image_root confinement ----------------------------------------------------------------------

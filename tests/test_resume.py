@@ -563,3 +563,83 @@ def test_merge_refuses_while_a_shard_is_missing(tmp_path, dataset, tiny_model_di
     assert code == 0 and f"wrote {output}" in text, text  # the last shard merges
     assert_same_output(output, greedy[1])
     assert status_json(output)["complete"]
+
+
+# --- bad rows, earlier sessions' errors, model files -------------------------------------------
+
+
+def test_a_long_run_of_bad_rows_is_checkpointed_on_schedule(tmp_path, tiny_model_dir):
+    # Bad rows give the planner nothing to batch, so they must be flushed as they come, not
+    # only after the next batch of good rows.
+    source = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"id": f"b{i}", "image": "missing.png", "prompt": "x"}) for i in range(60)]
+    source.write_text("\n".join([*lines, json.dumps({"id": "good", "prompt": "Hi."})]) + "\n")
+    output = tmp_path / "out.parquet"
+    code, text = cli(
+        "run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", "2", "--batch-size", "4", "--checkpoint-every", "10", "--quiet",
+    )  # fmt: skip
+    assert code == 1, text
+    records, _ = read_progress(parts_dir(output) / SHARD)
+    assert [r.rows for r in records[:6]] == [10] * 6 and [r.errors for r in records[:6]] == [10] * 6
+    assert sum(r.rows for r in records) == 61
+    assert [r["finish_reason"] for r in rows(output)] == ["error"] * 60 + ["length"]
+
+
+def test_sigterm_during_a_long_run_of_bad_rows_stops_and_saves(tmp_path, tiny_model_dir):
+    source = tmp_path / "bad.jsonl"
+    source.write_text("not json\n" * 200_000)
+    output = tmp_path / "out.parquet"
+    args = [str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    job = Job(tmp_path, [*args, "--checkpoint-every", "100", "--quiet"])
+    resume, _ = interrupt(job, signal.SIGTERM, lambda: lines_recorded(output) >= 2)
+    report = status_json(output)
+    assert 200 <= report["rows_done"] < 200_000 and report["rows_done"] == report["errors"]
+    assert not report["complete"]
+
+
+def test_resumed_shard_exits_1_for_error_rows_of_an_earlier_session(tmp_path, tiny_model_dir):
+    source = tmp_path / "data.jsonl"
+    lines = [{"id": "bad", "image": "missing.png", "prompt": "x"}]
+    lines += [{"id": f"r{i}", "prompt": f"Describe {i}."} for i in range(1, 16)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    args = [
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", "2", "--batch-size", "2", "--checkpoint-every", "2", "--shard", "0/2",
+    ]  # fmt: skip
+    code, text = cli("run", *args)
+    assert code == 1 and "not merged yet" in text, text
+    # As if killed after the first part, which holds the error record.
+    shard_dir = parts_dir(output) / shard_name(0, 2)
+    records, _ = read_progress(shard_dir)
+    assert records[0].errors == 1 and len(records) > 1 and sum(r.errors for r in records) == 1
+    (shard_dir / "progress.jsonl").write_bytes(records[0].to_line())
+    (shard_dir / "complete.json").unlink()
+    code, text = cli("run", *args)
+    assert re.search(r"resuming: [1-9] of 8 rows already done", text), text
+    assert code == 1, text  # the shard holds an error record, though this session wrote none
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ],
+)
+def test_model_files_replaced_in_place_refuse_resume(tmp_path, tiny_model_dir, name):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    source = tmp_path / "small.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(3)))
+    args = [str(source), "--model", str(model), "--max-tokens", "2", "--quiet"]
+    assert cli("run", *args)[0] == 0
+    settings = json.loads((model / name).read_text())
+    settings["changed_in_place"] = True  # e.g. other stop ids, vocabulary, normalisation
+    (model / name).write_text(json.dumps(settings))
+    code, text = cli("run", *args)
+    assert code == 2, text
+    assert f"model_identity.files.{name}: " in text and "--overwrite" in text, text

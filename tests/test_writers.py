@@ -134,6 +134,20 @@ def test_kept_values_round_trip():
     assert decoded.to_pylist() == ['"AAE="', '"2024-05-01"', '{"a": [1, 2], "b": 1}']
 
 
+def test_text_that_is_not_valid_unicode_is_stored_escaped():
+    # A lone surrogate (JSON "\\udc80") cannot be encoded as UTF-8: writing it must not fail.
+    bad = record(0, error=True, id="row-\udc80", note="x\udc80", deep=["\ud800"])
+    bad["error"] = "kept column 'note' holds \udc80"
+    table = records_to_table([bad, record(1, note="caf\u00e9", deep=None)], ["note", "deep"])
+    assert table.column("id").to_pylist() == ["row-\\udc80", "row-1"]
+    assert table.column("error").to_pylist() == ["kept column 'note' holds \\udc80", None]
+    kinds = part_kinds(table.schema)
+    note = decode_kept(table.column("note").combine_chunks(), kinds["note"])
+    assert note.to_pylist() == ["x\\udc80", "caf\u00e9"]  # six characters, not a surrogate
+    deep = decode_kept(table.column("deep").combine_chunks(), kinds["deep"])
+    assert deep.to_pylist() == ['["\\ud800"]', None]  # JSON text that names the surrogate
+
+
 def test_part_writer_flushes_every_n_rows():
     store = FakeStore()
     writer = PartWriter(store, every_rows=3, every_seconds=None)
