@@ -100,11 +100,34 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest of a checkpoint directory, or None if there is none."""
+    """The manifest of a checkpoint directory, or None if there is none.
+
+    Raises:
+        CheckpointError: the manifest is empty, not JSON, or lacks ``num_shards`` and
+            ``fingerprint``; nothing in the directory can be trusted then.
+    """
+    path = Path(directory) / MANIFEST
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise _damaged(path, str(err)) from None
+    if not isinstance(manifest, dict):
+        raise _damaged(path, f"it holds a JSON {type(manifest).__name__}, not an object")
+    shards = manifest.get("num_shards")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise _damaged(path, f"num_shards is {shards!r}")
+    if not isinstance(manifest.get("fingerprint"), str):
+        raise _damaged(path, "it has no fingerprint")
+    return manifest
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"the checkpoint manifest {path} is damaged ({why}), so none of its checkpoint can be "
+        "trusted; run the job again with --overwrite to start over"
+    )
 
 
 def jsonable(obj: Any) -> Any:
@@ -311,7 +334,13 @@ class CheckpointStore:
     def _prepare_manifest(
         self, spec: dict, fingerprint: str, fields: dict, overwrite: bool
     ) -> tuple[dict, bool, list[str]]:
-        manifest, cleaned = read_manifest(self.directory), []
+        cleaned: list[str] = []
+        try:
+            manifest = read_manifest(self.directory)
+        except CheckpointError:
+            if not overwrite:
+                raise
+            manifest = None  # damaged: --overwrite discards it below with everything else
         same = manifest is not None and manifest.get("fingerprint") == fingerprint
         same = same and manifest.get("num_shards") == self.n
         if overwrite and same:

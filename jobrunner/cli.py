@@ -57,11 +57,20 @@ def _run_options(func):
             "--checkpoint-every",
             help="Checkpoint interval: rows (500), time (30s, 5m) or both (500,30s).",
         ),
+        click.option(
+            "--checkpoint-dir",
+            type=click.Path(path_type=Path),
+            help="Parts, manifest and locks (default: OUTPUT.parts/).",
+        ),
         click.option("--workers", type=int, help="Preprocessing threads."),
         click.option("--sort-window", type=int, help="Rows sorted by length together."),
         click.option("--max-image-pixels", type=int),
         click.option("--no-chat", is_flag=True, default=None, help="Send prompts as they are."),
-        click.option("--overwrite", is_flag=True, default=None, help="Start over."),
+        click.option(
+            "--overwrite/--no-overwrite",
+            default=None,
+            help="Start over / resume (overrides `overwrite` in a job file).",
+        ),
         click.option("--quiet", is_flag=True, default=None, help="No progress output."),
     ]
     for option in reversed(options):
@@ -107,8 +116,8 @@ def run(input_path: Path, **flags) -> None:
         raise _ConfigError(str(err)) from None
     except Interrupted as err:
         reporter.close()
-        # The same command resumes; --overwrite would throw the saved rows away.
-        command = shlex.join(["jobrunner", *(a for a in sys.argv[1:] if a != "--overwrite")])
+        from_file = spec.overwrite and input_path.suffix == ".toml"  # maybe `overwrite = true`
+        command = shlex.join(_resume_args(sys.argv[1:], from_file))
         click.echo(f"jobrunner: interrupted by {err}; finished rows are saved.", err=True)
         click.echo(f"jobrunner: resume with: {command}", err=True)
         sys.exit(128 + err.signum)
@@ -123,6 +132,14 @@ def run(input_path: Path, **flags) -> None:
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
         sys.exit(EXIT_OK)
     sys.exit(EXIT_ROW_ERRORS if result.errors else EXIT_OK)
+
+
+def _resume_args(args: list[str], overwrite_in_file: bool) -> list[str]:
+    """The command that resumes a run started with ``args``: the same one without
+    ``--overwrite``, plus ``--no-overwrite`` when the job file may set ``overwrite = true``;
+    either would throw the saved rows away."""
+    args = [a for a in args if a != "--overwrite"]
+    return ["jobrunner", *args, *(["--no-overwrite"] if overwrite_in_file else [])]
 
 
 def _build_spec(input_path: Path, flags: dict):
@@ -148,6 +165,7 @@ def _build_spec(input_path: Path, flags: dict):
         "quantize": None if flags["quantize"] is None else int(flags["quantize"]),
         "shard": _shard(flags["shard"]),
         "image_root": flags["image_root"],
+        "checkpoint_dir": flags["checkpoint_dir"],
         **_checkpoint_every(flags["checkpoint_every"]),
         "workers": flags["workers"],
         "sort_window": flags["sort_window"],
@@ -161,8 +179,9 @@ def _build_spec(input_path: Path, flags: dict):
             file_values = load_job_file(input_path)
         else:
             file_values = {"input": input_path.absolute()}
-        if cli["output"] is not None:
-            cli["output"] = cli["output"].absolute()
+        for key in ("output", "checkpoint_dir"):
+            if cli[key] is not None:
+                cli[key] = cli[key].absolute()
         return build_spec(file_values, cli)
     except SpecError as err:
         raise _ConfigError(str(err)) from None
@@ -195,17 +214,49 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+_JOB_ARGUMENT = click.argument("target", metavar="OUTPUT|JOB.toml", type=click.Path(path_type=Path))
+_CHECKPOINT_DIR = click.option(
+    "--checkpoint-dir",
+    type=click.Path(path_type=Path),
+    help="The job's checkpoint folder, if not OUTPUT.parts/ (a job file says it itself).",
+)
+
+
+def _job_paths(target: Path, checkpoint_dir: Path | None) -> tuple[Path, Path]:
+    """The output file and checkpoint folder of a job named by its output or its job file."""
+    from .spec import SpecError, default_parts_dir, job_file_paths, load_job_file
+
+    if target.suffix == ".toml":
+        try:
+            output, parts = job_file_paths(load_job_file(target))
+        except SpecError as err:
+            raise _ConfigError(str(err)) from None
+    else:
+        output, parts = target, default_parts_dir(target)
+    return output, checkpoint_dir or parts
+
+
+def _no_job(what: str) -> _ConfigError:
+    hint = "if the job sets checkpoint_dir, give its job file (JOB.toml) or --checkpoint-dir"
+    return _ConfigError(f"{what}; {hint}")
+
+
 @main.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@_JOB_ARGUMENT
+@_CHECKPOINT_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(output: Path, as_json: bool) -> None:
-    """Progress of the job writing OUTPUT (done or not)."""
+def status(target: Path, checkpoint_dir: Path | None, as_json: bool) -> None:
+    """Progress of a job (done or not), named by its OUTPUT file or its JOB.toml file."""
+    from .checkpoint import CheckpointError
     from .merge import status as job_status
 
-    parts = output.with_name(output.name + ".parts")
+    output, parts = _job_paths(target, checkpoint_dir)
     if not parts.is_dir() and not output.exists():
-        raise _ConfigError(f"no job found for {output} (no {parts.name}/ and no output file)")
-    info = job_status(parts, output)
+        raise _no_job(f"no job found for {output} (no {parts}/ and no output file)")
+    try:
+        info = job_status(parts, output)
+    except CheckpointError as err:
+        raise _ConfigError(str(err)) from None
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -251,17 +302,23 @@ def _progress_line(name: str, info: dict, total: int | None) -> str:
 
 
 @main.command(name="merge")
-@click.argument("output", type=click.Path(path_type=Path))
-def merge_command(output: Path) -> None:
-    """Join the parts of every (finished) shard into OUTPUT."""
+@_JOB_ARGUMENT
+@_CHECKPOINT_DIR
+def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
+    """Join the parts of every (finished) shard of a job, named by its OUTPUT file or its
+    JOB.toml file, into the output file."""
     from .checkpoint import CheckpointError
     from .merge import merge
 
-    parts = output.with_name(output.name + ".parts")
+    output, parts = _job_paths(target, checkpoint_dir)
+    if not parts.is_dir():
+        raise _no_job(f"nothing to merge for {output}: no checkpoint folder {parts}/")
     try:
         info = merge(parts, output)
     except CheckpointError as err:
         raise _ConfigError(str(err)) from None
+    except OSError as err:  # e.g. a read-only folder: the parts stay, merge again once fixed
+        raise _ConfigError(f"cannot write {output}: {err.strerror or err}") from None
     click.echo(f"wrote {info.path}: {info.rows} rows, {info.errors} errors")
     sys.exit(EXIT_ROW_ERRORS if info.errors else EXIT_OK)
 

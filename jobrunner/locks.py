@@ -79,8 +79,20 @@ class JobLock:
         return self._fd is not None
 
     def acquire(self) -> JobLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock.
+
+        Raises:
+            LockHeld: another live process holds it.
+            CheckpointError: the lock file cannot be created (read-only or missing folder).
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot create the lock file {self.path}: {err.strerror or err}; choose a "
+                "writable place for the output and checkpoint folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -228,8 +228,10 @@ def merge(
         rows_per_group: Parquet row group size, also the merge window.
 
     Raises:
-        IncompleteJob: some shard is missing or unfinished.
-        CheckpointError: damaged parts, or rows missing/duplicated.
+        IncompleteJob: some shard is missing or unfinished: the only error that means "merge
+            later" (a shard that finishes while others run gets it; the last one merges).
+        CheckpointError: anything else (damaged manifest or parts, rows missing/duplicated):
+            the output cannot be written until it is fixed.
     """
     directory, output_path = Path(directory), Path(output_path)
     manifest = read_manifest(directory)

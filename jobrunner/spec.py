@@ -32,9 +32,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from jobrunner.writers import INDEX_COLUMN, RESULT_FIELDS
+
 INPUT_SUFFIXES = (".jsonl", ".parquet")
-# Output columns every result row has; kept input columns may not reuse these names.
-RESERVED_COLUMNS = ("id", "output", "finish_reason", "error", "prompt_tokens", "output_tokens")
+# Output columns every result row has, in file order; kept input columns may not reuse these
+# names. Derived from the writer's schema so the two never disagree.
+RESERVED_COLUMNS = (*(f.name for f in RESULT_FIELDS), INDEX_COLUMN)
+# What a template field may do to its value: the three conversions str.format knows.
+_CONVERSIONS = (None, "r", "s", "a")
 DTYPES = {
     "float16": "float16",
     "fp16": "float16",
@@ -128,7 +133,7 @@ class JobSpec:
     @property
     def parts_dir(self) -> Path:
         """The checkpoint folder: ``checkpoint_dir`` or ``OUTPUT.parts/`` next to the output."""
-        return self.checkpoint_dir or self.output.with_name(self.output.name + ".parts")
+        return self.checkpoint_dir or default_parts_dir(self.output)
 
     def owns_row(self, index: int) -> bool:
         """Whether row ``index`` belongs to this job's shard (a stable partition by index)."""
@@ -155,6 +160,16 @@ FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(JobSpec))
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(JobSpec)}
 
 
+def default_output(source: Path) -> Path:
+    """The output of a job that names none: ``INPUT_STEM.out.parquet`` next to the input."""
+    return source.with_name(source.stem + ".out.parquet")
+
+
+def default_parts_dir(output: Path) -> Path:
+    """The checkpoint folder of a job that names none: ``OUTPUT.parts/`` next to the output."""
+    return output.with_name(output.name + ".parts")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -176,7 +191,7 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
     taken as a hub id). ``shard`` may be ``"K/N"`` or ``[K, N]``.
 
     Raises:
-        SpecError: the file is missing or not TOML, or holds a key that is not a field.
+        SpecError: the file is missing, not UTF-8 or not TOML, or holds a key that is not a field.
     """
     path = Path(path)
     try:
@@ -184,6 +199,12 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise SpecError(f"job file not found: {path}", ("job_file",)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"job file {path} is not UTF-8 text (byte {exc.start}); TOML files must be UTF-8: "
+            "save it with that encoding",
+            ("job_file",),
+        ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SpecError(f"cannot read job file {path}: {exc}", ("job_file",)) from None
     for key in data:
@@ -200,6 +221,22 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
         if (base / model).exists():
             data["model"] = str(base / model)
     return data
+
+
+def job_file_paths(values: Mapping[str, Any]) -> tuple[Path, Path]:
+    """The output file and checkpoint folder a job file's values name, validating nothing else
+    (``jobrunner status`` and ``merge`` find a job this way, even when its input is gone).
+
+    Raises:
+        SpecError: the file names neither ``output`` nor ``input``.
+    """
+    output, source = values.get("output"), values.get("input")
+    if not isinstance(output, Path):
+        if not isinstance(source, Path):
+            raise SpecError("the job file sets neither `output` nor `input`", ("output",))
+        output = default_output(source)
+    checkpoint_dir = values.get("checkpoint_dir")
+    return output, checkpoint_dir if isinstance(checkpoint_dir, Path) else default_parts_dir(output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +301,8 @@ def _keep_columns(value: Any) -> tuple[str, ...]:
         raise _Bad("a list of column names (or one comma-separated string)")
     clash = [name for name in value if name in RESERVED_COLUMNS]
     if clash:
-        raise _Bad(f"column names other than the output columns {', '.join(RESERVED_COLUMNS)}")
+        names = ", ".join(RESERVED_COLUMNS)
+        raise _Bad(f"column names other than the output columns {names}; rename them in the input")
     return tuple(dict.fromkeys(value))
 
 
@@ -377,20 +415,48 @@ def template_fields(template: str) -> tuple[str, ...]:
 
     Raises:
         ValueError: unbalanced braces, positional fields (``{}``, ``{0}``), attribute or index
-            access (``{a.b}``, ``{a[0]}``) or nested fields in a format spec.
+            access (``{a.b}``, ``{a[0]}``), a conversion other than ``!r``/``!s``/``!a``, nested
+            fields in a format spec, or a format spec no value could take (``{a:zz}``).
     """
+    try:
+        template.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes a shell passed that are not UTF-8
+        bad = template[err.start : err.end].encode("utf-8", "backslashreplace").decode()
+        raise ValueError(f"the template holds text that is not valid Unicode ({bad})") from None
     names: list[str] = []
-    for _literal, name, format_spec, _conversion in string.Formatter().parse(template):
+    for _literal, name, format_spec, conversion in string.Formatter().parse(template):
         if name is None:
             continue
         if name == "" or name.isdigit():
             raise ValueError("positional field '{" + name + "}'; name a column, e.g. {caption}")
         if "." in name or "[" in name:
             raise ValueError(f"field '{{{name}}}' uses attribute/index access; use a plain column")
+        if conversion not in _CONVERSIONS:
+            raise ValueError(
+                f"field '{{{name}!{conversion}}}' has an unknown conversion; use !r, !s, !a or none"
+            )
         if format_spec and "{" in format_spec:
             raise ValueError(f"field '{{{name}}}' has a nested field in its format spec")
+        if format_spec and not _formattable(format_spec, converted=conversion is not None):
+            raise ValueError(f"field '{{{name}}}' has an invalid format spec ':{format_spec}'")
         names.append(name)
     return tuple(dict.fromkeys(names))
+
+
+def _formattable(format_spec: str, converted: bool) -> bool:
+    """Whether some column value could take ``format_spec``: text, or (unconverted) a number.
+
+    A spec only numbers take (``{n:.2f}``) passes: whether a row's value is a number is known
+    per row, and a row that is not becomes an error record.
+    """
+    samples = ("",) if converted else ("", 0, 0.0)
+    for sample in samples:
+        try:
+            format(sample, format_spec)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 def build_spec(
@@ -452,7 +518,7 @@ def _check_input_output(values: dict[str, Any]) -> list[tuple[str, str]]:
         return [("input", f"unsupported file type ({got}) for {source}; use .jsonl or .parquet")]
     output: Path | None = values["output"]
     if output is None:
-        output = values["output"] = source.with_name(source.stem + ".out.parquet")
+        output = values["output"] = default_output(source)
     if output.suffix.lower() != ".parquet":
         return [("output", f"{output} must end with .parquet; {_fix('output')}")]
     if output.resolve() == source.resolve():
@@ -461,7 +527,27 @@ def _check_input_output(values: dict[str, Any]) -> list[tuple[str, str]]:
         return [("output", f"{output} is a folder; give a file name ending in .parquet")]
     if values["checkpoint_dir"] is not None and values["checkpoint_dir"] == output:
         return [("checkpoint_dir", "must differ from the output file; " + _fix("checkpoint_dir"))]
-    return []
+    # Checked now, before the model loads, not when the lock or the merge first writes there.
+    folders = [("output", output.parent), ("checkpoint_dir", values["checkpoint_dir"])]
+    if values["checkpoint_dir"] is None:  # OUTPUT.parts/: the output's place is to blame
+        folders[1] = ("output", default_parts_dir(output))
+    problems: dict[str, str] = {}
+    for field, folder in folders:
+        if field not in problems and (why := _unwritable(folder)):
+            problems[field] = f"{why}; {_fix(field)} to a writable place"
+    return list(problems.items())
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (made when missing), or None if they can."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create the folder {folder}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in the folder {existing} (read-only file system or no permission)"
+    return None
 
 
 _OTHER_CHECKED = {

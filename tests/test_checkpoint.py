@@ -331,6 +331,28 @@ def test_shard_folders_without_manifest_are_not_trusted(tmp_path):
         open_store(directory)
 
 
+@pytest.mark.parametrize("text", ["", '{"num_shards": 1, "fing', "[]", "null", '{"x": 1}'])
+def test_damaged_manifest_is_refused_and_overwrite_replaces_it(tmp_path, text):
+    directory = tmp_path / "parts"
+    store, lock, _ = open_store(directory)
+    store.write_part(table_of([0, 1]))
+    lock.release()
+    (directory / "manifest.json").write_text(text)
+    store = CheckpointStore(directory)
+    with store.lock():
+        for read in (
+            lambda: store.open_or_create(SPEC, fingerprint_of(FIELDS), FIELDS),
+            lambda: status(directory),
+            lambda: merge(directory, tmp_path / "out.parquet"),
+        ):
+            with pytest.raises(CheckpointError, match="manifest.json is damaged.*--overwrite"):
+                read()
+    store, lock, info = open_store(directory, overwrite=True)
+    assert info.rows_done == 0 and not info.resumed
+    assert checkpoint.read_manifest(directory)["fingerprint"] == fingerprint_of(FIELDS)
+    lock.release()
+
+
 def test_total_rows_change_is_refused(tmp_path):
     directory = tmp_path / "parts"
     _, lock, info = open_store(directory, total=10)
@@ -396,6 +418,14 @@ def test_lock_is_exclusive_within_a_process_and_released(tmp_path):
             JobLock(path).acquire()
     assert not is_locked(path)
     JobLock(path).acquire().release()
+
+
+def test_lock_in_unwritable_place_is_a_checkpoint_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CheckpointError, match="cannot create the lock file") as exc:
+        JobLock(blocker / "parts" / "x.lock").acquire()
+    assert not isinstance(exc.value, LockHeld)
 
 
 def test_shards_lock_independently(tmp_path):

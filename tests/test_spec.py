@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from jobrunner import writers
 from jobrunner.checkpoint import describe_changes
 from jobrunner.spec import (
+    RESERVED_COLUMNS,
     JobSpec,
     SpecError,
     build_spec,
     fingerprint,
     fingerprint_fields,
     input_identity,
+    job_file_paths,
     load_job_file,
     template_fields,
 )
@@ -98,6 +101,28 @@ def test_job_file_missing(tmp_path: Path) -> None:
         load_job_file(tmp_path / "nope.toml")
 
 
+def test_job_file_not_utf8_says_so(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_bytes('model = "tiny"\nprompt = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(SpecError, match="job.toml is not UTF-8") as info:
+        load_job_file(job)
+    assert info.value.fields == ("job_file",)
+
+
+def test_job_file_paths_name_output_and_checkpoint_folder(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('input = "rows.jsonl"\ncheckpoint_dir = "ck"\n')
+    assert job_file_paths(load_job_file(job)) == (tmp_path / "rows.out.parquet", tmp_path / "ck")
+    job.write_text('output = "o/r.parquet"\n')
+    assert job_file_paths(load_job_file(job)) == (
+        tmp_path / "o" / "r.parquet",
+        tmp_path / "o" / "r.parquet.parts",
+    )
+    job.write_text('model = "m"\n')
+    with pytest.raises(SpecError, match="neither `output` nor `input`"):
+        job_file_paths(load_job_file(job))
+
+
 BAD_VALUES = [
     ("max_tokens", 0),
     ("max_tokens", "ten"),
@@ -123,10 +148,14 @@ BAD_VALUES = [
     ("quiet", 1),
     ("chat", "no"),
     ("keep_columns", ["output"]),
+    ("keep_columns", ["row_index"]),
     ("keep_columns", 5),
     ("prompt", "{}"),
     ("prompt", "Describe {a"),
     ("prompt", "{a.b}"),
+    ("prompt", "Q: {prompt!z}"),
+    ("prompt", "{a:zz}"),
+    ("prompt", "{a!r:d}"),
     ("prompt", "  "),
     ("id_column", ""),
     ("image_column", 3),
@@ -171,6 +200,38 @@ def test_cross_field_errors_name_the_field(
         spec_for(data, **values)
     assert field in info.value.fields
     assert f"{field}:" in str(info.value)
+
+
+def test_reserved_columns_are_the_output_columns() -> None:
+    assert set(RESERVED_COLUMNS) == writers.RESERVED_COLUMNS
+    assert RESERVED_COLUMNS == tuple(writers.results_schema().names)
+
+
+def test_output_under_a_file_is_refused(data: Path) -> None:
+    with pytest.raises(SpecError, match="is a file, not a folder") as info:
+        spec_for(data, output=data / "out.parquet")
+    assert info.value.fields == ("output",)  # not also the default checkpoint folder under it
+    with pytest.raises(SpecError, match="rows.jsonl is a file") as info:
+        spec_for(data, checkpoint_dir=data / "ck")
+    assert info.value.fields == ("checkpoint_dir",)
+
+
+@pytest.mark.parametrize("field", ["output", "checkpoint_dir"])
+def test_unwritable_folder_is_named(
+    data: Path, monkeypatch: pytest.MonkeyPatch, field: str
+) -> None:
+    # A read-only mount or a folder without write permission (os.access says so even for root
+    # on a read-only file system; chmod cannot show it when the tests run as root).
+    locked = data.parent / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    target = {"output": locked / "new" / "out.parquet", "checkpoint_dir": locked / "ck"}
+    with pytest.raises(SpecError, match=f"cannot write in the folder {locked} ") as info:
+        spec_for(data, **{field: target[field]})
+    assert info.value.fields == (field,)
+    assert "--" + field.replace("_", "-") in str(info.value)
+    assert spec_for(data, output=data.parent / "new" / "out.parquet")  # a folder to be made
 
 
 def test_output_may_not_be_the_input(tmp_path: Path) -> None:
@@ -225,8 +286,16 @@ def test_to_dict_is_json_and_round_trips(data: Path, tmp_path: Path) -> None:
 def test_template_fields() -> None:
     assert template_fields("{a} {{b}} {c:>5} {a} {my col}") == ("a", "c", "my col")
     assert template_fields("no fields {{}}") == ()
+    # conversions str.format knows, and format specs that numbers (only) take, pass
+    assert template_fields("{a!r} {b!s:>4} {c!a} {n:.2f} {m:05d}") == ("a", "b", "c", "n", "m")
     with pytest.raises(ValueError, match="positional"):
         template_fields("{0}")
+    with pytest.raises(ValueError, match="unknown conversion"):
+        template_fields("{prompt!z}")
+    with pytest.raises(ValueError, match="invalid format spec ':zz'"):
+        template_fields("{a:zz}")
+    with pytest.raises(ValueError, match=r"not valid Unicode \(\\udcff\)"):
+        template_fields("Caption \udcff {a}")  # a non-UTF-8 byte from the command line
 
 
 # --- fingerprint -------------------------------------------------------------------------------

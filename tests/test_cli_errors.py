@@ -1,0 +1,165 @@
+"""`jobrunner` on bad input and after interruptions: clear messages (never a traceback), exit 2
+before any work, resume commands that resume, and status/merge that find the job's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobrunner import runner
+from jobrunner.cli import main
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """Four text-only rows (nothing to decode: the model alone sets the pace)."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"Say {i}."}) + "\n" for i in range(4))
+    )
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def no_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the job starts (configuration errors must stop before the model)."""
+
+    def run_job(spec, reporter=None):
+        raise AssertionError("run_job was called")
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["DATA", "--output", "DATA/x.parquet"], "data.jsonl is a file, not a folder"),
+        (["DATA", "--checkpoint-dir", "DATA/ck"], "checkpoint_dir: cannot create the folder"),
+        (["DATA", "--keep-columns", "row_index"], "other than the output columns"),
+        (["DATA", "--prompt", "Q: {prompt!z}"], "unknown conversion"),
+        (["DATA", "--prompt", "Q: {prompt:zz}"], "invalid format spec"),
+        (["BAD_TOML"], "is not UTF-8"),
+    ],
+)
+def test_bad_input_exits_2_before_any_work(data, tmp_path, no_run, args, fragment):
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_bytes(b'model = "tiny"\nprompt = "\xff"\n')
+    names = {"DATA": str(data), "BAD_TOML": str(bad_toml)}
+    args = [names.get(a, a.replace("DATA", str(data))) for a in args]
+    result = invoke("run", *args, "--model", "org/model")
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_damaged_manifest_is_explained_and_overwrite_starts_over(data, tiny_model_dir):
+    output = data.with_name("out.parquet")
+    parts = output.with_name("out.parquet.parts")
+    parts.mkdir()
+    (parts / "manifest.json").write_text("")
+    args = ["run", data, "--model", tiny_model_dir, "--output", output, "--max-tokens", 2]
+    for result in (invoke("status", output), invoke("merge", output), invoke(*args, "--quiet")):
+        assert result.exit_code == 2, result.output
+        assert "manifest.json is damaged" in result.output and "--overwrite" in result.output
+    result = invoke(*args, "--quiet", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(output).num_rows == 4
+    assert invoke("status", output).exit_code == 0
+
+
+def interrupted_run(monkeypatch, argv: list[str]) -> str:
+    """Run ``jobrunner ARGV`` with a job that is interrupted; return the printed resume command."""
+
+    def run_job(spec, reporter=None):
+        raise runner.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/jobrunner", *argv])
+    result = invoke(*argv)
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("jobrunner: resume with: ")]
+    return line.removeprefix("jobrunner: resume with: ")
+
+
+def spec_of_command(monkeypatch, command: str):
+    """The job spec that ``command`` (as printed) would run."""
+    seen = []
+
+    def run_job(spec, reporter=None):
+        seen.append(spec)
+        raise runner.ConfigError("stop here")
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    program, *args = shlex.split(command)
+    assert program == "jobrunner"
+    assert invoke(*args).exit_code == 2
+    return seen[0]
+
+
+@pytest.mark.parametrize(("in_file", "flag"), [(True, []), (False, ["--overwrite"])])
+def test_resume_command_keeps_the_saved_rows(data, monkeypatch, in_file, flag):
+    job = data.with_name("job.toml")
+    job.write_text(
+        f'input = "data.jsonl"\nmodel = "org/model"\noverwrite = {str(in_file).lower()}\n'
+    )
+    command = interrupted_run(monkeypatch, ["run", str(job), *flag, "--quiet"])
+    assert spec_of_command(monkeypatch, command).overwrite is False
+    # and a plain re-run of that job still starts over, as its file says
+    assert spec_of_command(monkeypatch, f"jobrunner run {job}").overwrite is in_file
+
+
+def test_status_and_merge_find_a_job_file_checkpoint_dir(data, tiny_model_dir):
+    job = data.with_name("job.toml")
+    job.write_text(
+        f'input = "data.jsonl"\nmodel = "{tiny_model_dir}"\noutput = "out.parquet"\n'
+        'checkpoint_dir = "ck"\nmax_tokens = 2\nquiet = true\n'
+    )
+    output, ck = data.with_name("out.parquet"), data.with_name("ck")
+    assert invoke("run", job, "--shard", "0/2").exit_code == 0
+    assert (ck / "manifest.json").is_file()
+
+    lost = invoke("status", output)  # OUTPUT.parts/ does not exist: say how to find the job
+    assert lost.exit_code == 2 and "checkpoint_dir" in lost.output and "JOB.toml" in lost.output
+    for args in (["status", job], ["status", output, "--checkpoint-dir", ck]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert "2/4 rows" in result.output and "shard-00001-of-00002: 0/2 rows" in result.output
+    result = invoke("merge", job)
+    assert result.exit_code == 2 and "shard 1/2 has not started" in result.output
+
+    assert invoke("run", job, "--shard", "1/2").exit_code == 0
+    output.unlink()  # merge again by hand
+    result = invoke("merge", job)
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(output).column("row_index").to_pylist() == [0, 1, 2, 3]
+    assert "complete" in invoke("status", job).output
+
+
+def test_checkpoint_dir_flag(data, tmp_path, monkeypatch):
+    command = f"jobrunner run {data} --model org/model --checkpoint-dir {tmp_path / 'ck'}"
+    assert spec_of_command(monkeypatch, command).parts_dir == tmp_path / "ck"
+
+
+def test_failed_merge_of_a_finished_job_is_not_success(data, tiny_model_dir, monkeypatch):
+    from jobrunner import merge
+    from jobrunner.checkpoint import CheckpointError
+
+    def damaged(*args, **kwargs):
+        raise CheckpointError("damaged part in shard 0/1 (part-000000.parquet)")
+
+    monkeypatch.setattr(merge, "_collect_parts", damaged)
+    output = data.with_name("out.parquet")
+    result = invoke("run", data, "--model", tiny_model_dir, "--output", output, "--max-tokens", 2)
+    assert not output.exists()
+    assert result.exit_code != 0 and "damaged part" in result.output
