@@ -237,7 +237,7 @@ def test_prefill_flops_count_causal_attention():
 def test_peer_mode_runs_mlx_vlm_on_the_same_rows(tmp_path):
     """Mode 6 (mlx-vlm, installed by the dev extra) runs its batch_generate on the small
     preset's model and rows: every row once, max_tokens each; its rows without an image give
-    jobrunner's text, and rows it ran together are checked against each alone."""
+    jobrunner's text, and rows given in one call are checked against each alone."""
     out = tmp_path / "bench.json"
     args = ["bench", "--preset", "small", "--rows", "12", "--max-tokens", "3", "--batch-size", "4"]
     result = CliRunner().invoke(main, [*args, "--modes", "sorted", "--peer", "--json", str(out)])
@@ -250,7 +250,7 @@ def test_peer_mode_runs_mlx_vlm_on_the_same_rows(tmp_path):
     without_image = report["peer"]["rows_without_image"]
     assert without_image["compared"] >= 2 and without_image["same"] == without_image["compared"]
     assert report["peer"]["rows_with_image"]["compared"] == 12 - without_image["compared"]
-    # its text-only rows run together; they are checked against each row alone
+    # its text-only rows share a call; they are checked against each row alone
     assert report["peer"]["rows_checked_alone"] >= 2
     assert report["peer"]["rows_same_as_alone"] == report["peer"]["rows_checked_alone"]
 

@@ -20,12 +20,13 @@ What the harness adapts, none of which changes what mlx-vlm computes:
   image go in calls of their own, ``batch_size`` at a time; rows with one, ``batch_size`` at a
   time in input order (it groups them by image size itself).
 
-Reported besides the rates: whether rows it ran together give the text each gives alone (its
-exactness), and how many rows give the same text as a jobrunner mode. Texts are compared without
-U+FFFD: mlx-vlm's streaming detokenizer drops the replacement characters of incomplete byte
-sequences that ``decode`` keeps. Prompt and generated token counts are mlx-vlm's own; padding is
-counted on jobrunner's tokenization of the same calls; peak memory includes jobrunner's model,
-which stays loaded.
+Reported besides the rates: whether rows given to it in one call with others (it batches rows
+without an image, and splits a call's image rows into groups of one size) give the text each
+gives alone (its exactness), and how many rows give the same text as a jobrunner mode. Texts are
+compared without U+FFFD: mlx-vlm's streaming detokenizer drops the replacement characters of
+incomplete byte sequences that ``decode`` keeps. Prompt and generated token counts are mlx-vlm's
+own; padding is counted on jobrunner's tokenization of the same calls; peak memory includes
+jobrunner's model, which stays loaded.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ _CLIP_FIELDS = (
     "num_channels",
     "layer_norm_eps",
 )
-EXACTNESS_ROWS = 8  # rows run together that are run again alone
+EXACTNESS_ROWS = 8  # rows given in one call with others, run again alone
 
 
 class PeerUnavailable(Exception):
@@ -203,7 +204,7 @@ def run_peer(
             "calls_that_could_not_batch": len(errors),
             "first_error": errors[0] if errors else None,
             "failed_call_seconds": failed,
-            "rows_run_together": len(together),
+            "rows_in_shared_calls": len(together),
             "rows_checked_alone": len(checked),
             "rows_same_as_alone": sum(
                 comparable(texts[i]) == comparable(alone[i]) for i in checked

@@ -184,7 +184,7 @@ def _peer_lines(report: dict[str, Any]) -> list[str]:
             f"their rows together and ran them one by one: {extra['first_error']}"
         )
     lines.append(
-        f"  rows run together, then alone: {peer['rows_same_as_alone']}/"
+        f"  rows given in one call with others, then alone: {peer['rows_same_as_alone']}/"
         f"{peer['rows_checked_alone']} same text"
     )
     if "same_text_as" in peer:
