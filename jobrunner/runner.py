@@ -417,7 +417,8 @@ class _Session:
                 model_id=spec.model,
                 model_revision=identity.get("revision") or identity.get("weights"),
             ).to_dict()
-            metadata.pop("fingerprint")  # merge takes it from the manifest
+            for key in ("fingerprint", "fingerprint_fields"):  # merge takes them from the manifest
+                metadata.pop(key)
             info = merge(spec.parts_dir, spec.output, total, metadata=metadata)
             merged = True
             summary |= {"rows_ok": info.rows - info.errors, "rows_error": info.errors}

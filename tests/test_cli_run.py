@@ -82,6 +82,9 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert all(r["finish_reason"] == "length" and r["output_tokens"] == MAX_TOKENS for r in rows)
     meta = json.loads(pq.read_schema(output).metadata[b"jobrunner"])
     assert meta["spec"]["max_tokens"] == MAX_TOKENS and meta["fingerprint"]
+    # what the fingerprint covers, from the manifest (the runner's metadata used to blank it)
+    assert meta["fingerprint_fields"]["max_tokens"] == MAX_TOKENS
+    assert meta["fingerprint_fields"]["model_identity"]["weights"]
     summary = json.loads(output.with_name("out.parquet.summary.json").read_text())
     assert summary["rows_ok"] == 8 and summary["rows_error"] == 0
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
