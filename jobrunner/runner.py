@@ -225,6 +225,7 @@ class _Session:
         self.model_seconds = 0.0
         self.feature_cache = self.prefix_cache = None  # made with the model
         self.read_error: InputReadError | None = None
+        self.rows_read = self.rows_with_image = 0  # this session's rows, for the column warning
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -271,6 +272,19 @@ class _Session:
         self.reporter.close()
         if warning := self.ids.warning():
             self.reporter.event(warning, error=True)
+        if warning := self._image_column_warning():
+            self.reporter.event(warning, error=True)
+
+    def _image_column_warning(self) -> str | None:
+        """A JSONL row may leave out its image, so a misspelt --image-column makes every row
+        text-only without an error; say so when the column was named and no row had it."""
+        column = self.spec.image_column
+        if column == "image" or self.rows_with_image or not self.rows_read:
+            return None
+        return (
+            f"warning: no row had an image in column '{column}' (from --image-column / "
+            "image_column); every row ran as text only. Check the column name."
+        )
 
     def _stop(self, queue: deque, reason: Exception) -> None:
         """Save what is done, drop the batches not started, and end the run with ``reason``."""
@@ -302,6 +316,8 @@ class _Session:
             self.ids.add(row.id)
             if self.store.is_done(row.index):
                 continue
+            self.rows_read += 1
+            self.rows_with_image += row.image is not None
             length, problem = self._estimate(row)
             if problem is not None:
                 self._error(row, problem)

@@ -338,3 +338,16 @@ def test_broken_preprocessor_config_exits_2(tiny_model_dir, dataset, tmp_path, c
     assert "Traceback" not in result.output
     assert "cannot load model" in result.output and "preprocessor_config.json" in result.output
     assert fragment in result.output
+
+
+def test_misspelt_image_column_warns_that_every_row_ran_text_only(tiny_model_dir, tmp_path):
+    """JSONL rows may leave out their image, so a wrong --image-column is no error; the run
+    says that no row had an image in the named column."""
+    write_image(tmp_path / "a.png", 40, 30, seed=1)
+    source = tmp_path / "pics.jsonl"
+    source.write_text(json.dumps({"id": "a", "picture": "a.png", "prompt": "Describe."}) + "\n")
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--max-tokens", "2"]
+    for column, warned in (("pic", True), ("picture", False)):
+        result = CliRunner().invoke(main, [*args, "--image-column", column, "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert ("no row had an image in column 'pic'" in result.output) == warned
