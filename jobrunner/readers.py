@@ -28,6 +28,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -259,7 +260,18 @@ def _jsonl_records(path: Path) -> Iterator[tuple[Mapping[str, Any], str | None]]
                 kind = type(record).__name__
                 yield {}, f"line {line_number} is a JSON {kind}, expected an object {{...}}"
                 continue
+            if _SURROGATE_ESCAPE.search(line):
+                record = _MaySurrogate(record)
             yield record, None
+
+
+# Only a \u escape gives a JSON string a lone surrogate (UTF-8 bytes cannot encode one, and
+# Arrow strings are valid UTF-8), so only such lines' kept values are searched for one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _MaySurrogate(dict):
+    """A JSONL record whose line holds a surrogate escape."""
 
 
 def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping, str | None]]:
@@ -289,6 +301,8 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping
         while True:
             try:
                 batch = next(batches, None)
+            except MemoryError:  # pyarrow's included: the machine's trouble, not the file's
+                raise
             except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... for bad pages
                 raise InputReadError(
                     f"{path} is damaged: row {start + read} and after (row group {group}, rows "
@@ -328,8 +342,9 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     image = _image_ref(record.get(options.image_column), options, base_dir, problems)
     prompt = _prompt(record, options, problems)
     extra = {name: record.get(name) for name in options.keep_columns}
-    for name, value in extra.items():
-        _check_text(value, f"kept column '{name}'", problems)
+    if isinstance(record, _MaySurrogate):  # walking every kept value of every row costs
+        for name, value in extra.items():
+            _check_text(value, f"kept column '{name}'", problems)
     return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None)
 
 
@@ -347,19 +362,21 @@ def _check_text(value: Any, what: str, problems: list[str]) -> bool:
 
 
 def _lone_surrogate(value: Any) -> str | None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return value[exc.start]
-        return None
-    if isinstance(value, dict):
-        items = [*value.keys(), *value.values()]
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
-        return None
-    return next((bad for item in items if (bad := _lone_surrogate(item)) is not None), None)
+    """The first lone surrogate in ``value`` or in the strings nested in it (any depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return item[exc.start]
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
 
 
 def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -> str:

@@ -6,11 +6,13 @@ checkpoint, streams the rows this shard still owes, and writes results as durabl
 shard is finished and every shard is complete, it merges the parts into the output file and writes
 ``OUTPUT.summary.json``.
 
-Rows that cannot be served (unreadable image, bad prompt, a failure inside generation, any
-exception while preparing one row) become error records; they never stop the job, and they count
-toward the checkpoint interval like other rows. SIGINT/SIGTERM finish the batch in flight, flush
-what is done and end with ``Interrupted``. An input file damaged partway (a corrupt Parquet page)
-ends the run with ``BadInput`` (exit 2) after the rows read before the damage are done and saved.
+Rows that cannot be served (unreadable image, bad prompt or text, a failure inside generation)
+become error records; they never stop the job, and they count toward the checkpoint interval like
+other rows. An unexpected exception while preparing a row (a bug, out of memory) stops the run
+instead, so that it does not mark every row done as an error. SIGINT/SIGTERM finish the batch in
+flight, flush what is done and end with ``Interrupted``. An input file damaged partway (a corrupt
+Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the damage are
+done and saved.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, write_summary
 
 PREFETCH_BATCHES = 2
+# What preparing a row raises for a bad row (image, prompt, text). Anything else is a fault of
+# the program or the machine (a bug, out of memory): it stops the run instead of becoming an
+# error record for every row, which a re-run after the fix would then skip as done.
+ROW_ERRORS = (ImageError, ValueError, OSError, UnicodeError)
 # Small model files that change outputs besides the weights: hashed whole for the fingerprint.
 MODEL_FILES = (
     "config.json",
@@ -333,8 +339,8 @@ class _Session:
         try:
             size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
             return self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat), None
-        except Exception as err:  # noqa: BLE001 - one row must never stop the job
-            return 0, _row_problem(err)
+        except ROW_ERRORS as err:
+            return 0, str(err)
 
     def _submit(self, pool: ThreadPoolExecutor, batch: list[int]) -> list[tuple[Row, Future]]:
         rows = [self.rows.pop(index) for index in batch]
@@ -349,8 +355,8 @@ class _Session:
         for row, future in batch:
             try:
                 ready.append((row, future.result()))
-            except Exception as err:  # noqa: BLE001 - one row must never stop the job
-                self._error(row, _row_problem(err))
+            except ROW_ERRORS as err:
+                self._error(row, str(err))
         if not ready:
             return
         self.stats.add([len(prepared.input_ids) for _, prepared in ready])
@@ -488,13 +494,6 @@ _SAVED = (
     "the rows before it are done and saved (see jobrunner status); repair or re-create the "
     "file and run again (with --overwrite, as a changed input is another job)"
 )
-
-
-def _row_problem(err: Exception) -> str:
-    """Error text for a row: our own messages as they are, anything unexpected with its type."""
-    if isinstance(err, (ImageError, ValueError, OSError)):
-        return str(err)
-    return f"cannot prepare the row: {_describe(err)}"
 
 
 def _describe(err: BaseException | None) -> str:

@@ -16,6 +16,7 @@ sampling parameters (``top_p``, ``top_k``, ``seed``) cannot change the output an
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -444,12 +445,15 @@ def template_fields(template: str) -> tuple[str, ...]:
 
 
 def _formattable(format_spec: str, converted: bool) -> bool:
-    """Whether some column value could take ``format_spec``: text, or (unconverted) a number.
+    """Whether some column value could take ``format_spec``: text, or (unconverted) a number or
+    a date and time (``{taken:%Y-%m-%d}``).
 
     A spec only numbers take (``{n:.2f}``) passes: whether a row's value is a number is known
     per row, and a row that is not becomes an error record.
     """
     samples = ("",) if converted else ("", 0, 0.0)
+    if not converted and "%" in format_spec:  # a date's spec (a date takes any other text too)
+        samples += (datetime.datetime(2000, 1, 1),)
     for sample in samples:
         try:
             format(sample, format_spec)

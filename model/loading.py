@@ -97,6 +97,10 @@ def weights_identity(model_dir: Path) -> str:
 _SAMPLE = 4096
 
 
+def _offset_pair(span: object) -> bool:
+    return isinstance(span, list) and len(span) == 2 and all(isinstance(k, int) for k in span)
+
+
 def _sample_offsets(header: bytes, data_start: int) -> list[int]:
     """File offsets of each tensor's first, middle and last ``_SAMPLE`` bytes, in file order."""
     try:
@@ -104,10 +108,11 @@ def _sample_offsets(header: bytes, data_start: int) -> list[int]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return []  # not a safetensors header; load reports it
     offsets = set()
-    for name, entry in entries.items():
-        if name == "__metadata__" or not isinstance(entry, dict):
-            continue
-        begin, end = entry.get("data_offsets", (0, 0))
+    for name, entry in entries.items() if isinstance(entries, dict) else ():
+        span = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name == "__metadata__" or not _offset_pair(span):
+            continue  # malformed: load reports it
+        begin, end = span
         last = max(begin, end - _SAMPLE)
         offsets.update(data_start + k for k in (begin, (begin + last) // 2, last))
     return sorted(offsets)

@@ -122,6 +122,13 @@ def test_weights_identity_changes_with_weights(tiny_model_dir, tiny_model_dir_ml
         assert same == (name is None)  # rewritten unchanged: the same header, the same hash
 
 
+def test_weights_identity_of_a_malformed_header_leaves_the_error_to_load(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}).encode()
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    assert len(weights_identity(tmp_path)) == 16  # no traceback before load's clear message
+
+
 def microsoft_config(rope_type: str) -> dict:
     return {
         "architectures": ["Phi3VForCausalLM"],

@@ -156,6 +156,18 @@ def test_lone_surrogates_are_error_rows(tmp_path: Path) -> None:
     assert rows[1].prompt is None and rows[0].prompt == "Q: fine"
 
 
+def test_kept_values_nested_deeper_than_the_call_stack_are_searched(tmp_path: Path) -> None:
+    def row(leaf: str, extra: str = "") -> str:  # "note" nested 800 lists deep
+        return '{"prompt": "p"' + extra + ', "note": ' + "[" * 800 + leaf + "]" * 800 + "}\n"
+
+    source = tmp_path / "rows.jsonl"
+    escape = '"\\ud800"'  # the six characters \ud800 in the JSON text
+    source.write_text(row('"fine"') + row('"fine"', ', "s": ' + escape) + row(escape))
+    rows = rows_of(source, keep_columns=("note",))
+    assert rows[0].error is None and rows[1].error is None  # an escape, but not in a kept value
+    assert "kept column 'note' holds text that is not valid Unicode" in rows[2].error
+
+
 def test_jsonl_path_struct(tmp_path: Path) -> None:
     save_image(tmp_path / "a.png", (3, 2))
     source = write_jsonl(tmp_path / "rows.jsonl", [{"image": {"path": "a.png"}, "prompt": "p"}])

@@ -643,3 +643,25 @@ def test_model_files_replaced_in_place_refuse_resume(tmp_path, tiny_model_dir, n
     code, text = cli("run", *args)
     assert code == 2, text
     assert f"model_identity.files.{name}: " in text and "--overwrite" in text, text
+
+
+def test_a_fault_in_preparing_rows_stops_the_run_and_marks_nothing_done(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A bug or out-of-memory while preparing rows is no bad row: recording it as each row's
+    error would mark every row done, and the re-run after the fix would skip them all."""
+    from model.processing import Processor
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(3)))
+    output = tmp_path / "out.parquet"
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    fault = AttributeError("'NoneType' object has no attribute 'encode'")
+    with monkeypatch.context() as patch:
+        patch.setattr(Processor, "estimate_tokens", lambda *a, **k: (_ for _ in ()).throw(fault))
+        result = CliRunner().invoke(main, [*args, "--max-tokens", "2", "--quiet"])
+    assert result.exception is fault  # the run stops (a traceback), no row recorded
+    assert not output.exists()
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")  # fixed: every row runs
+    assert code == 0, text
+    assert [r["finish_reason"] for r in rows(output)] == ["length"] * 3

@@ -288,6 +288,7 @@ def test_template_fields() -> None:
     assert template_fields("no fields {{}}") == ()
     # conversions str.format knows, and format specs that numbers (only) take, pass
     assert template_fields("{a!r} {b!s:>4} {c!a} {n:.2f} {m:05d}") == ("a", "b", "c", "n", "m")
+    assert template_fields("Photo taken {d:%Y-%m-%d}") == ("d",)  # a date column
     with pytest.raises(ValueError, match="positional"):
         template_fields("{0}")
     with pytest.raises(ValueError, match="unknown conversion"):
