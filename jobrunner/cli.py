@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_CONFIG, EXIT_LOCKED, EXIT_FAULT = 0, 1, 2, 3, 4
 
 
 class _ConfigError(click.ClickException):
@@ -103,7 +103,7 @@ def run(input_path: Path, **flags) -> None:
     """Run (or resume) a job: INPUT is a .jsonl or .parquet dataset, or a .toml job file."""
     from .checkpoint import CheckpointError, FingerprintMismatch, LockHeld
     from .progress import Reporter
-    from .runner import ConfigError, Interrupted, run_job
+    from .runner import ConfigError, GenerationFault, Interrupted, run_job
 
     spec = _build_spec(input_path, flags)
     reporter = Reporter(quiet=spec.quiet)
@@ -112,6 +112,9 @@ def run(input_path: Path, **flags) -> None:
     except LockHeld as err:
         click.echo(f"jobrunner: {err}", err=True)
         sys.exit(EXIT_LOCKED)
+    except GenerationFault as err:
+        click.echo(f"jobrunner: {err}", err=True)
+        sys.exit(EXIT_FAULT)
     except (ConfigError, FingerprintMismatch, CheckpointError) as err:
         raise _ConfigError(str(err)) from None
     except Interrupted as err:

@@ -9,7 +9,8 @@ shard is finished and every shard is complete, it merges the parts into the outp
 Rows that cannot be served (unreadable image, bad prompt or text, a failure inside generation)
 become error records; they never stop the job, and they count toward the checkpoint interval like
 other rows. An unexpected exception while preparing a row (a bug, out of memory) stops the run
-instead, so that it does not mark every row done as an error. SIGINT/SIGTERM finish the batch in
+instead, so that it does not mark every row done as an error; so do generation failures of
+``fault_limit`` rows in a row (``GenerationFault``). SIGINT/SIGTERM finish the batch in
 flight, flush what is done and end with ``Interrupted``. An input file damaged partway (a corrupt
 Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the damage are
 done and saved.
@@ -75,6 +76,12 @@ class ConfigError(Exception):
 
 class BadInput(ConfigError):
     """The input turned out unreadable partway (exit code 2); the rows before it are saved."""
+
+
+class GenerationFault(Exception):
+    """Generation failed for many rows in a row: a fault of the model or the machine (out of
+    memory, a broken backend), not of the rows. The run stops; the rows done are saved, the
+    failed ones are not recorded, so the same command runs them again once it is fixed."""
 
 
 class Interrupted(Exception):
@@ -231,6 +238,10 @@ class _Session:
         self.model_seconds = 0.0
         self.feature_cache = self.prefix_cache = None  # made with the model
         self.read_error: InputReadError | None = None
+        # generation failures since the last success: recorded as row errors once a row
+        # succeeds (or the run ends); enough of them in a row stop the run (GenerationFault)
+        self.failing: list[tuple[Row, str, int]] = []
+        self.fault_limit = max(16, 2 * spec.batch_size)
         self.rows_read = self.rows_with_image = 0  # this session's rows, for the column warning
 
     # -- the loop -------------------------------------------------------------------------------
@@ -266,7 +277,10 @@ class _Session:
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
             for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
-                self._run_batch(batch)
+                try:
+                    self._run_batch(batch)
+                except GenerationFault as fault:
+                    self._stop(queue, fault)
                 self.writer.maybe_flush()
                 if stop.signum is not None:
                     self._stop(queue, Interrupted(stop.signum))
@@ -274,6 +288,7 @@ class _Session:
                 self._stop(queue, Interrupted(stop.signum))
             if self.read_error is not None:  # every row read before the damage is done
                 self._stop(queue, BadInput(f"{self.read_error}; {_SAVED}"))
+        self._record_failures()  # fewer than fault_limit at the end: the rows' own
         self.writer.flush()
         self.reporter.close()
         if warning := self.ids.warning():
@@ -363,8 +378,16 @@ class _Session:
         started = time.monotonic()
         for (row, prepared), result in zip(ready, self._generate(ready), strict=True):
             if isinstance(result, str):
-                self._error(row, result, prompt_tokens=len(prepared.input_ids))
+                self.failing.append((row, result, len(prepared.input_ids)))
+                if len(self.failing) >= self.fault_limit:
+                    raise GenerationFault(
+                        f"generation failed for {len(self.failing)} rows in a row, the last with "
+                        f"{result}; stopped without recording them as errors, since this looks "
+                        "like a fault of the model or machine: fix it and run the same command "
+                        "again (finished rows are saved)"
+                    )
             else:
+                self._record_failures()
                 self._result(row, result)
         self.model_seconds += time.monotonic() - started
         self.reporter.update(self.rows_run, self.generated, self.errors)
@@ -391,6 +414,12 @@ class _Session:
         return [self._generate([item])[0] for item in ready]
 
     # -- records --------------------------------------------------------------------------------
+
+    def _record_failures(self) -> None:
+        """Generation failures of rows among successes are the rows' own: record them."""
+        for row, message, prompt_tokens in self.failing:
+            self._error(row, message, prompt_tokens=prompt_tokens)
+        self.failing = []
 
     def _result(self, row: Row, result) -> None:
         self.writer.add(

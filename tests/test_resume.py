@@ -665,3 +665,51 @@ def test_a_fault_in_preparing_rows_stops_the_run_and_marks_nothing_done(
     code, text = cli(*args, "--max-tokens", "2", "--quiet")  # fixed: every row runs
     assert code == 0, text
     assert [r["finish_reason"] for r in rows(output)] == ["length"] * 3
+
+
+def _failing_generation(monkeypatch, fails):
+    """``generate_batch`` raising for batches holding a row whose prompt ``fails``."""
+    import model.generate
+
+    real = model.generate.generate_batch
+
+    def generate_batch(model, processor, rows, *args, **kwargs):
+        if any(fails(processor.decode([i for i in row.input_ids if i >= 0])) for row in rows):
+            raise RuntimeError("device lost")
+        return real(model, processor, rows, *args, **kwargs)
+
+    monkeypatch.setattr(model.generate, "generate_batch", generate_batch)
+
+
+def test_a_row_that_fails_in_generation_is_an_error_record(tmp_path, tiny_model_dir, monkeypatch):
+    source = tmp_path / "rows.jsonl"
+    prompts = ["Say one.", "Say BOOM.", "Say three.", "Say four."]
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    output = tmp_path / "out.parquet"
+    _failing_generation(monkeypatch, lambda text: "BOOM" in text)
+    code, text = cli("run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
+                     "--max-tokens", "2", "--quiet")  # fmt: skip
+    assert code == 1, text
+    results = rows(output)
+    assert [r["finish_reason"] for r in results] == ["length", "error", "length", "length"]
+    assert results[1]["error"] == "generation failed: RuntimeError: device lost"
+
+
+def test_generation_failing_for_every_row_stops_and_records_none(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Many rows in a row failing in generation is a fault of the model or machine: recording
+    them as errors would mark them done, and the re-run after the fix would skip them."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(20)))
+    output = tmp_path / "out.parquet"
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    with monkeypatch.context() as patch:
+        _failing_generation(patch, lambda text: True)
+        code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 4, text
+    assert "generation failed for 16 rows in a row" in text and "device lost" in text
+    assert status_json(output)["rows_done"] == 0 and not output.exists()
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")  # fixed: every row runs
+    assert code == 0, text
+    assert [r["finish_reason"] for r in rows(output)] == ["length"] * 20
