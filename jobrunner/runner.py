@@ -300,7 +300,7 @@ class _Session:
         """A JSONL row may leave out its image, so a misspelt --image-column makes every row
         text-only without an error; say so when the column was named and no row had it."""
         column = self.spec.image_column
-        if column == "image" or self.rows_with_image or not self.rows_read:
+        if column == ReadOptions.image_column or self.rows_with_image or not self.rows_read:
             return None
         return (
             f"warning: no row had an image in column '{column}' (from --image-column / "
