@@ -1,4 +1,4 @@
-"""Batch planner: (row index, estimated length) pairs in, lists of row indices out.
+"""Batch planner: (row index, estimated length, image key) triples in, lists of row indices out.
 
 Pure functions of their inputs — no files, no model — so plans are deterministic and testable.
 
@@ -7,12 +7,20 @@ ties keep input order) and cuts the sorted run greedily into batches with at mos
 rows and at most ``max_batch_tokens`` slots, padding counted: ``len(batch) * longest_in_batch``.
 A row longer than the whole budget still forms a batch of its own, so no row is ever dropped.
 
+Rows with the same image key (several prompts over one image) stay together: the window is
+sorted as groups, by each group's longest row, and a group's rows follow each other longest
+first. The engine then finds the image's features and prompt prefix still cached when the
+group's next row runs, where a plain length sort scatters the rows of one image across the
+window and a cache that holds a few real-size prefixes has evicted them by then. The price is
+padding: a group's rows differ in length by their text alone. Rows whose key is ``None`` are
+groups of one, so a dataset without shared images is planned exactly as a plain sort would.
+
 Why longest first: padding is the same either way (it only depends on which rows share a batch),
 but the heaviest batch of each window then runs first, so a budget that does not fit in memory
 fails within seconds instead of hours into the job. Each window ends with its own (possibly
 short) batch rather than carrying rows into the next window, so a batch never waits on rows
 read far later. A window holds at least ``batch_size`` rows (else no batch could fill);
-``sort_window == 1`` keeps input order (no sorting).
+``sort_window == 1`` keeps input order (no sorting, no grouping).
 
 The lengths are whatever the caller wants bounded: prompt tokens bound prefill padding; adding
 ``max_tokens`` bounds the KV cache too.
@@ -21,12 +29,12 @@ The lengths are whatever the caller wants bounded: prompt tokens bound prefill p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from itertools import islice
 
 
 def plan_batches(
-    items: Iterable[tuple[int, int]],
+    items: Iterable[tuple[int, int, Hashable | None]],
     batch_size: int,
     max_batch_tokens: int,
     sort_window: int,
@@ -34,7 +42,8 @@ def plan_batches(
     """Group rows into length-sorted batches, streaming window by window.
 
     Args:
-        items: ``(index, estimated_length)`` per row, in input order; read lazily.
+        items: ``(index, estimated_length, image_key)`` per row, in input order; read lazily.
+            Rows with equal non-None keys are kept together; ``None`` shares with no row.
         batch_size: most rows per batch (>= 1).
         max_batch_tokens: most padded slots per batch (>= 1).
         sort_window: rows sorted together (>= 1; at least ``batch_size`` are read per window).
@@ -48,9 +57,26 @@ def plan_batches(
     rows = iter(items)
     # A window shorter than a batch would cap every batch at the window size.
     while window := list(islice(rows, max(sort_window, batch_size))):
+        pairs = [(index, length) for index, length, _ in window]
         if sort_window > 1:
-            window.sort(key=lambda item: -item[1])  # stable: equal lengths keep input order
-        yield from _cut(window, batch_size, max_batch_tokens)
+            pairs = _grouped_order(window)
+        yield from _cut(pairs, batch_size, max_batch_tokens)
+
+
+def _grouped_order(window: Sequence[tuple[int, int, Hashable | None]]) -> list[tuple[int, int]]:
+    """The window's rows, groups by their longest row and rows within a group longest first;
+    both sorts are stable, so ties keep input order."""
+    groups: dict[Hashable, list[tuple[int, int]]] = {}
+    for position, (index, length, key) in enumerate(window):
+        # a keyless row is a group of its own; positions cannot equal a caller's key
+        groups.setdefault(_Alone(position) if key is None else key, []).append((index, length))
+    ordered = sorted(groups.values(), key=lambda group: -max(length for _, length in group))
+    return [row for group in ordered for row in sorted(group, key=lambda row: -row[1])]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Alone:
+    position: int
 
 
 def _cut(

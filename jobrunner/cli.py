@@ -320,8 +320,12 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
         info = merge(parts, output)
     except CheckpointError as err:
         raise _ConfigError(str(err)) from None
-    except OSError as err:  # e.g. a read-only folder: the parts stay, merge again once fixed
-        raise _ConfigError(f"cannot write {output}: {err.strerror or err}") from None
+    except OSError as err:  # a read-only folder, an unreadable part: the parts stay as they are
+        where = f" ({err.filename})" if err.filename else ""
+        raise _ConfigError(
+            f"cannot merge into {output}: {err.strerror or err}{where}; "
+            "fix it and run `jobrunner merge` again"
+        ) from None
     click.echo(f"wrote {info.path}: {info.rows} rows, {info.errors} errors")
     sys.exit(EXIT_ROW_ERRORS if info.errors else EXIT_OK)
 

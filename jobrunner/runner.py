@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
     ImageError,
+    ImageRef,
     InputReadError,
     ReaderConfigError,
     ReadOptions,
@@ -316,8 +317,9 @@ class _Session:
                 future.cancel()
         raise reason
 
-    def _estimates(self, stop: _StopFlag) -> Iterator[tuple[int, int]]:
-        """(index, prompt length) of each runnable row; failed rows become error records.
+    def _estimates(self, stop: _StopFlag) -> Iterator[tuple[int, int, Hashable | None]]:
+        """(index, prompt length, image key) of each runnable row; failed rows become error
+        records. The planner keeps rows with one image key together (``image_key``).
 
         Ends early on a signal, or when the input turns out damaged (``read_error``), so the
         rows read so far are finished first. Error records are checkpointed here on the usual
@@ -345,7 +347,7 @@ class _Session:
                 self.writer.maybe_flush()
                 continue
             self.rows[row.index] = row
-            yield row.index, length
+            yield row.index, length, image_key(row.image)
 
     def _estimate(self, row: Row) -> tuple[int, str | None]:
         """(prompt length, None), or (0, what is wrong with the row)."""
@@ -502,6 +504,15 @@ class _Session:
             "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,
             "peak_memory_bytes": peak_memory_bytes(),
         }
+
+
+def image_key(ref: ImageRef | None) -> Hashable | None:
+    """Which rows the planner keeps together: one file path, or equal image bytes (Python's
+    cached hash of them; a collision only puts two images side by side). The engine's caches
+    key on the decoded pixels, so a key here never decides which features a row gets."""
+    if ref is None:
+        return None
+    return ref.path if ref.data is None else hash(ref.data)
 
 
 def _chain(batches, queue: deque, submit) -> Iterator:

@@ -11,7 +11,8 @@ from jobrunner.batching import PlanStats, padding_fraction, plan_batches
 
 
 def plan(lengths: list[int], batch_size: int, budget: int, window: int) -> list[list[int]]:
-    return list(plan_batches(enumerate(lengths), batch_size, budget, window))
+    items = [(i, length, None) for i, length in enumerate(lengths)]
+    return list(plan_batches(items, batch_size, budget, window))
 
 
 def batch_lengths(batches: list[list[int]], lengths: list[int]) -> list[list[int]]:
@@ -85,7 +86,7 @@ def test_plan_is_deterministic_and_lazy() -> None:
     first = plan(lengths, 8, 8192, 64)
     assert first == plan(lengths, 8, 8192, 64)
     # streaming: batches come out while the input is still endless
-    endless = ((i, 1 + i % 7) for i in itertools.count())
+    endless = ((i, 1 + i % 7, i % 3) for i in itertools.count())
     batches = plan_batches(endless, 4, 100, 16)
     assert sorted(itertools.chain.from_iterable(itertools.islice(batches, 4))) == list(range(16))
 
@@ -94,7 +95,7 @@ def test_plan_is_deterministic_and_lazy() -> None:
 def test_rejects_non_positive_parameters(bad: dict) -> None:
     params = {"batch_size": 1, "max_batch_tokens": 1, "sort_window": 1, **bad}
     with pytest.raises(ValueError):
-        list(plan_batches([(0, 1)], **params))
+        list(plan_batches([(0, 1, None)], **params))
 
 
 def test_padding_fraction_and_stats() -> None:
@@ -108,3 +109,71 @@ def test_padding_fraction_and_stats() -> None:
     stats.add([2])
     assert (stats.batches, stats.rows, stats.tokens, stats.slots) == (2, 3, 6, 8)
     assert stats.to_dict()["padding_fraction"] == pytest.approx(0.25)
+
+
+def grouped_plan(rows: list[tuple[int, str | None]], batch_size: int, window: int):
+    items = [(i, length, key) for i, (length, key) in enumerate(rows)]
+    return list(plan_batches(items, batch_size, 10**9, window))
+
+
+def test_rows_of_one_image_stay_together_groups_by_their_longest_row() -> None:
+    # a plain sort would give 9(a) 8(b) 7(c) 6(a) 5(b) 4(-) 3(c)
+    rows = [(6, "a"), (8, "b"), (3, "c"), (9, "a"), (4, None), (5, "b"), (7, "c")]
+    assert grouped_plan(rows, 2, 16) == [[3, 0], [1, 5], [6, 2], [4]]
+    # window 1: input order, no grouping
+    assert grouped_plan(rows, 2, 1) == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(1, 3000), st.one_of(st.none(), st.integers(0, 12))), max_size=120
+    ),
+    batch_size=st.integers(1, 12),
+    window=st.integers(2, 50),
+)
+def test_groups_contiguous_within_windows(rows, batch_size: int, window: int) -> None:
+    batches = grouped_plan(rows, batch_size, window)
+    order = list(itertools.chain.from_iterable(batches))
+    assert sorted(order) == list(range(len(rows)))
+    size = max(window, batch_size)
+    for start in range(0, len(rows), size):
+        chunk = order[start : start + size]
+        assert sorted(chunk) == list(range(start, min(start + size, len(rows))))
+        # a row without a key is a group of its own
+        groups = [rows[i][1] if rows[i][1] is not None else ("alone", i) for i in chunk]
+        runs = [
+            [i for i, _ in run]
+            for _, run in itertools.groupby(zip(chunk, groups, strict=True), key=lambda x: x[1])
+        ]
+        assert len(runs) == len(set(groups))  # each group is one run
+        for run in runs:  # rows within a group longest first, ties in input order
+            assert run == sorted(run, key=lambda i: (-rows[i][0], i))
+        # groups by their longest row, longest first
+        longest = [rows[run[0]][0] for run in runs]
+        assert longest == sorted(longest, reverse=True)
+
+
+def test_each_image_encoded_once_with_a_one_image_cache() -> None:
+    """Shuffled rows, one to three prompts per image (the bench's shape, scaled up): with a
+    cache that holds one image, a plain sort encodes far more images than there are; the
+    grouped plan encodes each once."""
+    rng = random.Random(0)
+    rows = []
+    for image in range(600):
+        size = rng.choice([757, 1205, 1921, 2497])  # Phi-3.5-V image slots, 4-16 crops
+        rows += [(size + rng.randint(10, 150), f"img{image}") for _ in range(rng.randint(1, 3))]
+    rng.shuffle(rows)
+
+    def encodes(batches: list[list[int]]) -> int:
+        cached, count = None, 0
+        for index in itertools.chain.from_iterable(batches):
+            count += rows[index][1] != cached
+            cached = rows[index][1]
+        return count
+
+    plain = plan([length for length, _ in rows], 8, 10**9, 4096)
+    grouped = grouped_plan(rows, 8, 4096)
+    assert encodes(grouped) == 600 < encodes(plain) * 0.6
+    lengths = [length for length, _ in rows]
+    assert padding_fraction(batch_lengths(grouped, lengths)) < 0.05

@@ -118,6 +118,41 @@ def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):
     assert summary["prefix_hits"] == 4  # two images, three prompts each
 
 
+def test_rows_of_one_image_run_together_so_a_small_prefix_cache_still_hits(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Three images of one size, a short and a long prompt each: a plain length sort runs the
+    three long rows, then the three short ones, so a cache holding one prefix never hits. The
+    planner keeps each image's rows together, so each image's second row finds its prefix."""
+    from model.cache import PrefixCache
+    from model.generate import kv_bytes_per_token, prompt_prefix
+
+    for seed, name in enumerate("abc"):
+        write_image(tmp_path / f"{name}.png", 64, 48, seed=seed)
+    prompts = ["Caption.", "Describe every object in this picture, one by one, in detail."]
+    rows = [
+        {"id": f"{name}-{p}", "image": f"{name}.png", "prompt": prompt}
+        for p, prompt in enumerate(prompts)
+        for name in "abc"
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, processor = load(str(tiny_model_dir))
+    prepared = processor.prepare(prompts[0], Image.open(tmp_path / "a.png"))
+    one_prefix = prompt_prefix(prepared)[0] * kv_bytes_per_token(model)
+    monkeypatch.setattr(
+        PrefixCache, "for_memory", classmethod(lambda cls, memory: cls(one_prefix * 3 // 2))
+    )
+    output = tmp_path / "qa.parquet"
+    code, text = run(
+        str(tmp_path / "qa.jsonl"), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", "2", "--batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, text
+    assert sorted(r["id"] for r in read(output)) == sorted(r["id"] for r in rows)
+    summary = json.loads(output.with_name("qa.parquet.summary.json").read_text())
+    assert summary["prefix_hits"] == 3
+
+
 def test_parquet_with_bytes_and_template(tiny_model_dir, dataset, expected, tmp_path):
     records = [json.loads(line) for line in dataset.read_text().splitlines()]
     table = pa.table(

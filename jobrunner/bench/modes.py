@@ -131,7 +131,11 @@ def _engine_result(mode, prepared, indices, seconds, tokens, padding, batches) -
 
 
 def plan(prepared, batch_size: int, max_batch_tokens: int, sort: bool) -> list[list[int]]:
-    items = [(i, len(row.input_ids)) for i, row in enumerate(prepared)]
+    # rows over one image kept together, as `jobrunner run` keeps rows of one image file
+    items = [
+        (i, len(row.input_ids), tuple(image.key for image in row.images) or None)
+        for i, row in enumerate(prepared)
+    ]
     window = len(items) if sort else 1
     return list(plan_batches(items, batch_size, max_batch_tokens, window))
 
