@@ -163,3 +163,19 @@ def test_failed_merge_of_a_finished_job_is_not_success(data, tiny_model_dir, mon
     result = invoke("run", data, "--model", tiny_model_dir, "--output", output, "--max-tokens", 2)
     assert not output.exists()
     assert result.exit_code != 0 and "damaged part" in result.output
+
+
+def test_merge_names_the_file_an_os_error_is_about(data, tiny_model_dir):
+    """A part that cannot be read is not a write error: the message names the part."""
+    output = data.with_name("out.parquet")
+    args = ["--model", tiny_model_dir, "--output", output, "--max-tokens", "2", "--quiet"]
+    result = invoke("run", data, *args)
+    assert result.exit_code == 0, result.output
+    output.unlink()
+    part = next(data.with_name("out.parquet.parts").glob("shard-*/part-*.parquet"))
+    part.unlink()
+    part.mkdir()  # unreadable as a file
+    result = invoke("merge", output)
+    assert result.exit_code == 2, result.output
+    assert "cannot merge into" in result.output and part.name in result.output, result.output
+    assert "Traceback" not in result.output and not output.exists()
