@@ -243,7 +243,7 @@ class _Session:
         # succeeds (or the run ends); enough of them in a row stop the run (GenerationFault)
         self.failing: list[tuple[Row, str, int]] = []
         self.fault_limit = max(16, 2 * spec.batch_size)
-        self.rows_read = self.rows_with_image = 0  # this session's rows, for the column warning
+        self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -337,10 +337,10 @@ class _Session:
             if not self.spec.owns_row(row.index):
                 continue
             self.ids.add(row.id)
+            self.rows_read += 1  # done in an earlier session or not: the whole shard counts
+            self.rows_with_image += row.image is not None
             if self.store.is_done(row.index):
                 continue
-            self.rows_read += 1
-            self.rows_with_image += row.image is not None
             length, problem = self._estimate(row)
             if problem is not None:
                 self._error(row, problem)

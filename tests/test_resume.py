@@ -713,3 +713,31 @@ def test_generation_failing_for_every_row_stops_and_records_none(
     code, text = cli(*args, "--max-tokens", "2", "--quiet")  # fixed: every row runs
     assert code == 0, text
     assert [r["finish_reason"] for r in rows(output)] == ["length"] * 20
+
+
+def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_column(
+    tmp_path, tiny_model_dir
+):
+    """The image-column warning looks at the shard's rows, not only those this session runs:
+    here the one row with an image was done before the kill."""
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    source = tmp_path / "data.jsonl"
+    lines = [{"id": "pic", "picture": "a.png", "prompt": "Describe."}]
+    lines += [{"id": f"t{i}", "prompt": "Hi."} for i in range(3)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    args = [
+        str(source), "--model", str(tiny_model_dir), "--output", str(output), "--max-tokens", "2",
+        "--batch-size", "1", "--checkpoint-every", "1", "--image-column", "picture",
+    ]  # fmt: skip
+    code, text = cli("run", *args)
+    assert code == 0 and "warning" not in text, text
+    # As if killed after the first part: the image row (the longest) ran first.
+    shard_dir = parts_dir(output) / SHARD
+    records, _ = read_progress(shard_dir)
+    (shard_dir / "progress.jsonl").write_bytes(records[0].to_line())
+    (shard_dir / "complete.json").unlink()
+    code, text = cli("run", *args)
+    assert "resuming: 1 of 4 rows already done" in text, text
+    assert code == 0 and "no row had an image" not in text, text
+    assert [r["id"] for r in rows(output)] == ["pic", "t0", "t1", "t2"]
