@@ -9,8 +9,10 @@ shard is finished and every shard is complete, it merges the parts into the outp
 Rows that cannot be served (unreadable image, bad prompt or text, a failure inside generation)
 become error records; they never stop the job, and they count toward the checkpoint interval like
 other rows. An unexpected exception while preparing a row (a bug, out of memory) stops the run
-instead, so that it does not mark every row done as an error; so do generation failures of
-``fault_limit`` rows in a row (``GenerationFault``). SIGINT/SIGTERM finish the batch in
+instead, so that it does not mark every row done as an error; so do generation failures in a
+row spanning ``fault_limit`` images (``GenerationFault``; a text-only row counts as one). Images,
+not rows: the planner runs an image's prompts one after another, and one image whose rows all
+fail is that image's fault, however many prompts it has. SIGINT/SIGTERM finish the batch in
 flight, flush what is done and end with ``Interrupted``. An input file damaged partway (a corrupt
 Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the damage are
 done and saved.
@@ -240,8 +242,9 @@ class _Session:
         self.feature_cache = self.prefix_cache = None  # made with the model
         self.read_error: InputReadError | None = None
         # generation failures since the last success: recorded as row errors once a row
-        # succeeds (or the run ends); enough of them in a row stop the run (GenerationFault)
+        # succeeds (or the run ends); failures over enough images in a row stop the run
         self.failing: list[tuple[Row, str, int]] = []
+        self.failing_images: set[Hashable] = set()
         self.fault_limit = max(16, 2 * spec.batch_size)
         self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
 
@@ -381,9 +384,12 @@ class _Session:
         for (row, prepared), result in zip(ready, self._generate(ready), strict=True):
             if isinstance(result, str):
                 self.failing.append((row, result, len(prepared.input_ids)))
-                if len(self.failing) >= self.fault_limit:
+                key = image_key(row.image)
+                self.failing_images.add(("text row", row.index) if key is None else key)
+                if len(self.failing_images) >= self.fault_limit:
                     raise GenerationFault(
-                        f"generation failed for {len(self.failing)} rows in a row, the last with "
+                        f"generation failed for {len(self.failing)} rows in a row, over "
+                        f"{len(self.failing_images)} images or text rows, the last with "
                         f"{result}; stopped without recording them as errors, since this looks "
                         "like a fault of the model or machine: fix it and run the same command "
                         "again (finished rows are saved)"
@@ -422,6 +428,7 @@ class _Session:
         for row, message, prompt_tokens in self.failing:
             self._error(row, message, prompt_tokens=prompt_tokens)
         self.failing = []
+        self.failing_images = set()
 
     def _result(self, row: Row, result) -> None:
         self.writer.add(

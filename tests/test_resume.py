@@ -715,6 +715,25 @@ def test_generation_failing_for_every_row_stops_and_records_none(
     assert [r["finish_reason"] for r in rows(output)] == ["length"] * 20
 
 
+def test_many_prompts_over_one_image_failing_are_that_images_errors(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """The planner runs one image's prompts together, so 20 of them failing in a row are one
+    image failing: error records (exit 1), not a fault that would stop every re-run too."""
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "bad.png")
+    source = tmp_path / "rows.jsonl"
+    lines = [{"id": f"q{i}", "image": "bad.png", "prompt": f"BOOM {i}?"} for i in range(20)]
+    lines += [{"id": f"t{i}", "prompt": f"Say {i}."} for i in range(4)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    _failing_generation(monkeypatch, lambda text: "BOOM" in text)
+    code, text = cli("run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
+                     "--max-tokens", "2", "--quiet")  # fmt: skip
+    assert code == 1, text
+    reasons = {r["id"]: r["finish_reason"] for r in rows(output)}
+    assert reasons == {line["id"]: "error" if "image" in line else "length" for line in lines}
+
+
 def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_column(
     tmp_path, tiny_model_dir
 ):
