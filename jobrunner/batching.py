@@ -3,21 +3,23 @@
 Pure functions of their inputs — no files, no model — so plans are deterministic and testable.
 
 The planner reads ``sort_window`` rows at a time, sorts them by estimated length (longest first;
-ties keep input order) and cuts the sorted run greedily into batches with at most ``batch_size``
-rows and at most ``max_batch_tokens`` slots, padding counted: ``len(batch) * longest_in_batch``.
-A row longer than the whole budget still forms a batch of its own, so no row is ever dropped.
+ties keep input order), rows sharing an image as one group (below), and cuts the sorted run
+greedily into batches with at most ``batch_size`` rows and at most ``max_batch_tokens`` slots,
+padding counted: ``len(batch) * longest_in_batch``. A row longer than the whole budget still forms
+a batch of its own, so no row is ever dropped.
 
-Rows with the same image key (several prompts over one image) stay together: the window is
-sorted as groups, by each group's longest row, and a group's rows follow each other longest
-first. The engine then finds the image's features and prompt prefix still cached when the
-group's next row runs, where a plain length sort scatters the rows of one image across the
-window and a cache that holds a few real-size prefixes has evicted them by then. The price is
-padding: a group's rows differ in length by their text alone. Rows whose key is ``None`` are
-groups of one, so a dataset without shared images is planned exactly as a plain sort would.
+Rows with the same image key (several prompts over one image) stay together: the window is sorted
+as groups, by each group's longest row, and a group's rows follow each other longest first (so a
+batch's rows are longest first only within each group). The engine then finds the image's features
+and prompt prefix still cached when the group's next row runs, where a plain length sort scatters
+the rows of one image across the window and a cache that holds a few real-size prefixes has evicted
+them by then. The price is padding: a group's rows differ in length by their text alone. Rows whose
+key is ``None`` are groups of one, so a dataset without shared images is planned exactly as a plain
+sort would.
 
 Why longest first: padding is the same either way (it only depends on which rows share a batch),
-but the heaviest batch of each window then runs first, so a budget that does not fit in memory
-fails within seconds instead of hours into the job. Each window ends with its own (possibly
+but the window's longest row then runs in its first batch, so a budget that does not fit in
+memory fails within seconds instead of hours into the job. Each window ends with its own (possibly
 short) batch rather than carrying rows into the next window, so a batch never waits on rows
 read far later. A window holds at least ``batch_size`` rows (else no batch could fill);
 ``sort_window == 1`` keeps input order (no sorting, no grouping).
@@ -49,8 +51,8 @@ def plan_batches(
         sort_window: rows sorted together (>= 1; at least ``batch_size`` are read per window).
 
     Returns:
-        An iterator of batches, each a list of row indices, longest row first. Every index of
-        ``items`` appears in exactly one batch.
+        An iterator of batches, each a list of row indices; the window's first batch holds its
+        longest row. Every index of ``items`` appears in exactly one batch.
     """
     if batch_size < 1 or max_batch_tokens < 1 or sort_window < 1:
         raise ValueError("batch_size, max_batch_tokens and sort_window must all be >= 1")

@@ -64,6 +64,11 @@ def _run_options(func):
         ),
         click.option("--workers", type=int, help="Preprocessing threads."),
         click.option("--sort-window", type=int, help="Rows sorted by length together."),
+        click.option(
+            "--group-images/--no-group-images",
+            default=None,
+            help="Keep the rows of one image side by side when sorting (default) / plain sort.",
+        ),
         click.option("--max-image-pixels", type=int),
         click.option("--no-chat", is_flag=True, default=None, help="Send prompts as they are."),
         click.option(
@@ -172,6 +177,7 @@ def _build_spec(input_path: Path, flags: dict):
         **_checkpoint_every(flags["checkpoint_every"]),
         "workers": flags["workers"],
         "sort_window": flags["sort_window"],
+        "group_images": flags["group_images"],
         "max_image_pixels": flags["max_image_pixels"],
         "chat": None if flags["no_chat"] is None else not flags["no_chat"],
         "overwrite": flags["overwrite"],

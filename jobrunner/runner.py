@@ -350,7 +350,7 @@ class _Session:
                 self.writer.maybe_flush()
                 continue
             self.rows[row.index] = row
-            yield row.index, length, image_key(row.image)
+            yield row.index, length, image_key(row.image) if self.spec.group_images else None
 
     def _estimate(self, row: Row) -> tuple[int, str | None]:
         """(prompt length, None), or (0, what is wrong with the row)."""

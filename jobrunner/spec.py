@@ -96,6 +96,9 @@ class JobSpec:
         max_image_pixels: refuse images whose header claims more pixels (50,000,000), without
             decoding them.
         sort_window: rows sorted by length together before batching (4096); 1 = input order.
+        group_images: keep the rows of one image side by side in each sorted window (True), so
+            its features and prompt prefix are reused from small caches; False: a plain length
+            sort, less padding when one image's prompts differ much in length.
         workers: preprocessing threads (decode, HD transform, tokenize) (2).
         checkpoint_dir: parts, manifest and lock; ``None`` = ``OUTPUT.parts/``.
         chat: wrap the prompt in the chat template (``<|user|>`` ... ``<|assistant|>``) (True).
@@ -127,6 +130,7 @@ class JobSpec:
     checkpoint_every_seconds: float = 60.0
     max_image_pixels: int = 50_000_000
     sort_window: int = 4096
+    group_images: bool = True
     workers: int = 2
     checkpoint_dir: Path | None = None
     chat: bool = True
@@ -400,6 +404,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "workers": _integer(1),
     "checkpoint_dir": _path,
     "chat": _boolean,
+    "group_images": _boolean,
 }
 
 

@@ -111,9 +111,9 @@ def test_padding_fraction_and_stats() -> None:
     assert stats.to_dict()["padding_fraction"] == pytest.approx(0.25)
 
 
-def grouped_plan(rows: list[tuple[int, str | None]], batch_size: int, window: int):
+def grouped_plan(rows: list[tuple[int, str | None]], batch_size: int, window: int, budget=10**9):
     items = [(i, length, key) for i, (length, key) in enumerate(rows)]
-    return list(plan_batches(items, batch_size, 10**9, window))
+    return list(plan_batches(items, batch_size, budget, window))
 
 
 def test_rows_of_one_image_stay_together_groups_by_their_longest_row() -> None:
@@ -131,11 +131,15 @@ def test_rows_of_one_image_stay_together_groups_by_their_longest_row() -> None:
     ),
     batch_size=st.integers(1, 12),
     window=st.integers(2, 50),
+    budget=st.integers(1, 20000),
 )
-def test_groups_contiguous_within_windows(rows, batch_size: int, window: int) -> None:
-    batches = grouped_plan(rows, batch_size, window)
+def test_groups_contiguous_within_windows(rows, batch_size: int, window: int, budget) -> None:
+    batches = grouped_plan(rows, batch_size, window, budget)
     order = list(itertools.chain.from_iterable(batches))
     assert sorted(order) == list(range(len(rows)))
+    for batch in batches:  # the bounds hold over the grouped order too
+        assert 1 <= len(batch) <= batch_size
+        assert len(batch) == 1 or len(batch) * max(rows[i][0] for i in batch) <= budget
     size = max(window, batch_size)
     for start in range(0, len(rows), size):
         chunk = order[start : start + size]

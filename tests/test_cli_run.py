@@ -118,8 +118,9 @@ def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):
     assert summary["prefix_hits"] == 4  # two images, three prompts each
 
 
+@pytest.mark.parametrize(("flag", "hits"), [(None, 3), ("--no-group-images", 0)])
 def test_rows_of_one_image_run_together_so_a_small_prefix_cache_still_hits(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, flag, hits
 ):
     """Three images of one size, a short and a long prompt each: a plain length sort runs the
     three long rows, then the three short ones, so a cache holding one prefix never hits. The
@@ -145,12 +146,12 @@ def test_rows_of_one_image_run_together_so_a_small_prefix_cache_still_hits(
     output = tmp_path / "qa.parquet"
     code, text = run(
         str(tmp_path / "qa.jsonl"), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", "2", "--batch-size", "2",
+        "--max-tokens", "2", "--batch-size", "2", *([flag] if flag else []),
     )  # fmt: skip
     assert code == 0, text
     assert sorted(r["id"] for r in read(output)) == sorted(r["id"] for r in rows)
     summary = json.loads(output.with_name("qa.parquet.summary.json").read_text())
-    assert summary["prefix_hits"] == 3
+    assert summary["prefix_hits"] == hits
 
 
 def test_parquet_with_bytes_and_template(tiny_model_dir, dataset, expected, tmp_path):

@@ -325,6 +325,7 @@ NOT_AFFECTING = {
     "batch_size": 3,
     "max_batch_tokens": 99,
     "sort_window": 1,
+    "group_images": False,
     "workers": 7,
     "quiet": True,
     "overwrite": True,
