@@ -9,13 +9,15 @@ shard is finished and every shard is complete, it merges the parts into the outp
 Rows that cannot be served (unreadable image, bad prompt or text, a failure inside generation)
 become error records; they never stop the job, and they count toward the checkpoint interval like
 other rows. An unexpected exception while preparing a row (a bug, out of memory) stops the run
-instead, so that it does not mark every row done as an error; so do generation failures in a
-row spanning ``fault_limit`` images (``GenerationFault``; a text-only row counts as one). Images,
-not rows: the planner runs an image's prompts one after another, and one image whose rows all
-fail is that image's fault, however many prompts it has. SIGINT/SIGTERM finish the batch in
-flight, flush what is done and end with ``Interrupted``. An input file damaged partway (a corrupt
-Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the damage are
-done and saved.
+instead, so that it does not mark every row done as an error; so do generation failures of
+``fault_limit`` rows in a row over at least ``FAULT_IMAGES`` images (``GenerationFault``; a
+text-only row counts as an image of its own). The planner runs an image's prompts one after
+another, and the rows of one to three images failing are theirs, however many prompts they have
+(held until a row succeeds, at most ``FAILING_HELD`` at a time). So a fault of the machine that
+shows only on a dataset of one to three images records their rows as errors. SIGINT/SIGTERM finish
+the batch in flight, flush what is done and end with ``Interrupted``. An input file damaged partway
+(a corrupt Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the
+damage are done and saved.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, write_summary
 
 PREFETCH_BATCHES = 2
+# Generation failing for fault_limit rows in a row over this many images is a fault of the
+# machine, not of the rows (see the module docstring).
+FAULT_IMAGES = 4
+FAILING_HELD = 1024  # failing rows held undecided at most; then they are recorded
 # What preparing a row raises for a bad row (image, prompt, text). Anything else is a fault of
 # the program or the machine (a bug, out of memory): it stops the run instead of becoming an
 # error record for every row, which a re-run after the fix would then skip as done.
@@ -242,7 +248,7 @@ class _Session:
         self.feature_cache = self.prefix_cache = None  # made with the model
         self.read_error: InputReadError | None = None
         # generation failures since the last success: recorded as row errors once a row
-        # succeeds (or the run ends); failures over enough images in a row stop the run
+        # succeeds (or the run ends); enough of them, over enough images, stop the run
         self.failing: list[tuple[Row, str, int]] = []
         self.failing_images: set[Hashable] = set()
         self.fault_limit = max(16, 2 * spec.batch_size)
@@ -386,7 +392,10 @@ class _Session:
                 self.failing.append((row, result, len(prepared.input_ids)))
                 key = image_key(row.image)
                 self.failing_images.add(("text row", row.index) if key is None else key)
-                if len(self.failing_images) >= self.fault_limit:
+                if (
+                    len(self.failing) >= self.fault_limit
+                    and len(self.failing_images) >= FAULT_IMAGES
+                ):
                     raise GenerationFault(
                         f"generation failed for {len(self.failing)} rows in a row, over "
                         f"{len(self.failing_images)} images or text rows, the last with "
@@ -394,6 +403,8 @@ class _Session:
                         "like a fault of the model or machine: fix it and run the same command "
                         "again (finished rows are saved)"
                     )
+                if len(self.failing) >= FAILING_HELD:  # a few images' many prompts: theirs
+                    self._record_failures()
             else:
                 self._record_failures()
                 self._result(row, result)

@@ -734,6 +734,33 @@ def test_many_prompts_over_one_image_failing_are_that_images_errors(
     assert reasons == {line["id"]: "error" if "image" in line else "length" for line in lines}
 
 
+def test_a_fault_over_a_few_images_with_many_prompts_each_stops_the_run(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Every row failing over five images of four prompts each: a fault, not five bad images.
+    With FAILING_HELD lowered, one image's failing rows are recorded as they pile up."""
+    from jobrunner import runner
+
+    lines = []
+    for image in range(5):
+        Image.new("RGB", (40, 30), (50 * image, 0, 0)).save(tmp_path / f"{image}.png")
+        lines += [{"image": f"{image}.png", "prompt": f"Q{q}?"} for q in range(4)]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    with monkeypatch.context() as patch:
+        _failing_generation(patch, lambda text: True)
+        code, text = cli(*args, "--max-tokens", "2", "--quiet")
+        assert code == 4, text
+        assert "generation failed for 16 rows in a row, over 4 images" in text, text
+        assert status_json(output)["rows_done"] == 0
+        patch.setattr(runner, "FAILING_HELD", 3)  # then the rows are recorded, 3 at a time
+        code, text = cli(*args, "--max-tokens", "2", "--quiet")
+        assert code == 1, text
+        assert [r["finish_reason"] for r in rows(output)] == ["error"] * 20
+
+
 def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_column(
     tmp_path, tiny_model_dir
 ):

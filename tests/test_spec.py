@@ -147,6 +147,7 @@ BAD_VALUES = [
     ("overwrite", "yes"),
     ("quiet", 1),
     ("chat", "no"),
+    ("group_images", "yes"),
     ("keep_columns", ["output"]),
     ("keep_columns", ["row_index"]),
     ("keep_columns", 5),
