@@ -58,6 +58,7 @@ from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, write_summary
 
 PREFETCH_BATCHES = 2
+DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and none is given
 # Generation failing for fault_limit rows in a row over this many images is a fault of the
 # machine, not of the rows (see the module docstring).
 FAULT_IMAGES = 4
@@ -240,6 +241,7 @@ class _Session:
             every_seconds=spec.checkpoint_every_seconds or None,
         )
         self.stats = PlanStats()
+        self.batch_tokens = spec.max_batch_tokens  # the planner's budget, once the model is in
         self.ids = DuplicateIdTracker()
         self.rows: dict[int, Row] = {}
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
@@ -258,7 +260,7 @@ class _Session:
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
         from model.cache import ImageFeatureCache, PrefixCache
-        from model.generate import GenerationParams, device_memory_bytes
+        from model.generate import GenerationParams, device_memory_bytes, memory_token_budget
         from model.loading import load
 
         spec = self.spec
@@ -276,14 +278,29 @@ class _Session:
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
         self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
         # ... and prefill the prompt up to it once
-        self.prefix_cache = PrefixCache.for_memory(device_memory_bytes())
+        memory = device_memory_bytes()
+        self.prefix_cache = PrefixCache.for_memory(memory)
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
-        single_threaded_numpy_blas()
         self.reporter.start(self.owed, self.done_before)
+        self.batch_tokens = spec.max_batch_tokens
+        if self.batch_tokens is None:  # the default, unless the KV cache would not fit
+            self.batch_tokens = DEFAULT_BATCH_TOKENS
+            caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
+            fit = memory_token_budget(
+                self.model, spec.batch_size, spec.max_tokens, memory or 0, caches
+            )
+            if memory and fit < self.batch_tokens:
+                self.batch_tokens = fit
+                self.reporter.event(
+                    f"batches hold at most {fit} prompt tokens (padding counted), so that their "
+                    f"KV cache fits in {memory / 2**30:.1f} GiB of memory beside the model and "
+                    "its caches; --max-batch-tokens sets the budget yourself"
+                )
+        single_threaded_numpy_blas()
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
-                self._estimates(stop), spec.batch_size, spec.max_batch_tokens, spec.sort_window
+                self._estimates(stop), spec.batch_size, self.batch_tokens, spec.sort_window
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
             for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
@@ -517,6 +534,7 @@ class _Session:
             "generated_tokens_per_second": round(self.generated / seconds, 3) if seconds else None,
             "padding_fraction": round(self.stats.padding_fraction, 4),
             "batches": self.stats.batches,
+            "max_batch_tokens": self.batch_tokens,
             # rows over an image seen before: its features, and the prompt up to it, reused
             "image_feature_hits": self.feature_cache.hits if self.feature_cache else 0,
             "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,

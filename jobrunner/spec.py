@@ -81,7 +81,8 @@ class JobSpec:
         temperature, top_p, top_k, seed: sampling; ``temperature == 0`` is greedy (0.0, 1.0, 0
             = off, 0). Each row samples from its own seed derived from ``seed`` and its id.
         batch_size: most rows per batch (8).
-        max_batch_tokens: most prompt slots per batch, padding counted: rows x longest row (16384).
+        max_batch_tokens: most prompt slots per batch, padding counted: rows x longest row;
+            ``None``: 16384, or less where the batch's KV cache would not fit in memory.
         num_crops: HD-transform crop budget; ``None`` = the model's preprocessor_config.json.
         dtype: ``float16`` | ``bfloat16`` | ``float32``; ``None`` = the checkpoint's own.
         quantize: 4 or 8 to quantize the weights at load; ``None`` = as stored.
@@ -118,7 +119,7 @@ class JobSpec:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None
     num_crops: int | None = None
     dtype: str | None = None
     quantize: int | None = None
@@ -389,7 +390,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "top_k": _integer(0),
     "seed": _integer(0, 2**63 - 1),
     "batch_size": _integer(1),
-    "max_batch_tokens": _integer(1),
+    "max_batch_tokens": _integer(1, optional=True),
     "num_crops": _integer(1, optional=True),
     "dtype": _dtype,
     "quantize": _quantize,

@@ -280,6 +280,26 @@ def batch_limits(
     return batch_size, max(prompt_tokens, batch_size * prompt_tokens)
 
 
+def memory_token_budget(
+    model: Model,
+    batch_size: int,
+    max_tokens: int,
+    memory_bytes: int,
+    reserved_bytes: int = 0,
+    fraction: float = 0.5,
+) -> int:
+    """Prompt slots per batch (the planner's ``max_batch_tokens``) whose KV cache fits in memory.
+
+    ``fraction`` of the memory left beside the weights and ``reserved_bytes`` (the feature and
+    prefix caches) goes to the KV cache, as in ``batch_limits``; from its positions, room for
+    ``batch_size`` rows of ``max_tokens`` generated tokens is set aside. At least 1: a row longer
+    than the budget still runs, alone.
+    """
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    room = max(memory_bytes - weights - reserved_bytes, 0) * fraction
+    return max(1, int(room // kv_bytes_per_token(model)) - batch_size * max_tokens)
+
+
 def _left_pad(
     rows: Sequence[PreparedRow], pad_id: int, multiple: int = 1
 ) -> tuple[mx.array, mx.array]:

@@ -90,6 +90,35 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
+def test_default_batch_budget_shrinks_to_fit_memory(tiny_model_dir, tmp_path, monkeypatch):
+    """Without --max-batch-tokens, a batch's KV cache must fit beside the model and its caches:
+    with room for 100 prompt slots, eight rows no longer run as one batch."""
+    from mlx.utils import tree_flatten
+
+    import model.generate
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Say {i} now."}) + "\n" for i in range(8)))
+    tiny, _ = load(str(tiny_model_dir))
+    weights = sum(v.nbytes for _, v in tree_flatten(tiny.parameters()))
+    caches = (1 << 30) + (256 << 20)  # the prefix cache's 1 GiB floor, the feature cache
+    slots = 8 * 2 + 100  # 8 rows of 2 new tokens, then 100 prompt slots
+    memory = weights + caches + 2 * slots * model.generate.kv_bytes_per_token(tiny)
+    monkeypatch.setattr(model.generate, "device_memory_bytes", lambda: memory)
+    summaries, outputs = [], []
+    for extra in ([], ["--max-batch-tokens", "16384"]):
+        output = tmp_path / f"out{len(extra)}.parquet"
+        args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+        result = CliRunner().invoke(main, [*args, "--max-tokens", "2", *extra])
+        assert result.exit_code == 0, result.output
+        assert ("batches hold at most 100 prompt tokens" in result.output) == (not extra)
+        summaries.append(json.loads(output.with_name(output.name + ".summary.json").read_text()))
+        outputs.append([r["output"] for r in read(output)])
+    assert summaries[0]["max_batch_tokens"] == 100 and summaries[0]["batches"] > 1
+    assert summaries[1]["max_batch_tokens"] == 16384 and summaries[1]["batches"] == 1
+    assert outputs[0] == outputs[1]
+
+
 def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):
     """Several questions per image: the prompt up to the image is reused from the prefix
     cache, across batches, and every row still gets what it gets alone."""
