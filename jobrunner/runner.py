@@ -241,7 +241,8 @@ class _Session:
             every_seconds=spec.checkpoint_every_seconds or None,
         )
         self.stats = PlanStats()
-        self.batch_tokens = spec.max_batch_tokens  # the planner's budget, once the model is in
+        # the planner's limits, once the model is in (memory may lower the defaults)
+        self.batch_rows, self.batch_tokens = spec.batch_size, spec.max_batch_tokens
         self.ids = DuplicateIdTracker()
         self.rows: dict[int, Row] = {}
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
@@ -260,7 +261,12 @@ class _Session:
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
         from model.cache import ImageFeatureCache, PrefixCache
-        from model.generate import GenerationParams, device_memory_bytes, memory_token_budget
+        from model.generate import (
+            GenerationParams,
+            device_memory_bytes,
+            memory_batch_caps,
+            static_shapes,
+        )
         from model.loading import load
 
         spec = self.spec
@@ -283,24 +289,26 @@ class _Session:
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         self.reporter.start(self.owed, self.done_before)
-        self.batch_tokens = spec.max_batch_tokens
+        self.batch_rows, self.batch_tokens = spec.batch_size, spec.max_batch_tokens
         if self.batch_tokens is None:  # the default, unless the KV cache would not fit
             self.batch_tokens = DEFAULT_BATCH_TOKENS
             caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
-            fit = memory_token_budget(
-                self.model, spec.batch_size, spec.max_tokens, memory or 0, caches
-            )
-            if memory and fit < self.batch_tokens:
-                self.batch_tokens = fit
+            rows, slots = memory_batch_caps(
+                self.model, spec.batch_size, spec.max_tokens, memory or 0, caches,
+                static_shapes(self.params),
+            )  # fmt: skip
+            if memory and (rows < self.batch_rows or slots < self.batch_tokens):
+                self.batch_rows, self.batch_tokens = rows, min(slots, self.batch_tokens)
                 self.reporter.event(
-                    f"batches hold at most {fit} prompt tokens (padding counted), so that their "
-                    f"KV cache fits in {memory / 2**30:.1f} GiB of memory beside the model and "
-                    "its caches; --max-batch-tokens sets the budget yourself"
+                    f"batches hold at most {self.batch_rows} rows and {self.batch_tokens} "
+                    "prompt tokens (padding counted), so that their KV cache fits in "
+                    f"{memory / 2**30:.1f} GiB of memory beside the model and its caches; "
+                    "--max-batch-tokens sets the budget yourself"
                 )
         single_threaded_numpy_blas()
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
-                self._estimates(stop), spec.batch_size, self.batch_tokens, spec.sort_window
+                self._estimates(stop), self.batch_rows, self.batch_tokens, spec.sort_window
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
             for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
@@ -534,6 +542,7 @@ class _Session:
             "generated_tokens_per_second": round(self.generated / seconds, 3) if seconds else None,
             "padding_fraction": round(self.stats.padding_fraction, 4),
             "batches": self.stats.batches,
+            "batch_size": self.batch_rows,
             "max_batch_tokens": self.batch_tokens,
             # rows over an image seen before: its features, and the prompt up to it, reused
             "image_feature_hits": self.feature_cache.hits if self.feature_cache else 0,

@@ -90,32 +90,45 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
-def test_default_batch_budget_shrinks_to_fit_memory(tiny_model_dir, tmp_path, monkeypatch):
-    """Without --max-batch-tokens, a batch's KV cache must fit beside the model and its caches:
-    with room for 100 prompt slots, eight rows no longer run as one batch."""
+def test_default_batch_limits_shrink_to_fit_memory(tiny_model_dir, tmp_path, monkeypatch):
+    """Without --max-batch-tokens, a batch's KV cache (whole 256-position blocks, generated
+    tokens included) must fit in half the memory left beside the model and its caches: here
+    900 positions, so 3 rows of 257 extra positions each and 129 prompt slots."""
     from mlx.utils import tree_flatten
 
     import model.generate
+    from model.cache import KVCache
 
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"prompt": f"Say {i} now."}) + "\n" for i in range(8)))
     tiny, _ = load(str(tiny_model_dir))
     weights = sum(v.nbytes for _, v in tree_flatten(tiny.parameters()))
     caches = (1 << 30) + (256 << 20)  # the prefix cache's 1 GiB floor, the feature cache
-    slots = 8 * 2 + 100  # 8 rows of 2 new tokens, then 100 prompt slots
-    memory = weights + caches + 2 * slots * model.generate.kv_bytes_per_token(tiny)
+    memory = weights + caches + 2 * 900 * model.generate.kv_bytes_per_token(tiny)
     monkeypatch.setattr(model.generate, "device_memory_bytes", lambda: memory)
-    summaries, outputs = [], []
+    allocated = []  # positions of each batch cache allocation, all its rows
+    grow = KVCache._grow
+
+    def recording_grow(self, keys, values, needed, batch=0):
+        allocated.append((batch or keys.shape[0]) * self._size_for(needed))
+        grow(self, keys, values, needed, batch)
+
+    monkeypatch.setattr(KVCache, "_grow", recording_grow)
+    summaries, outputs, peaks = [], [], []
     for extra in ([], ["--max-batch-tokens", "16384"]):
+        allocated.clear()
         output = tmp_path / f"out{len(extra)}.parquet"
         args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
         result = CliRunner().invoke(main, [*args, "--max-tokens", "2", *extra])
         assert result.exit_code == 0, result.output
-        assert ("batches hold at most 100 prompt tokens" in result.output) == (not extra)
+        assert ("batches hold at most 3 rows and 129 prompt" in result.output) == (not extra)
         summaries.append(json.loads(output.with_name(output.name + ".summary.json").read_text()))
         outputs.append([r["output"] for r in read(output)])
-    assert summaries[0]["max_batch_tokens"] == 100 and summaries[0]["batches"] > 1
-    assert summaries[1]["max_batch_tokens"] == 16384 and summaries[1]["batches"] == 1
+        peaks.append(max(allocated))
+    assert (summaries[0]["batch_size"], summaries[0]["max_batch_tokens"]) == (3, 129)
+    assert summaries[0]["batches"] == 3 and peaks[0] <= 900
+    assert (summaries[1]["batch_size"], summaries[1]["max_batch_tokens"]) == (8, 16384)
+    assert summaries[1]["batches"] == 1 and peaks[1] > 900  # an explicit budget is not capped
     assert outputs[0] == outputs[1]
 
 

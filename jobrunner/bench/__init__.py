@@ -74,7 +74,7 @@ from model.loading import default_dtype, load
 from model.tiny import tiny_config
 
 from .. import _blas
-from ..spec import JobSpec
+from ..runner import DEFAULT_BATCH_TOKENS
 from .ceilings import decoder_weight_bytes, measure_ceilings, prefill_flops, roofline
 from .modes import (
     MODES,
@@ -162,7 +162,7 @@ class BenchSettings:
             rows=self.rows or p.rows,
             max_tokens=self.max_tokens or p.max_tokens,
             batch_size=self.batch_size or p.batch_size,
-            max_batch_tokens=self.max_batch_tokens or _spec_default("max_batch_tokens"),
+            max_batch_tokens=self.max_batch_tokens or DEFAULT_BATCH_TOKENS,
             naive_rows=self.naive_rows or p.naive_rows,
             single_rows=self.single_rows or p.single_rows,
         )
@@ -314,10 +314,6 @@ def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, w
         "quiet": True,
     }
     return run_pipeline(work / "data" / "bench.jsonl", work / "model", work, settings)
-
-
-def _spec_default(name: str) -> Any:
-    return JobSpec.__dataclass_fields__[name].default
 
 
 def _settings_dict(s: BenchSettings, dtype: str) -> dict[str, Any]:
