@@ -31,7 +31,7 @@ The lengths are whatever the caller wants bounded: prompt tokens bound prefill p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from itertools import islice
 
 
@@ -40,6 +40,7 @@ def plan_batches(
     batch_size: int,
     max_batch_tokens: int,
     sort_window: int,
+    fits: Callable[[int, int], bool] | None = None,
 ) -> Iterator[list[int]]:
     """Group rows into length-sorted batches, streaming window by window.
 
@@ -49,6 +50,9 @@ def plan_batches(
         batch_size: most rows per batch (>= 1).
         max_batch_tokens: most padded slots per batch (>= 1).
         sort_window: rows sorted together (>= 1; at least ``batch_size`` are read per window).
+        fits: ``fits(rows, longest)``, a further bound on a batch of ``rows`` rows whose longest
+            has ``longest`` tokens (the runner's: its KV cache fits in memory). A row alone is
+            never refused.
 
     Returns:
         An iterator of batches, each a list of row indices; the window's first batch holds its
@@ -62,7 +66,7 @@ def plan_batches(
         pairs = [(index, length) for index, length, _ in window]
         if sort_window > 1:
             pairs = _grouped_order(window)
-        yield from _cut(pairs, batch_size, max_batch_tokens)
+        yield from _cut(pairs, batch_size, max_batch_tokens, fits)
 
 
 def _grouped_order(window: Sequence[tuple[int, int, Hashable | None]]) -> list[tuple[int, int]]:
@@ -82,13 +86,21 @@ class _Alone:
 
 
 def _cut(
-    window: Sequence[tuple[int, int]], batch_size: int, max_batch_tokens: int
+    window: Sequence[tuple[int, int]],
+    batch_size: int,
+    max_batch_tokens: int,
+    fits: Callable[[int, int], bool] | None = None,
 ) -> Iterator[list[int]]:
     batch: list[int] = []
     longest = 0
     for index, length in window:
         widest = max(longest, length)
-        if batch and (len(batch) + 1 > batch_size or (len(batch) + 1) * widest > max_batch_tokens):
+        rows = len(batch) + 1
+        if batch and (
+            rows > batch_size
+            or rows * widest > max_batch_tokens
+            or (fits is not None and not fits(rows, widest))
+        ):
             yield batch
             batch, widest = [], length
         batch.append(index)

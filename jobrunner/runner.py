@@ -241,8 +241,8 @@ class _Session:
             every_seconds=spec.checkpoint_every_seconds or None,
         )
         self.stats = PlanStats()
-        # the planner's limits, once the model is in (memory may lower the defaults)
-        self.batch_rows, self.batch_tokens = spec.batch_size, spec.max_batch_tokens
+        # the planner's budget once the model is in, and the KV positions memory held it to
+        self.batch_tokens, self.kv_limit = spec.max_batch_tokens, None
         self.ids = DuplicateIdTracker()
         self.rows: dict[int, Row] = {}
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
@@ -264,7 +264,9 @@ class _Session:
         from model.generate import (
             GenerationParams,
             device_memory_bytes,
-            memory_batch_caps,
+            kv_bytes_per_token,
+            kv_positions,
+            memory_kv_positions,
             static_shapes,
         )
         from model.loading import load
@@ -289,26 +291,29 @@ class _Session:
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         self.reporter.start(self.owed, self.done_before)
-        self.batch_rows, self.batch_tokens = spec.batch_size, spec.max_batch_tokens
-        if self.batch_tokens is None:  # the default, unless the KV cache would not fit
+        self.batch_tokens, fits = spec.max_batch_tokens, None
+        if self.batch_tokens is None:  # the default, and batches whose KV cache fits in memory
             self.batch_tokens = DEFAULT_BATCH_TOKENS
-            caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
-            rows, slots = memory_batch_caps(
-                self.model, spec.batch_size, spec.max_tokens, memory or 0, caches,
-                static_shapes(self.params),
-            )  # fmt: skip
-            if memory and (rows < self.batch_rows or slots < self.batch_tokens):
-                self.batch_rows, self.batch_tokens = rows, min(slots, self.batch_tokens)
-                self.reporter.event(
-                    f"batches hold at most {self.batch_rows} rows and {self.batch_tokens} "
-                    "prompt tokens (padding counted), so that their KV cache fits in "
-                    f"{memory / 2**30:.1f} GiB of memory beside the model and its caches; "
-                    "--max-batch-tokens sets the budget yourself"
-                )
+            if memory:
+                caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
+                limit = self.kv_limit = memory_kv_positions(self.model, memory, caches)
+                max_tokens, static = spec.max_tokens, static_shapes(self.params)
+
+                def fits(rows: int, longest: int) -> bool:
+                    return rows * kv_positions(longest, max_tokens, static) <= limit
+
+                if not fits(spec.batch_size, self.batch_tokens // spec.batch_size):
+                    gib = limit * kv_bytes_per_token(self.model) / 2**30
+                    self.reporter.event(  # a full batch of the default budget would not fit
+                        f"batches keep their KV cache within {limit} positions ({gib:.1f} GiB), "
+                        "so that it fits in memory beside the model and its caches: fewer rows "
+                        "per batch where prompts are long; --max-batch-tokens sets a budget of "
+                        "your own instead"
+                    )
         single_threaded_numpy_blas()
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
-                self._estimates(stop), self.batch_rows, self.batch_tokens, spec.sort_window
+                self._estimates(stop), spec.batch_size, self.batch_tokens, spec.sort_window, fits
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
             for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
@@ -542,8 +547,8 @@ class _Session:
             "generated_tokens_per_second": round(self.generated / seconds, 3) if seconds else None,
             "padding_fraction": round(self.stats.padding_fraction, 4),
             "batches": self.stats.batches,
-            "batch_size": self.batch_rows,
             "max_batch_tokens": self.batch_tokens,
+            "kv_positions_limit": self.kv_limit,
             # rows over an image seen before: its features, and the prompt up to it, reused
             "image_feature_hits": self.feature_cache.hits if self.feature_cache else 0,
             "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,

@@ -82,8 +82,8 @@ class JobSpec:
             = off, 0). Each row samples from its own seed derived from ``seed`` and its id.
         batch_size: most rows per batch (8).
         max_batch_tokens: most prompt slots per batch, padding counted: rows x longest row;
-            ``None``: 16384, and this and ``batch_size`` lowered where a batch's KV cache would
-            not fit in memory (``model.generate.memory_batch_caps``).
+            ``None``: 16384, and every batch's KV cache kept within memory
+            (``model.generate.memory_kv_positions``).
         num_crops: HD-transform crop budget; ``None`` = the model's preprocessor_config.json.
         dtype: ``float16`` | ``bfloat16`` | ``float32``; ``None`` = the checkpoint's own.
         quantize: 4 or 8 to quantize the weights at load; ``None`` = as stored.

@@ -280,33 +280,25 @@ def batch_limits(
     return batch_size, max(prompt_tokens, batch_size * prompt_tokens)
 
 
-def memory_batch_caps(
-    model: Model,
-    batch_size: int,
-    max_tokens: int,
-    memory_bytes: int,
-    reserved_bytes: int = 0,
-    static: bool = False,
-    fraction: float = 0.5,
-) -> tuple[int, int]:
-    """``(rows, prompt_slots)``: the most rows per batch and the planner's ``max_batch_tokens``
-    whose batch KV cache fits in ``fraction`` of the memory left beside the weights and
-    ``reserved_bytes`` (the feature and prefix caches), as in ``batch_limits``.
-
-    A batch of ``n`` rows whose longest prompt is ``L`` allocates ``n`` rows of ``L`` (rounded up
-    to ``LENGTH_BUCKET`` under static shapes) plus ``max_tokens`` positions, in whole
-    ``KVCache.step`` blocks: at most ``n * L + n * extra`` positions, ``extra`` covering the
-    generated tokens and both roundings. So with at most ``rows`` rows, ``n * L`` within the
-    prompt slots, and ``rows`` rows of even the shortest prompts within the room, the cache
-    fits. The row-by-row prefill's copy of one row and the activations come out of the other
-    ``1 - fraction``. Both are at least 1: a row longer than the budget still runs, alone.
-    """
+def memory_kv_positions(
+    model: Model, memory_bytes: int, reserved_bytes: int = 0, fraction: float = 0.5
+) -> int:
+    """KV positions (all rows of a batch together) that fit in ``fraction`` of the memory left
+    beside the weights and ``reserved_bytes`` (the feature and prefix caches), as in
+    ``batch_limits``; the rest is left to activations, the row-by-row prefill's copy of one
+    row and ``KVCache.filter``'s copies."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     room = max(memory_bytes - weights - reserved_bytes, 0) * fraction
-    positions = int(room // kv_bytes_per_token(model))
-    extra = max_tokens + KVCache.step - 1 + (LENGTH_BUCKET - 1 if static else 0)
-    rows = max(1, min(batch_size, positions // (extra + 1)))
-    return rows, max(1, positions - rows * extra)
+    return int(room // kv_bytes_per_token(model))
+
+
+def kv_positions(longest: int, max_tokens: int, static: bool = False) -> int:
+    """KV positions each row of a batch allocates when its longest prompt has ``longest``
+    tokens: every row is left-padded to it (rounded up to ``LENGTH_BUCKET`` under static
+    shapes) and holds ``max_tokens`` more, in whole ``KVCache.step`` blocks."""
+    if static:
+        longest = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
+    return -(-(longest + max_tokens) // KVCache.step) * KVCache.step
 
 
 def _left_pad(

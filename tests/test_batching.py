@@ -181,3 +181,22 @@ def test_each_image_encoded_once_with_a_one_image_cache() -> None:
     assert encodes(grouped) == 600 < encodes(plain) * 0.6
     lengths = [length for length, _ in rows]
     assert padding_fraction(batch_lengths(grouped, lengths)) < 0.05
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 3000), max_size=80),
+    batch_size=st.integers(1, 12),
+    cap=st.integers(1, 20000),
+)
+def test_fits_bounds_every_batch_of_several_rows(lengths, batch_size: int, cap: int) -> None:
+    """``fits`` (the runner's KV-cache bound) holds for every batch but a row alone."""
+
+    def fits(rows: int, longest: int) -> bool:
+        return rows * (longest + 100) <= cap
+
+    items = [(i, length, i % 3) for i, length in enumerate(lengths)]
+    batches = list(plan_batches(items, batch_size, 10**9, 16, fits))
+    assert sorted(itertools.chain.from_iterable(batches)) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or fits(len(batch), max(lengths[i] for i in batch))

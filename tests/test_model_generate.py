@@ -18,6 +18,7 @@ from model.generate import (
     decode_step,
     generate_batch,
     image_features,
+    kv_positions,
     prefill,
     row_seed,
     static_shapes,
@@ -398,3 +399,27 @@ def test_prefix_too_large_for_the_cache_is_not_kept(loaded):
     assert (
         len(prefixes) == 0 and prefixes.hits == 0 and prefixes.misses == 3
     )  # nothing kept: every row misses
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("row_prefill", [False, True])
+def test_kv_positions_is_what_a_batch_allocates(
+    loaded, mixed_batch, monkeypatch, static, row_prefill
+):
+    """The runner holds batches to memory with ``kv_positions``: it must be the batch cache's
+    real size (the longest prompt, bucketed under static shapes, plus max_tokens, in blocks)."""
+    model, processor = loaded
+    sizes = []
+    grow = KVCache._grow
+
+    def recording_grow(self, keys, values, needed, batch=0):
+        sizes.append(((batch or keys.shape[0]), self._size_for(needed)))
+        grow(self, keys, values, needed, batch)
+
+    monkeypatch.setattr(KVCache, "_grow", recording_grow)
+    params = GenerationParams(max_tokens=200, row_prefill=row_prefill, static_shapes=static)
+    generate_batch(model, processor, mixed_batch, params)
+    longest = max(len(row.input_ids) for row in mixed_batch)
+    batch_sizes = {size for rows, size in sizes if rows == len(mixed_batch)}
+    assert batch_sizes == {kv_positions(longest, 200, static)}
+    assert kv_positions(130, 120) == 256 and kv_positions(130, 120, static=True) == 512
