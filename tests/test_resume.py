@@ -667,6 +667,14 @@ def test_a_fault_in_preparing_rows_stops_the_run_and_marks_nothing_done(
     assert [r["finish_reason"] for r in rows(output)] == ["length"] * 3
 
 
+def _rows_job(tmp_path: Path, model: Path, lines: list[dict]) -> tuple[Path, list[str]]:
+    """``lines`` as rows.jsonl; the output path and the `run` arguments for it."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    return output, ["run", str(source), "--model", str(model), "--output", str(output)]
+
+
 def _failing_generation(monkeypatch, fails):
     """``generate_batch`` raising for batches holding a row whose prompt ``fails``."""
     import model.generate
@@ -700,10 +708,8 @@ def test_generation_failing_for_every_row_stops_and_records_none(
 ):
     """Many rows in a row failing in generation is a fault of the model or machine: recording
     them as errors would mark them done, and the re-run after the fix would skip them."""
-    source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(20)))
-    output = tmp_path / "out.parquet"
-    args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    lines = [{"prompt": f"Say {i}."} for i in range(20)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
     with monkeypatch.context() as patch:
         _failing_generation(patch, lambda text: True)
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
@@ -721,14 +727,11 @@ def test_many_prompts_over_one_image_failing_are_that_images_errors(
     """The planner runs one image's prompts together, so 20 of them failing in a row are one
     image failing: error records (exit 1), not a fault that would stop every re-run too."""
     Image.new("RGB", (40, 30), "red").save(tmp_path / "bad.png")
-    source = tmp_path / "rows.jsonl"
     lines = [{"id": f"q{i}", "image": "bad.png", "prompt": f"BOOM {i}?"} for i in range(20)]
     lines += [{"id": f"t{i}", "prompt": f"Say {i}."} for i in range(4)]
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    output = tmp_path / "out.parquet"
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
     _failing_generation(monkeypatch, lambda text: "BOOM" in text)
-    code, text = cli("run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
-                     "--max-tokens", "2", "--quiet")  # fmt: skip
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
     assert code == 1, text
     reasons = {r["id"]: r["finish_reason"] for r in rows(output)}
     assert reasons == {line["id"]: "error" if "image" in line else "length" for line in lines}
@@ -745,10 +748,7 @@ def test_a_fault_over_a_few_images_with_many_prompts_each_stops_the_run(
     for image in range(5):
         Image.new("RGB", (40, 30), (50 * image, 0, 0)).save(tmp_path / f"{image}.png")
         lines += [{"image": f"{image}.png", "prompt": f"Q{q}?"} for q in range(4)]
-    source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    output = tmp_path / "out.parquet"
-    args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
     with monkeypatch.context() as patch:
         _failing_generation(patch, lambda text: True)
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
