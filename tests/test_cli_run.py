@@ -90,10 +90,14 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
-def test_default_batches_keep_their_kv_cache_within_memory(tiny_model_dir, tmp_path, monkeypatch):
-    """Without --max-batch-tokens, a batch's KV cache (whole 256-position blocks, generated
-    tokens included) must fit in half the memory left beside the model and its caches: here
-    900 positions, so three short rows (256 each) or the long row alone (512) per batch."""
+@pytest.mark.parametrize(("static", "max_tokens"), [(False, 250), (True, 200)])
+def test_default_batches_keep_their_kv_cache_within_memory(
+    tiny_model_dir, tmp_path, monkeypatch, static, max_tokens
+):
+    """Without --max-batch-tokens, a batch's KV cache (whole 256-position blocks: the longest
+    prompt, bucketed to 128 under static shapes, plus max_tokens) must fit in half the memory
+    left beside the model and its caches: here 1,100 positions, so two short rows (512 each,
+    only through max_tokens or the bucket) or the long row alone (768) per batch."""
     from mlx.utils import tree_flatten
 
     import model.generate
@@ -101,14 +105,15 @@ def test_default_batches_keep_their_kv_cache_within_memory(tiny_model_dir, tmp_p
 
     tiny, processor = load(str(tiny_model_dir))
     long_prompt = "Describe the red circle on the left. " * 30
-    assert 255 <= processor.estimate_tokens(long_prompt, None) <= 510  # 512 positions with 2 new
-    prompts = [long_prompt] + [f"Say {i} now." for i in range(7)]
+    assert 255 <= processor.estimate_tokens(long_prompt, None) <= 510
+    prompts = [long_prompt] + [f"Say {i} now." for i in range(7)]  # 14-15 tokens
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     weights = sum(v.nbytes for _, v in tree_flatten(tiny.parameters()))
     caches = (1 << 30) + (256 << 20)  # the prefix cache's 1 GiB floor, the feature cache
-    memory = weights + caches + 2 * 900 * model.generate.kv_bytes_per_token(tiny)
+    memory = weights + caches + 2 * 1100 * model.generate.kv_bytes_per_token(tiny)
     monkeypatch.setattr(model.generate, "device_memory_bytes", lambda: memory)
+    monkeypatch.setattr(model.generate, "static_shapes", lambda params: static)
     allocated = []  # positions of each KV allocation, all its rows
     grow = KVCache._grow
 
@@ -122,16 +127,16 @@ def test_default_batches_keep_their_kv_cache_within_memory(tiny_model_dir, tmp_p
         allocated.clear()
         output = tmp_path / f"out{len(extra)}.parquet"
         args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
-        result = CliRunner().invoke(main, [*args, "--max-tokens", "2", *extra])
+        result = CliRunner().invoke(main, [*args, "--max-tokens", str(max_tokens), *extra])
         assert result.exit_code == 0, result.output
-        assert ("KV cache within 900 positions" in result.output) == (not extra)
+        assert ("KV cache within 1100 positions" in result.output) == (not extra)
         summaries.append(json.loads(output.with_name(output.name + ".summary.json").read_text()))
         outputs.append([r["output"] for r in read(output)])
         peaks.append(max(allocated))
-    assert summaries[0]["kv_positions_limit"] == 900 and summaries[0]["batches"] == 4
-    assert peaks[0] <= 900
+    assert summaries[0]["kv_positions_limit"] == 1100 and summaries[0]["batches"] == 5
+    assert peaks[0] <= 1100
     assert summaries[1]["kv_positions_limit"] is None and summaries[1]["batches"] == 1
-    assert peaks[1] > 900  # an explicit budget is not held to memory
+    assert peaks[1] > 1100  # an explicit budget is not held to memory
     assert outputs[0] == outputs[1]
 
 
