@@ -268,6 +268,7 @@ class _Session:
             kv_positions,
             memory_kv_positions,
             static_shapes,
+            weight_bytes,
         )
         from model.loading import load
 
@@ -287,7 +288,7 @@ class _Session:
         self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
         # ... and prefill the prompt up to it once
         memory = device_memory_bytes()
-        self.prefix_cache = PrefixCache.for_memory(memory)
+        self.prefix_cache = PrefixCache.for_memory(memory, weight_bytes(self.model))
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         self.reporter.start(self.owed, self.done_before)

@@ -167,9 +167,11 @@ class PrefixCache(_BytesLRU):
         super().__init__(max_bytes)
 
     @classmethod
-    def for_memory(cls, memory_bytes: int | None) -> PrefixCache:
-        """A cache of an eighth of the device's (or machine's) memory, at least the default."""
-        return cls(max(cls.default_bytes, (memory_bytes or 0) // 8))
+    def for_memory(cls, memory_bytes: int | None, weight_bytes: int = 0) -> PrefixCache:
+        """A cache of an eighth of the device's (or machine's) memory left beside the weights,
+        at least the default. The planner runs the prompts over one image together, so a few
+        prefixes are enough; what the cache does not take is left to the batches' KV cache."""
+        return cls(max(cls.default_bytes, ((memory_bytes or 0) - weight_bytes) // 8))
 
     def get(self, key: str, count: bool = True) -> list[tuple[mx.array, mx.array]] | None:
         """The prefix's states, or None; ``count``: whether to count the hit or miss."""

@@ -255,6 +255,11 @@ def device_memory_bytes() -> int | None:
         return None
 
 
+def weight_bytes(model: Model) -> int:
+    """Bytes the model's parameters take (as loaded: dtype and quantization applied)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def batch_limits(
     model: Model,
     max_tokens: int,
@@ -273,8 +278,7 @@ def batch_limits(
     Returns:
         The batch size (at least 1, at most 256) and the prompt-slot budget for the planner.
     """
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    cache_bytes = max(memory_bytes - weights, 0) * fraction
+    cache_bytes = max(memory_bytes - weight_bytes(model), 0) * fraction
     slots = int(cache_bytes // kv_bytes_per_token(model))
     batch_size = max(1, min(256, slots // (prompt_tokens + max_tokens)))
     return batch_size, max(prompt_tokens, batch_size * prompt_tokens)
@@ -287,8 +291,7 @@ def memory_kv_positions(
     beside the weights and ``reserved_bytes`` (the feature and prefix caches), as in
     ``batch_limits``; the rest is left to activations, the row-by-row prefill's copy of one
     row and ``KVCache.filter``'s copies."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    room = max(memory_bytes - weights - reserved_bytes, 0) * fraction
+    room = max(memory_bytes - weight_bytes(model) - reserved_bytes, 0) * fraction
     return int(room // kv_bytes_per_token(model))
 
 

@@ -191,7 +191,7 @@ def test_rows_of_one_image_run_together_so_a_small_prefix_cache_still_hits(
     prepared = processor.prepare(prompts[0], Image.open(tmp_path / "a.png"))
     one_prefix = prompt_prefix(prepared)[0] * kv_bytes_per_token(model)
     monkeypatch.setattr(
-        PrefixCache, "for_memory", classmethod(lambda cls, memory: cls(one_prefix * 3 // 2))
+        PrefixCache, "for_memory", classmethod(lambda cls, *memory: cls(one_prefix * 3 // 2))
     )
     output = tmp_path / "qa.parquet"
     code, text = run(

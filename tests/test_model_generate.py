@@ -423,3 +423,13 @@ def test_kv_positions_is_what_a_batch_allocates(
     batch_sizes = {size for rows, size in sizes if rows == len(mixed_batch)}
     assert batch_sizes == {kv_positions(longest, 200, static)}
     assert kv_positions(130, 120) == 256 and kv_positions(130, 120, static=True) == 512
+
+
+def test_prefix_cache_takes_an_eighth_of_the_memory_beside_the_weights():
+    from model.cache import PrefixCache
+
+    gib = 1 << 30
+    assert PrefixCache.for_memory(24 * gib).max_bytes == 3 * gib
+    assert PrefixCache.for_memory(40 * gib, 16 * gib).max_bytes == 3 * gib
+    assert PrefixCache.for_memory(24 * gib, 17 * gib).max_bytes == gib  # at least 1 GiB
+    assert PrefixCache.for_memory(None).max_bytes == gib

@@ -69,6 +69,7 @@ from model.generate import (
     device_memory_bytes,
     generate_batch,
     kv_bytes_per_token,
+    weight_bytes,
 )
 from model.loading import default_dtype, load
 from model.tiny import tiny_config
@@ -298,7 +299,9 @@ def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, w
         return run_naive(model, prepared, rows, s.max_tokens, bucket)
     caches = (
         ImageFeatureCache() if s.feature_cache else None,
-        PrefixCache.for_memory(device_memory_bytes()) if s.prefix_cache else None,
+        PrefixCache.for_memory(device_memory_bytes(), weight_bytes(model))
+        if s.prefix_cache
+        else None,
     )
     if mode == "single":
         batches = [[i] for i in _subset(s.single_rows, prepared)]
@@ -363,7 +366,7 @@ def _memory(model, prepared, batches, s: BenchSettings) -> dict[str, Any]:
     mean_prompt = int(sum(len(r.input_ids) for r in prepared) / len(prepared))
     suggested = batch_limits(model, s.max_tokens, memory, mean_prompt) if memory else None
     return {
-        "weight_bytes": sum(int(v.nbytes) for _, v in tree_flatten(model.parameters())),
+        "weight_bytes": weight_bytes(model),
         "kv_budget_bytes": widest * kv_bytes_per_token(model),
         "machine_memory_bytes": memory,
         "suggested_batch_size": suggested and suggested[0],
