@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,15 +261,7 @@ class _Session:
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
         from model.cache import ImageFeatureCache, PrefixCache
-        from model.generate import (
-            GenerationParams,
-            device_memory_bytes,
-            kv_bytes_per_token,
-            kv_positions,
-            memory_kv_positions,
-            static_shapes,
-            weight_bytes,
-        )
+        from model.generate import GenerationParams, device_memory_bytes, weight_bytes
         from model.loading import load
 
         spec = self.spec
@@ -292,25 +284,7 @@ class _Session:
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         self.reporter.start(self.owed, self.done_before)
-        self.batch_tokens, fits = spec.max_batch_tokens, None
-        if self.batch_tokens is None:  # the default, and batches whose KV cache fits in memory
-            self.batch_tokens = DEFAULT_BATCH_TOKENS
-            if memory:
-                caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
-                limit = self.kv_limit = memory_kv_positions(self.model, memory, caches)
-                max_tokens, static = spec.max_tokens, static_shapes(self.params)
-
-                def fits(rows: int, longest: int) -> bool:
-                    return rows * kv_positions(longest, max_tokens, static) <= limit
-
-                if not fits(spec.batch_size, self.batch_tokens // spec.batch_size):
-                    gib = limit * kv_bytes_per_token(self.model) / 2**30
-                    self.reporter.event(  # a full batch of the default budget would not fit
-                        f"batches keep their KV cache within {limit} positions ({gib:.1f} GiB), "
-                        "so that it fits in memory beside the model and its caches: fewer rows "
-                        "per batch where prompts are long; --max-batch-tokens sets a budget of "
-                        "your own instead"
-                    )
+        fits = self._memory_fits(memory)
         single_threaded_numpy_blas()
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
@@ -336,6 +310,38 @@ class _Session:
             self.reporter.event(warning, error=True)
         if warning := self._image_column_warning():
             self.reporter.event(warning, error=True)
+
+    def _memory_fits(self, memory: int | None) -> Callable[[int, int], bool] | None:
+        """Without a budget of the user's: the default budget, and the planner's bound that
+        keeps each batch's KV cache within memory (``None`` where memory is unknown)."""
+        from model.generate import (
+            kv_bytes_per_token,
+            kv_positions,
+            memory_kv_positions,
+            static_shapes,
+        )
+
+        spec = self.spec
+        if self.batch_tokens is not None:
+            return None
+        self.batch_tokens = DEFAULT_BATCH_TOKENS
+        if not memory:
+            return None
+        caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
+        limit = self.kv_limit = memory_kv_positions(self.model, memory, caches)
+        max_tokens, static = spec.max_tokens, static_shapes(self.params)
+
+        def fits(rows: int, longest: int) -> bool:
+            return rows * kv_positions(longest, max_tokens, static) <= limit
+
+        if not fits(spec.batch_size, self.batch_tokens // spec.batch_size):
+            gib = limit * kv_bytes_per_token(self.model) / 2**30
+            self.reporter.event(  # a full batch of the default budget would not fit
+                f"batches keep their KV cache within {limit} positions ({gib:.1f} GiB), so that "
+                "it fits in memory beside the model and its caches: fewer rows per batch where "
+                "prompts are long; --max-batch-tokens sets a budget of your own instead"
+            )
+        return fits
 
     def _image_column_warning(self) -> str | None:
         """A JSONL row may leave out its image, so a misspelt --image-column makes every row
