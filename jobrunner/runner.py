@@ -253,7 +253,6 @@ class _Session:
         # generation failures since the last success: recorded as row errors once a row
         # succeeds (or the run ends); enough of them, over enough images, stop the run
         self.failing: list[tuple[Row, str, int]] = []
-        self.failing_images: set[Hashable] = set()
         self.fault_limit = max(16, 2 * spec.batch_size)
         self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
 
@@ -427,15 +426,11 @@ class _Session:
         for (row, prepared), result in zip(ready, self._generate(ready), strict=True):
             if isinstance(result, str):
                 self.failing.append((row, result, len(prepared.input_ids)))
-                key = image_key(row.image)
-                self.failing_images.add(("text row", row.index) if key is None else key)
-                if (
-                    len(self.failing) >= self.fault_limit
-                    and len(self.failing_images) >= FAULT_IMAGES
-                ):
+                images = self._failing_images()
+                if len(self.failing) >= self.fault_limit and images >= FAULT_IMAGES:
                     raise GenerationFault(
                         f"generation failed for {len(self.failing)} rows in a row, over "
-                        f"{len(self.failing_images)} images or text rows, the last with "
+                        f"{images} images or text rows, the last with "
                         f"{result}; stopped without recording them as errors, since this looks "
                         "like a fault of the model or machine: fix it and run the same command "
                         "again (finished rows are saved)"
@@ -476,7 +471,11 @@ class _Session:
         for row, message, prompt_tokens in self.failing:
             self._error(row, message, prompt_tokens=prompt_tokens)
         self.failing = []
-        self.failing_images = set()
+
+    def _failing_images(self) -> int:
+        """Images among the failing rows; a text-only row counts as one of its own."""
+        keys = {image_key(row.image) for row, _, _ in self.failing if row.image is not None}
+        return len(keys) + sum(row.image is None for row, _, _ in self.failing)
 
     def _result(self, row: Row, result) -> None:
         self.writer.add(

@@ -278,8 +278,7 @@ def batch_limits(
     Returns:
         The batch size (at least 1, at most 256) and the prompt-slot budget for the planner.
     """
-    cache_bytes = max(memory_bytes - weight_bytes(model), 0) * fraction
-    slots = int(cache_bytes // kv_bytes_per_token(model))
+    slots = memory_kv_positions(model, memory_bytes, fraction=fraction)
     batch_size = max(1, min(256, slots // (prompt_tokens + max_tokens)))
     return batch_size, max(prompt_tokens, batch_size * prompt_tokens)
 
