@@ -255,6 +255,9 @@ class _Session:
         self.failing: list[tuple[Row, str, int]] = []
         self.fault_limit = max(16, 2 * spec.batch_size)
         self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
+        self.fits: Callable[[int, int], bool] | None = None  # memory's bound on a batch
+        self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
+        self.joined = 0  # rows that joined a batch while other rows ran
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -285,20 +288,18 @@ class _Session:
         self.reporter.start(self.owed, self.done_before)
         fits = self._memory_fits(memory)
         single_threaded_numpy_blas()
+        self.fits = fits
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
                 self._estimates(stop), spec.batch_size, self.batch_tokens, spec.sort_window, fits
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
-            for batch in _chain(batches, queue, lambda b: self._submit(pool, b)):
-                try:
-                    self._run_batch(batch)
-                except GenerationFault as fault:
-                    self._stop(queue, fault)
-                self.writer.maybe_flush()
-                if stop.signum is not None:
-                    self._stop(queue, Interrupted(stop.signum))
-            if stop.signum is not None:  # signalled while reading rows that all failed
+            planned = _chain(batches, queue, lambda b: self._submit(pool, b))
+            try:
+                self._decode(planned, stop)
+            except GenerationFault as fault:
+                self._stop(queue, fault)
+            if stop.signum is not None:
                 self._stop(queue, Interrupted(stop.signum))
             if self.read_error is not None:  # every row read before the damage is done
                 self._stop(queue, BadInput(f"{self.read_error}; {_SAVED}"))
@@ -412,36 +413,124 @@ class _Session:
         image = load_image(row.image, self.spec.max_image_pixels) if row.image else None
         return self.processor.prepare(row.prompt, image, chat=self.spec.chat)
 
-    def _run_batch(self, batch: list[tuple[Row, Future]]) -> None:
+    def _decode(self, planned: Iterator[list[tuple[Row, Future]]], stop: _StopFlag) -> None:
+        """Run the planned rows through one batch that rows join as others finish.
+
+        When a quarter of the batch's slots are free, the next planned rows take them (as many as
+        the batch budget and memory allow): rows that stop early do not leave their slots idle
+        until the longest row of their batch is done. After a signal no row joins; the rows in
+        the batch finish, then the run stops.
+        """
+        from model.generate import Decoder
+
+        decoder = Decoder(
+            self.model, self.processor, self.params, self.feature_cache, self.prefix_cache
+        )
+        slots = self.spec.batch_size
+        waiting: deque[tuple[Row, Any]] = deque()  # prepared rows not yet in the batch
+        more = True
+        while True:
+            free = slots - decoder.active
+            if stop.signum is None and (free * 4 >= slots or not decoder.active):
+                while more and len(waiting) < free:
+                    batch = next(planned, None)
+                    more = batch is not None
+                    waiting.extend(self._ready(batch or []))
+                take = self._joining(decoder, waiting, free)
+                if take:
+                    self._admit(decoder, [waiting.popleft() for _ in range(take)])
+            if decoder.active:
+                self._step(decoder)
+            elif stop.signum is not None or not (more or waiting):
+                return
+            self.writer.maybe_flush()
+
+    def _ready(self, batch: list[tuple[Row, Future]]) -> list[tuple[Row, Any]]:
+        """The batch's prepared rows; rows that could not be prepared become error records."""
         ready = []
         for row, future in batch:
             try:
                 ready.append((row, future.result()))
             except ROW_ERRORS as err:
                 self._error(row, str(err))
-        if not ready:
-            return
-        self.stats.add([len(prepared.input_ids) for _, prepared in ready])
+        if ready:
+            self.stats.add([len(prepared.input_ids) for _, prepared in ready])
+        return ready
+
+    def _joining(self, decoder, waiting: deque, free: int) -> int:
+        """How many of the first waiting rows join the batch: at most ``free``, and all the rows
+        together within the batch budget and memory, padded to the longest (a row alone is
+        never refused)."""
+        rows, longest, take = decoder.active, decoder.longest, 0
+        for _, prepared in list(waiting)[:free]:
+            longest = max(longest, len(prepared.input_ids))
+            rows += 1
+            over = rows * longest > self.batch_tokens
+            if rows > 1 and (over or (self.fits is not None and not self.fits(rows, longest))):
+                break
+            take += 1
+        return take
+
+    def _admit(self, decoder, items: list[tuple[Row, Any]]) -> None:
+        """Prefill ``items`` into the batch; if that fails, the batch's rows run alone."""
+        from model.generate import row_seed
+
         started = time.monotonic()
-        for (row, prepared), result in zip(ready, self._generate(ready), strict=True):
-            if isinstance(result, str):
-                self.failing.append((row, result, len(prepared.input_ids)))
-                images = self._failing_images()
-                if len(self.failing) >= self.fault_limit and images >= FAULT_IMAGES:
-                    raise GenerationFault(
-                        f"generation failed for {len(self.failing)} rows in a row, over "
-                        f"{images} images or text rows, the last with "
-                        f"{result}; stopped without recording them as errors, since this looks "
-                        "like a fault of the model or machine: fix it and run the same command "
-                        "again (finished rows are saved)"
-                    )
-                if len(self.failing) >= FAILING_HELD:  # a few images' many prompts: theirs
-                    self._record_failures()
-            else:
-                self._record_failures()
-                self._result(row, result)
+        try:
+            decoder.add(
+                [(row.index, prepared, row_seed(self.spec.seed, row.id)) for row, prepared in items]
+            )
+            self.running.update((row.index, (row, prepared)) for row, prepared in items)
+            self.joined += len(items) if decoder.active > len(items) else 0
+        except Exception:  # noqa: BLE001 - isolate the failing row below
+            self._isolate(decoder, items)
         self.model_seconds += time.monotonic() - started
+
+    def _step(self, decoder) -> None:
+        started = time.monotonic()
+        try:
+            done = decoder.step()
+        except Exception:  # noqa: BLE001 - isolate the failing row below
+            self._isolate(decoder, [])
+            done = []
+        self.model_seconds += time.monotonic() - started
+        for tag, result in done:
+            row, prepared = self.running.pop(tag)
+            self._outcome(row, prepared, result)
+        if done:
+            self.reporter.update(self.rows_run, self.generated, self.errors)
+
+    def _isolate(self, decoder, items: list[tuple[Row, Any]]) -> None:
+        """The batch failed: its rows (and ``items``, which were joining it) run one by one."""
+        pending = [*self.running.values(), *items]
+        self.running.clear()
+        decoder.clear()
+        for row, prepared in pending:
+            started = time.monotonic()
+            result = self._generate([(row, prepared)])[0]
+            self.model_seconds += time.monotonic() - started
+            self._outcome(row, prepared, result)
         self.reporter.update(self.rows_run, self.generated, self.errors)
+
+    def _outcome(self, row: Row, prepared, result) -> None:
+        """Record a row's result; hold a generation failure (error text) until it is clear
+        whether it is the row's or the machine's."""
+        if isinstance(result, str):
+            self.failing.append((row, result, len(prepared.input_ids)))
+            images = self._failing_images()
+            if len(self.failing) >= self.fault_limit and images >= FAULT_IMAGES:
+                raise GenerationFault(
+                    f"generation failed for {len(self.failing)} rows in a row, over "
+                    f"{images} images or text rows, the last with "
+                    f"{result}; stopped without recording them as errors, since this looks "
+                    "like a fault of the model or machine: fix it and run the same command "
+                    "again (finished rows are saved)"
+                )
+            if len(self.failing) >= FAILING_HELD:  # a few images' many prompts: theirs
+                self._record_failures()
+        else:
+            self._record_failures()
+            self._result(row, result)
 
     def _generate(self, ready: list) -> list:
         """Results of a batch; if the batch fails, each row alone, failures as error text."""
@@ -553,6 +642,7 @@ class _Session:
             "generated_tokens_per_second": round(self.generated / seconds, 3) if seconds else None,
             "padding_fraction": round(self.stats.padding_fraction, 4),
             "batches": self.stats.batches,
+            "rows_joined_running": self.joined,
             "max_batch_tokens": self.batch_tokens,
             "kv_positions_limit": self.kv_limit,
             # rows over an image seen before: its features, and the prompt up to it, reused

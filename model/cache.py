@@ -88,11 +88,17 @@ class KVCache:
         self.keys[row : row + 1, :, start : self.offset, :] = keys
         self.values[row : row + 1, :, start : self.offset, :] = values
 
-    def filter(self, rows: mx.array) -> None:
-        """Keep only the batch rows in ``rows`` (finished rows leave the batch)."""
-        if self.keys is not None:
-            self.keys = self.keys[rows]
-            self.values = self.values[rows]
+    def last(self, width: int, rows: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """The last ``width`` positions before the offset (fewer if fewer are written) of the
+        batch rows ``rows`` (default: all), as views or gathered copies."""
+        start = max(self.offset - width, 0)
+        keys, values = (
+            self.keys[..., start : self.offset, :],
+            self.values[..., start : self.offset, :],
+        )
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+        return keys, values
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | None:
@@ -103,6 +109,30 @@ class KVCache:
 
 def make_cache(num_layers: int, static: bool = False) -> list[KVCache]:
     return [KVCache(static) for _ in range(num_layers)]
+
+
+def stack_rows(
+    parts: list[tuple[KVCache, mx.array | None]], width: int, reserve: int, static: bool = False
+) -> KVCache:
+    """A new cache of the rows of ``parts`` (``rows`` of each part, None: all), one part after
+    another, each row holding its part's last ``width`` positions before the part's offset and
+    zeros before a part that holds fewer (masked as padding, like any left padding). Its offset is
+    ``width`` and it has room for ``reserve`` positions; finished rows leave a batch and new rows
+    join it this way, and positions that are padding in every row are cut off."""
+    pieces = [part.last(width, rows) for part, rows in parts]
+    batch = sum(keys.shape[0] for keys, _ in pieces)
+    out = KVCache(static)
+    out.reserve(reserve)
+    out.offset = width
+    sample_k, sample_v = pieces[0]
+    out._grow(sample_k, sample_v, width, batch)
+    row = 0
+    for keys, values in pieces:
+        rows, held = keys.shape[0], keys.shape[2]
+        out.keys[row : row + rows, :, width - held : width, :] = keys
+        out.values[row : row + rows, :, width - held : width, :] = values
+        row += rows
+    return out
 
 
 class _BytesLRU:

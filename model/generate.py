@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import ImageFeatureCache, KVCache, PrefixCache, make_cache
+from .cache import ImageFeatureCache, KVCache, PrefixCache, make_cache, stack_rows
 from .language import attention_mask, position_ids
 from .phi3_v import Model
 from .processing import ImageInput, PreparedRow, Processor, image_feature_index
@@ -79,9 +79,10 @@ def row_seed(job_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _hash_uniform(seeds: mx.array, step: int, vocab: int) -> mx.array:
-    """Uniform (0, 1) noise ``[B, vocab]`` from a murmur3-style mix of (seed, step, token)."""
-    x = seeds[:, None] ^ mx.array((step * 0x9E3779B1) & 0xFFFFFFFF, dtype=mx.uint32)
+def _hash_uniform(seeds: mx.array, steps: mx.array, vocab: int) -> mx.array:
+    """Uniform (0, 1) noise ``[B, vocab]`` from a murmur3-style mix of (seed, step, token), each
+    row's ``steps`` its own (uint32, ``[B]``)."""
+    x = seeds[:, None] ^ (steps * mx.array(0x9E3779B1, dtype=mx.uint32))[:, None]
     x = x + mx.arange(vocab, dtype=mx.uint32)[None] * mx.array(0x85EBCA77, dtype=mx.uint32)
     for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
         x = (x ^ (x >> shift)) * mx.array(mult, dtype=mx.uint32)
@@ -89,9 +90,12 @@ def _hash_uniform(seeds: mx.array, step: int, vocab: int) -> mx.array:
     return ((x >> 8).astype(mx.float32) + 0.5) / float(1 << 24)
 
 
-def sample(logits: mx.array, params: GenerationParams, seeds: mx.array, step: int) -> mx.array:
+def sample(
+    logits: mx.array, params: GenerationParams, seeds: mx.array, steps: mx.array
+) -> mx.array:
     """Next tokens ``[B]`` from float32 ``logits`` ``[B, V]``: greedy, or Gumbel-max sampling
-    after temperature, top-k and top-p, with per-row noise."""
+    after temperature, top-k and top-p, with noise drawn for each row's seed and step (uint32
+    ``[B]``: the count of tokens the row sampled before)."""
     if params.temperature == 0:
         return mx.argmax(logits, axis=-1)
     logits = logits / params.temperature
@@ -106,7 +110,7 @@ def sample(logits: mx.array, params: GenerationParams, seeds: mx.array, step: in
         # smallest probability still inside the nucleus (the top token always is)
         floor = mx.min(mx.where(before < params.top_p, ordered, mx.inf), axis=-1, keepdims=True)
         logits = mx.where(probs < floor, -mx.inf, logits)
-    gumbel = -mx.log(-mx.log(_hash_uniform(seeds, step, vocab)))
+    gumbel = -mx.log(-mx.log(_hash_uniform(seeds, steps, vocab)))
     return mx.argmax(logits + gumbel, axis=-1)
 
 
@@ -457,29 +461,179 @@ def decode_step(model: Model, tokens: mx.array, pad: mx.array, cache: list[KVCac
     return logits[:, -1]
 
 
-class _Batch:
-    """Host-side bookkeeping of the rows still decoding."""
+@dataclass
+class _Live:
+    """One row in the batch: what it holds in the cache and what it has generated."""
 
-    def __init__(self, size: int, stop_ids: set[int]):
-        self.active = list(range(size))  # original row numbers, in batch order
-        self.tokens: list[list[int]] = [[] for _ in range(size)]
-        self.finish: list[str | None] = [None] * size
-        self.stop_ids = stop_ids
+    tag: Hashable
+    row: PreparedRow
+    length: int  # positions it holds: prompt and the tokens fed back so far
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
 
-    def record(self, step_tokens: list[int], last_step: bool) -> None:
-        for slot, row in enumerate(self.active):
-            if self.finish[row] is not None:
+    def result(self, processor: Processor) -> RowResult:
+        return RowResult(
+            token_ids=self.tokens,
+            text=processor.decode(self.tokens),
+            finish_reason=self.finish or "length",
+            prompt_tokens=len(self.row.input_ids),
+            output_tokens=len(self.tokens),
+        )
+
+
+class Decoder:
+    """Rows decoding together, joined by new rows as others finish (continuous batching).
+
+    ``add`` prefills rows and puts them in the batch, ``step`` decodes one token for every row
+    and returns the rows that finished. The batch's cache is left-padded to its longest row; rows
+    that finish stay in it until a quarter of it has (each step costs little more for them), then
+    leave; when rows are added, the finished rows leave and the cache is rebuilt around the rows
+    that remain, cut to the longest of them (``stack_rows``). A row's positions, mask and
+    sampling noise (drawn for its own step) are its own, so each row generates what it would
+    generate alone, however rows come and go around it.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        processor: Processor,
+        params: GenerationParams,
+        feature_cache: ImageFeatureCache | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        self.model, self.processor, self.params = model, processor, params
+        self.feature_cache, self.prefix_cache = feature_cache, prefix_cache
+        self.static = static_shapes(params)
+        self.live: list[_Live] = []
+        self.cache: list[KVCache] = []
+        # per row: its last sampled token (the next input, not yet recorded), seed and the
+        # step that token's successor draws its noise for; all in batch order
+        self.tokens = self.seeds = self.steps = self.pad = mx.array([], dtype=mx.int32)
+
+    @property
+    def active(self) -> int:
+        """Rows still generating."""
+        return sum(live.finish is None for live in self.live)
+
+    @property
+    def longest(self) -> int:
+        """Positions the longest row still generating holds (0 when none is)."""
+        return max((live.length for live in self.live if live.finish is None), default=0)
+
+    def clear(self) -> None:
+        """Drop every row (after a failure: the caller decides what becomes of them)."""
+        self.__init__(
+            self.model, self.processor, self.params, self.feature_cache, self.prefix_cache
+        )
+
+    def add(self, items: Sequence[tuple[Hashable, PreparedRow, int]]) -> None:
+        """Prefill ``(tag, row, seed)`` items and add them to the batch."""
+        if not items:
+            return
+        rows = [row for _, row, _ in items]
+        cache, logits = self._prefill(rows)
+        seeds = mx.array(np.asarray([seed for _, _, seed in items], dtype=np.uint32))
+        steps = mx.zeros(len(items), dtype=mx.uint32)
+        tokens = sample(logits, self.params, seeds, steps)
+        mx.async_eval(tokens)
+        new = [_Live(tag, row, len(row.input_ids)) for tag, row, _ in items]
+        if not self.active:  # nothing to join: the batch is the new rows, as prefilled
+            self.live, self.cache = new, cache
+            self.tokens, self.seeds, self.steps = tokens, seeds, steps
+            self.pad = mx.array([cache[0].offset - live.length for live in new], dtype=mx.int32)
+            return
+        keep = [i for i, live in enumerate(self.live) if live.finish is None]
+        index = mx.array(keep)
+        self._rebuild([(old, index) for old in self.cache], [(c, None) for c in cache], new, keep)
+        self.tokens = mx.concatenate([self.tokens[index], tokens])
+        self.seeds = mx.concatenate([self.seeds[index], seeds])
+        self.steps = mx.concatenate([self.steps[index], steps])
+
+    def step(self) -> list[tuple[Hashable, RowResult]]:
+        """Decode one token for every row; the rows that finished with it, as ``(tag,
+        result)``."""
+        limit = self.params.max_tokens
+        going = [live for live in self.live if live.finish is None]
+        # queue the next step before waiting on this one, unless every row ends with this one
+        ahead = any(len(live.tokens) + 1 < limit for live in going)
+        if ahead:
+            logits = decode_step(self.model, self.tokens, self.pad, self.cache)
+            following = sample(logits, self.params, self.seeds, self.steps + 1)
+            mx.async_eval(following)
+        done = []
+        for live, token in zip(self.live, self.tokens.tolist(), strict=True):
+            if live.finish is not None:
                 continue
-            token = step_tokens[slot]
-            if token in self.stop_ids:
-                self.finish[row] = "stop"
-                continue
-            self.tokens[row].append(token)
-            if last_step:
-                self.finish[row] = "length"
+            if token in self.processor.stop_token_ids:
+                live.finish = "stop"
+            else:
+                live.tokens.append(token)
+                if len(live.tokens) == limit:
+                    live.finish = "length"
+            if live.finish is not None:
+                done.append((live.tag, live.result(self.processor)))
+        if not ahead or not self.active:
+            self.clear()
+            return done
+        for live in self.live:
+            live.length += 1  # this step's token went into the cache
+        self.tokens, self.steps = following, self.steps + 1
+        finished = len(self.live) - self.active
+        if finished * 4 >= len(self.live):  # drop finished rows: less work per step
+            keep = [i for i, live in enumerate(self.live) if live.finish is None]
+            index = mx.array(keep)
+            self._rebuild([(c, index) for c in self.cache], None, [], keep)
+            self.tokens, self.seeds = self.tokens[index], self.seeds[index]
+            self.steps = self.steps[index]
+        return done
 
-    def finished_slots(self) -> list[int]:
-        return [s for s, row in enumerate(self.active) if self.finish[row] is not None]
+    def _rebuild(self, old, new_parts, new: list[_Live], keep: list[int]) -> None:
+        """The cache of the rows ``keep`` of the batch (``old``: per layer, the cache and those
+        rows) followed by ``new``'s (``new_parts``: per layer), cut to the longest row."""
+        self.live = [self.live[i] for i in keep] + new
+        width = max(live.length for live in self.live)
+        reserve = kv_positions(width, self.params.max_tokens)
+        cache = []
+        for layer, part in enumerate(old):
+            parts = [part] if new_parts is None else [part, new_parts[layer]]
+            cache.append(stack_rows(parts, width, reserve, self.static))
+        mx.eval([c.keys for c in cache], [c.values for c in cache])
+        self.cache = cache
+        self.pad = mx.array([width - live.length for live in self.live], dtype=mx.int32)
+
+    def _prefill(self, rows: Sequence[PreparedRow]) -> tuple[list[KVCache], mx.array]:
+        """A cache holding ``rows``' prompts, left-padded, and their last positions' logits."""
+        model, params = self.model, self.params
+        multiple = LENGTH_BUCKET if self.static else 1
+        ids, pad = _left_pad(rows, self.processor.pad_token_id, multiple)
+        cache = make_cache(len(model.layers), self.static)
+        for c in cache:
+            c.reserve(ids.shape[1] + params.max_tokens)
+        prefill_chunk, vision_chunk = chunk_sizes(model, params)
+        row_prefill = params.row_prefill
+        if row_prefill is None:
+            row_prefill = mx.default_device() == mx.cpu
+        if not row_prefill:
+            features = image_features(model, rows, vision_chunk, self.feature_cache)
+            return cache, prefill(model, ids, pad, cache, features, prefill_chunk)
+        # rows whose prefix is cached need neither their images encoded nor the prefix run
+        known = {}
+        prefix_cache = self.prefix_cache
+        if prefix_cache is not None and not self.static:
+            prefixes = {b: _row_prefix(model, row) for b, row in enumerate(rows)}
+            known = {
+                b: states
+                for b, prefix in prefixes.items()
+                if prefix is not None
+                and (states := prefix_cache.get(prefix[1], count=False)) is not None
+            }
+        need = [b for b, row in enumerate(rows) if row.images and b not in known]
+        encoded = image_features(model, [rows[b] for b in need], vision_chunk, self.feature_cache)
+        features = features_by_row(rows, encoded, need)
+        logits = prefill_rows(
+            model, rows, ids.shape[1], cache, features, prefill_chunk, multiple, prefix_cache, known
+        )
+        return cache, logits
 
 
 def generate_batch(
@@ -506,66 +660,9 @@ def generate_batch(
     """
     if not rows:
         return []
-    static = static_shapes(params)
-    multiple = LENGTH_BUCKET if static else 1
-    ids, pad = _left_pad(rows, processor.pad_token_id, multiple)
-    row_seeds = mx.array(np.asarray(seeds or [0] * len(rows), dtype=np.uint32))
-    cache = make_cache(len(model.layers), static)
-    for c in cache:
-        c.reserve(ids.shape[1] + params.max_tokens)
-    prefill_chunk, vision_chunk = chunk_sizes(model, params)
-    row_prefill = params.row_prefill
-    if row_prefill is None:
-        row_prefill = mx.default_device() == mx.cpu
-    if row_prefill:
-        # rows whose prefix is cached need neither their images encoded nor the prefix run
-        known = {}
-        if prefix_cache is not None and not static:
-            prefixes = {b: _row_prefix(model, row) for b, row in enumerate(rows)}
-            known = {
-                b: states
-                for b, prefix in prefixes.items()
-                if prefix is not None
-                and (states := prefix_cache.get(prefix[1], count=False)) is not None
-            }
-        need = [b for b, row in enumerate(rows) if row.images and b not in known]
-        encoded = image_features(model, [rows[b] for b in need], vision_chunk, feature_cache)
-        features = features_by_row(rows, encoded, need)
-        logits = prefill_rows(
-            model, rows, ids.shape[1], cache, features, prefill_chunk, multiple, prefix_cache, known
-        )
-    else:
-        features = image_features(model, rows, vision_chunk, feature_cache)
-        logits = prefill(model, ids, pad, cache, features, prefill_chunk)
-    batch = _Batch(len(rows), processor.stop_token_ids)
-    tokens = sample(logits, params, row_seeds, 0)
-    mx.async_eval(tokens)
-    for step in range(params.max_tokens):
-        last = step == params.max_tokens - 1
-        if not last:  # queue the next step before waiting on this one
-            next_tokens = sample(
-                decode_step(model, tokens, pad, cache), params, row_seeds, step + 1
-            )
-            mx.async_eval(next_tokens)
-        batch.record(tokens.tolist(), last)
-        done = batch.finished_slots()
-        if len(done) == len(batch.active) or last:
-            break
-        tokens = next_tokens
-        if len(done) * 4 >= len(batch.active):  # drop finished rows: less work per step
-            keep = [s for s in range(len(batch.active)) if s not in set(done)]
-            keep_idx = mx.array(keep)
-            for c in cache:
-                c.filter(keep_idx)
-            tokens, pad, row_seeds = tokens[keep_idx], pad[keep_idx], row_seeds[keep_idx]
-            batch.active = [batch.active[s] for s in keep]
-    return [
-        RowResult(
-            token_ids=batch.tokens[i],
-            text=processor.decode(batch.tokens[i]),
-            finish_reason=batch.finish[i] or "length",
-            prompt_tokens=len(row.input_ids),
-            output_tokens=len(batch.tokens[i]),
-        )
-        for i, row in enumerate(rows)
-    ]
+    decoder = Decoder(model, processor, params, feature_cache, prefix_cache)
+    decoder.add(list(zip(range(len(rows)), rows, seeds or [0] * len(rows), strict=True)))
+    results: dict[Hashable, RowResult] = {}
+    while decoder.active:
+        results.update(decoder.step())
+    return [results[b] for b in range(len(rows))]

@@ -90,6 +90,54 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
+def test_rows_that_stop_early_make_room_for_the_next_rows(
+    tiny_model_dir, dataset, tmp_path, monkeypatch
+):
+    """Rows that stop early leave the batch and the next planned rows take their slots while
+    the others run on (continuous batching); every row still gets what it gets alone."""
+    import model.loading
+
+    tiny, processor = load(str(tiny_model_dir))
+    lines = [json.loads(line) for line in dataset.read_text().splitlines()]
+    prepared = [
+        processor.prepare(
+            r["prompt"], Image.open(dataset.parent / r["image"]) if "image" in r else None
+        )
+        for r in lines
+    ]
+    params = GenerationParams(MAX_TOKENS)
+    free = [generate_batch(tiny, processor, [row], params)[0].token_ids for row in prepared]
+    stops = {free[0][1], free[3][3], free[5][0]}  # a few rows stop at different steps
+    processor.stop_token_ids |= stops
+    alone = {
+        r["id"]: generate_batch(tiny, processor, [row], params)[0]
+        for r, row in zip(lines, prepared, strict=True)
+    }
+    assert len({result.output_tokens for result in alone.values()}) > 2
+
+    real_load = model.loading.load
+
+    def load_with_stops(*args, **kwargs):
+        loaded, loaded_processor = real_load(*args, **kwargs)
+        loaded_processor.stop_token_ids |= stops
+        return loaded, loaded_processor
+
+    monkeypatch.setattr(model.loading, "load", load_with_stops)
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(dataset), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3",
+    )  # fmt: skip
+    assert code == 0, text
+    got = {r["id"]: r for r in read(output)}
+    assert {i: r["output"] for i, r in got.items()} == {i: r.text for i, r in alone.items()}
+    assert {i: r["finish_reason"] for i, r in got.items()} == {
+        i: r.finish_reason for i, r in alone.items()
+    }
+    summary = json.loads(output.with_name("out.parquet.summary.json").read_text())
+    assert summary["rows_joined_running"] > 0
+
+
 @pytest.mark.parametrize(("static", "max_tokens"), [(False, 250), (True, 200)])
 def test_default_batches_keep_their_kv_cache_within_memory(
     tiny_model_dir, tmp_path, monkeypatch, static, max_tokens

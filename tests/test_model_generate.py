@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import model.generate as generate_module
 from model.cache import KVCache, make_cache
 from model.generate import (
     LENGTH_BUCKET,
+    Decoder,
     GenerationParams,
     _left_pad,
     chunk_sizes,
@@ -194,13 +196,15 @@ def test_vision_tower_sees_only_real_crops(loaded, mixed_batch):
 def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch, static, monkeypatch):
     """A stopped row leaves the batch (the cache drops its row) and the others go on."""
     filtered = []
-    keep_rows = KVCache.filter
+    keep_rows = generate_module.stack_rows
 
-    def counting_filter(self, rows):
-        filtered.append(rows.size)
-        keep_rows(self, rows)
+    def counting_filter(parts, width, reserve, static=False):
+        filtered.append(
+            sum(parts[0][0].keys.shape[0] if rows is None else rows.size for _, rows in parts)
+        )
+        return keep_rows(parts, width, reserve, static)
 
-    monkeypatch.setattr(KVCache, "filter", counting_filter)
+    monkeypatch.setattr(generate_module, "stack_rows", counting_filter)
     model, processor = loaded
     params = GenerationParams(max_tokens=8, static_shapes=static)
     free = generate_batch(model, processor, mixed_batch[:3], params)
@@ -221,6 +225,61 @@ def test_stop_token_ends_row_and_is_not_in_output(loaded, mixed_batch, static, m
     for i in (0, 2):  # the other rows go on as before, whether or not row 1 left the batch
         cut = free[i].token_ids.index(stop) if stop in free[i].token_ids else 8
         assert stopped[i].token_ids == free[i].token_ids[:cut]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"static_shapes": True},
+        {"row_prefill": False},
+        {"temperature": 0.9, "top_k": 50},
+    ],
+    ids=["greedy", "static", "batched-prefill", "sampled"],
+)
+def test_rows_joining_a_running_batch_generate_what_they_would_alone(loaded, mixed_batch, settings):
+    """Rows join the batch as others stop (continuous batching): each generates what it would
+    alone, whether it joins shorter or longer rows mid-way, and the cache keeps no row that
+    finished, nor positions that are padding in every row, once rows have joined."""
+    model, processor = loaded
+    params = GenerationParams(max_tokens=10, **settings)
+    seeds = [row_seed(3, f"row-{i}") for i in range(len(mixed_batch))]
+    free = [
+        generate_batch(model, processor, [row], params, [seed])[0]
+        for row, seed in zip(mixed_batch, seeds, strict=True)
+    ]
+    # rows stop at different steps: one early token of a few of them becomes a stop token
+    stops = {free[0].token_ids[1], free[3].token_ids[4]}
+    original = set(processor.stop_token_ids)
+    processor.stop_token_ids = original | stops
+    try:
+        alone = [
+            generate_batch(model, processor, [row], params, [seed])[0]
+            for row, seed in zip(mixed_batch, seeds, strict=True)
+        ]
+        assert len({r.output_tokens for r in alone}) > 2  # rows really end at different steps
+        decoder = Decoder(model, processor, params)
+        waiting = list(range(len(mixed_batch)))
+        results, joined = {}, 0
+        while waiting or decoder.active:
+            if decoder.active < 3 and waiting:
+                take = waiting[: 3 - decoder.active]
+                del waiting[: len(take)]
+                running = decoder.active
+                decoder.add([(i, mixed_batch[i], seeds[i]) for i in take])
+                if running:  # joined: no finished row left, cut to the longest row
+                    joined += 1
+                    assert [entry.tag for entry in decoder.live][-len(take) :] == take
+                    assert len(decoder.live) == decoder.active == running + len(take)
+                    assert decoder.cache[0].offset == decoder.longest
+            results.update(decoder.step())
+    finally:
+        processor.stop_token_ids = original
+    assert joined >= 2  # rows joined while others ran
+    assert sorted(results) == list(range(len(mixed_batch)))
+    for i, result in results.items():
+        assert result.token_ids == alone[i].token_ids, i
+        assert result.finish_reason == alone[i].finish_reason
 
 
 def test_generation_params_are_validated():

@@ -97,20 +97,20 @@ def pausing_append_record(path, record):
     append_record(path, record)
 
 
-run_batch = runner._Session._run_batch
+admit = runner._Session._admit
 
 
-def holding_run_batch(self, batch):
-    if due("hold"):  # hold before the nth batch until the test has sent its signal
+def holding_admit(self, decoder, items):
+    if due("hold"):  # hold before the nth rows join the batch until the test has signalled
         marker.write_text(stage)
         while not marker.with_name(marker.name + ".go").exists():
             time.sleep(0.01)
-    run_batch(self, batch)
+    admit(self, decoder, items)
 
 
 writers.os = PausingOs()
 checkpoint._append_record = pausing_append_record
-runner._Session._run_batch = holding_run_batch
+runner._Session._admit = holding_admit
 sys.argv = ["jobrunner", *sys.argv[5:]]
 main(sys.argv[1:], prog_name="jobrunner")
 """
@@ -676,17 +676,18 @@ def _rows_job(tmp_path: Path, model: Path, lines: list[dict]) -> tuple[Path, lis
 
 
 def _failing_generation(monkeypatch, fails):
-    """``generate_batch`` raising for batches holding a row whose prompt ``fails``."""
-    import model.generate
+    """Prefill raising for rows joining a batch, one of which has a prompt that ``fails``."""
+    from model.generate import Decoder
 
-    real = model.generate.generate_batch
+    real = Decoder.add
 
-    def generate_batch(model, processor, rows, *args, **kwargs):
-        if any(fails(processor.decode([i for i in row.input_ids if i >= 0])) for row in rows):
+    def add(self, items):
+        texts = [self.processor.decode([i for i in row.input_ids if i >= 0]) for _, row, _ in items]
+        if any(fails(text) for text in texts):
             raise RuntimeError("device lost")
-        return real(model, processor, rows, *args, **kwargs)
+        return real(self, items)
 
-    monkeypatch.setattr(model.generate, "generate_batch", generate_batch)
+    monkeypatch.setattr(Decoder, "add", add)
 
 
 def test_a_row_that_fails_in_generation_is_an_error_record(tmp_path, tiny_model_dir, monkeypatch):
