@@ -1,5 +1,8 @@
 """The run loop: read rows → plan batches → preprocess (threads) → generate → write parts.
 
+The planned rows run through one batch that they join as earlier rows finish (continuous
+batching, ``model.generate.Decoder``); results are written as rows finish.
+
 ``run_job(spec)`` is the library entry point behind ``jobrunner run``. It validates the input and
 the model up front (``ConfigError``: nothing was run), takes the job's lock, resumes from the
 checkpoint, streams the rows this shard still owes, and writes results as durable parts. When the
@@ -14,8 +17,9 @@ instead, so that it does not mark every row done as an error; so do generation f
 text-only row counts as an image of its own). The planner runs an image's prompts one after
 another, and the rows of one to three images failing are theirs, however many prompts they have
 (held until a row succeeds, at most ``FAILING_HELD`` at a time). So a fault of the machine that
-shows only on a dataset of one to three images records their rows as errors. SIGINT/SIGTERM finish
-the batch in flight, flush what is done and end with ``Interrupted``. An input file damaged partway
+shows only on a dataset of one to three images records their rows as errors. SIGINT/SIGTERM let
+the rows in the batch finish (no row joins it after the signal), flush what is done and end with
+``Interrupted``. An input file damaged partway
 (a corrupt Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the
 damage are done and saved.
 """
@@ -162,7 +166,7 @@ def _json_object(files: dict[str, bytes], name: str, model: str) -> dict[str, An
 
 
 class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a flag checked between batches."""
+    """Turns the first SIGINT/SIGTERM into a flag checked between decode steps."""
 
     def __init__(self):
         self.signum: int | None = None

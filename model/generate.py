@@ -5,7 +5,9 @@ its first real token) and a mask hiding the padding, so its logits are those it 
 Prefill runs over the whole prompt (in chunks for long prompts), then decoding feeds one token per
 row per step into a cache written in place. Sampling draws its randomness from a counter-based
 hash of (row seed, step, token id), so a sampled row's output does not depend on its batch either.
-Rows that stop leave the batch once enough of them have finished.
+Rows that stop leave the batch once enough of them have finished, and new rows can take their
+places mid-way (``Decoder``, continuous batching): each row's positions, mask and noise are its
+own, so joining a running batch changes nothing in its output either.
 
 Prefilled row by row, a row with images runs in two parts: its prompt up to its last image slot
 (the prefix), then the rest. Rows with the same images and the same text before them (several
