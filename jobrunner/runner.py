@@ -459,35 +459,51 @@ class _Session:
                 self._error(row, str(err))
         if ready:
             self.stats.add([len(prepared.input_ids) for _, prepared in ready])
+        if len(ready) < len(batch):
+            self.reporter.update(self.rows_run, self.generated, self.errors)
         return ready
 
     def _joining(self, decoder, waiting: deque, free: int) -> int:
-        """How many of the first waiting rows join the batch: at most ``free``, and all the rows
-        together within the batch budget and memory, padded to the longest (a row alone is
-        never refused)."""
-        rows, longest, take = decoder.active, decoder.longest, 0
+        """How many of the first waiting rows join the batch: at most ``free``, with the rows
+        still running within the batch budget (prompt slots, padded to the longest prompt) and
+        memory (their KV cache, each row padded to the longest row, generated tokens counted,
+        with room for ``max_tokens`` more); a row alone is never refused."""
+        rows, take = decoder.active, 0
+        longest, prompt = decoder.longest, decoder.longest_prompt
         for _, prepared in list(waiting)[:free]:
             longest = max(longest, len(prepared.input_ids))
+            prompt = max(prompt, len(prepared.input_ids))
             rows += 1
-            over = rows * longest > self.batch_tokens
+            over = rows * prompt > self.batch_tokens
             if rows > 1 and (over or (self.fits is not None and not self.fits(rows, longest))):
                 break
             take += 1
         return take
 
     def _admit(self, decoder, items: list[tuple[Row, Any]]) -> None:
-        """Prefill ``items`` into the batch; if that fails, the batch's rows run alone."""
+        """Prefill ``items`` and add them to the batch. If their prefill fails, they run one by
+        one and the batch goes on; if joining the batch fails, all its rows do."""
         from model.generate import row_seed
 
         started = time.monotonic()
+        seeds = [row_seed(self.spec.seed, row.id) for row, _ in items]
         try:
-            decoder.add(
-                [(row.index, prepared, row_seed(self.spec.seed, row.id)) for row, prepared in items]
+            prefilled = decoder.prefill(
+                [
+                    (row.index, prepared, seed)
+                    for (row, prepared), seed in zip(items, seeds, strict=True)
+                ]
             )
-            self.running.update((row.index, (row, prepared)) for row, prepared in items)
-            self.joined += len(items) if decoder.active > len(items) else 0
         except Exception:  # noqa: BLE001 - isolate the failing row below
-            self._isolate(decoder, items)
+            self._isolate(decoder, items, batch=False)
+        else:
+            running = decoder.active
+            try:
+                decoder.join(prefilled)
+                self.running.update((row.index, (row, prepared)) for row, prepared in items)
+                self.joined += len(items) if running else 0
+            except Exception:  # noqa: BLE001 - isolate the failing row below
+                self._isolate(decoder, items)
         self.model_seconds += time.monotonic() - started
 
     def _step(self, decoder) -> None:
@@ -504,16 +520,16 @@ class _Session:
         if done:
             self.reporter.update(self.rows_run, self.generated, self.errors)
 
-    def _isolate(self, decoder, items: list[tuple[Row, Any]]) -> None:
-        """The batch failed: its rows (and ``items``, which were joining it) run one by one."""
-        pending = [*self.running.values(), *items]
-        self.running.clear()
-        decoder.clear()
+    def _isolate(self, decoder, items: list[tuple[Row, Any]], batch: bool = True) -> None:
+        """Generation failed: ``items`` (and with ``batch``, the rows in the batch, which is
+        then emptied) run one by one."""
+        pending = list(items)
+        if batch:
+            pending[:0] = self.running.values()
+            self.running.clear()
+            decoder.clear()
         for row, prepared in pending:
-            started = time.monotonic()
-            result = self._generate([(row, prepared)])[0]
-            self.model_seconds += time.monotonic() - started
-            self._outcome(row, prepared, result)
+            self._outcome(row, prepared, self._generate([(row, prepared)])[0])
         self.reporter.update(self.rows_run, self.generated, self.errors)
 
     def _outcome(self, row: Row, prepared, result) -> None:

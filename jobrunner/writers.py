@@ -249,7 +249,7 @@ class PartWriter:
 
     A part is written when `maybe_flush` finds ``every_rows`` records pending or ``every_seconds``
     elapsed since the last flush (either bound may be None), and always on `flush`. Call
-    `maybe_flush` between batches and `flush` before exiting, also on SIGINT/SIGTERM.
+    `maybe_flush` between steps of the run and `flush` before exiting, also on SIGINT/SIGTERM.
     """
 
     def __init__(

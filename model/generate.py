@@ -295,7 +295,8 @@ def memory_kv_positions(
     """KV positions (all rows of a batch together) that fit in ``fraction`` of the memory left
     beside the weights and ``reserved_bytes`` (the feature and prefix caches), as in
     ``batch_limits``; the rest is left to activations, the row-by-row prefill's copy of one
-    row and ``KVCache.filter``'s copies."""
+    row, and the prompts of rows joining a running batch while its cache is rebuilt around them
+    (a layer at a time)."""
     room = max(memory_bytes - weight_bytes(model) - reserved_bytes, 0) * fraction
     return int(room // kv_bytes_per_token(model))
 
@@ -483,6 +484,17 @@ class _Live:
         )
 
 
+@dataclass
+class _Prefilled:
+    """Rows prefilled on their own, waiting to join a batch."""
+
+    live: list[_Live]
+    cache: list[KVCache | None]
+    tokens: mx.array  # each row's first token
+    seeds: mx.array
+    steps: mx.array
+
+
 class Decoder:
     """Rows decoding together, joined by new rows as others finish (continuous batching).
 
@@ -522,34 +534,48 @@ class Decoder:
         """Positions the longest row still generating holds (0 when none is)."""
         return max((live.length for live in self.live if live.finish is None), default=0)
 
+    @property
+    def longest_prompt(self) -> int:
+        """Prompt tokens of the longest prompt still generating (0 when none is)."""
+        going = [len(live.row.input_ids) for live in self.live if live.finish is None]
+        return max(going, default=0)
+
     def clear(self) -> None:
         """Drop every row (after a failure: the caller decides what becomes of them)."""
-        self.__init__(
-            self.model, self.processor, self.params, self.feature_cache, self.prefix_cache
-        )
+        self.live, self.cache = [], []
 
     def add(self, items: Sequence[tuple[Hashable, PreparedRow, int]]) -> None:
         """Prefill ``(tag, row, seed)`` items and add them to the batch."""
-        if not items:
-            return
+        if items:
+            self.join(self.prefill(items))
+
+    def prefill(self, items: Sequence[tuple[Hashable, PreparedRow, int]]) -> _Prefilled:
+        """Prefill ``(tag, row, seed)`` items on their own; the batch is not touched, so a
+        failure here is the items' (``join`` adds them)."""
         rows = [row for _, row, _ in items]
-        cache, logits = self._prefill(rows)
+        # rows joining others get a cache of their prompts only: the join makes the room
+        cache, logits = self._prefill(rows, decode_room=not self.active)
         seeds = mx.array(np.asarray([seed for _, _, seed in items], dtype=np.uint32))
         steps = mx.zeros(len(items), dtype=mx.uint32)
         tokens = sample(logits, self.params, seeds, steps)
         mx.async_eval(tokens)
-        new = [_Live(tag, row, len(row.input_ids)) for tag, row, _ in items]
+        live = [_Live(tag, row, len(row.input_ids)) for tag, row, _ in items]
+        return _Prefilled(live, cache, tokens, seeds, steps)
+
+    def join(self, new: _Prefilled) -> None:
+        """Add prefilled rows to the batch; the rows that finished leave it."""
         if not self.active:  # nothing to join: the batch is the new rows, as prefilled
-            self.live, self.cache = new, cache
-            self.tokens, self.seeds, self.steps = tokens, seeds, steps
-            self.pad = mx.array([cache[0].offset - live.length for live in new], dtype=mx.int32)
+            self.live, self.cache = new.live, new.cache
+            self.tokens, self.seeds, self.steps = new.tokens, new.seeds, new.steps
+            width = new.cache[0].offset
+            self.pad = mx.array([width - live.length for live in new.live], dtype=mx.int32)
             return
         keep = [i for i, live in enumerate(self.live) if live.finish is None]
         index = mx.array(keep)
-        self._rebuild([(old, index) for old in self.cache], [(c, None) for c in cache], new, keep)
-        self.tokens = mx.concatenate([self.tokens[index], tokens])
-        self.seeds = mx.concatenate([self.seeds[index], seeds])
-        self.steps = mx.concatenate([self.steps[index], steps])
+        self.tokens = mx.concatenate([self.tokens[index], new.tokens])
+        self.seeds = mx.concatenate([self.seeds[index], new.seeds])
+        self.steps = mx.concatenate([self.steps[index], new.steps])
+        self._rebuild(keep, new)
 
     def step(self) -> list[tuple[Hashable, RowResult]]:
         """Decode one token for every row; the rows that finished with it, as ``(tag,
@@ -584,33 +610,42 @@ class Decoder:
         if finished * 4 >= len(self.live):  # drop finished rows: less work per step
             keep = [i for i, live in enumerate(self.live) if live.finish is None]
             index = mx.array(keep)
-            self._rebuild([(c, index) for c in self.cache], None, [], keep)
             self.tokens, self.seeds = self.tokens[index], self.seeds[index]
             self.steps = self.steps[index]
+            self._rebuild(keep)
         return done
 
-    def _rebuild(self, old, new_parts, new: list[_Live], keep: list[int]) -> None:
-        """The cache of the rows ``keep`` of the batch (``old``: per layer, the cache and those
-        rows) followed by ``new``'s (``new_parts``: per layer), cut to the longest row."""
-        self.live = [self.live[i] for i in keep] + new
+    def _rebuild(self, keep: list[int], new: _Prefilled | None = None) -> None:
+        """The cache of the batch rows ``keep`` followed by ``new``'s rows, cut to the longest
+        row, with room for the steps still to come. Built a layer at a time, each old layer
+        let go once its successor is evaluated, so the rebuild holds one layer more than the
+        caches it joins."""
+        mx.eval(self.tokens)  # the step in flight reads the old cache
+        self.live = [self.live[i] for i in keep] + (new.live if new else [])
         width = max(live.length for live in self.live)
-        reserve = kv_positions(width, self.params.max_tokens)
-        cache = []
-        for layer, part in enumerate(old):
-            parts = [part] if new_parts is None else [part, new_parts[layer]]
-            cache.append(stack_rows(parts, width, reserve, self.static))
-        mx.eval([c.keys for c in cache], [c.values for c in cache])
-        self.cache = cache
+        # each row feeds back at most max_tokens - (its tokens so far) more tokens
+        room = max(self.params.max_tokens - len(live.tokens) for live in self.live)
+        index = mx.array(keep)
+        for layer, old in enumerate(self.cache):
+            parts = [(old, index)] if new is None else [(old, index), (new.cache[layer], None)]
+            cache = stack_rows(parts, width, width + room, self.static)
+            mx.eval(cache.keys, cache.values)
+            self.cache[layer] = cache
+            if new is not None:
+                new.cache[layer] = None  # let go of the prefill's copy too
         self.pad = mx.array([width - live.length for live in self.live], dtype=mx.int32)
 
-    def _prefill(self, rows: Sequence[PreparedRow]) -> tuple[list[KVCache], mx.array]:
-        """A cache holding ``rows``' prompts, left-padded, and their last positions' logits."""
+    def _prefill(
+        self, rows: Sequence[PreparedRow], decode_room: bool = True
+    ) -> tuple[list[KVCache], mx.array]:
+        """A cache holding ``rows``' prompts, left-padded (with room for decoding them, if
+        ``decode_room``), and their last positions' logits."""
         model, params = self.model, self.params
         multiple = LENGTH_BUCKET if self.static else 1
         ids, pad = _left_pad(rows, self.processor.pad_token_id, multiple)
         cache = make_cache(len(model.layers), self.static)
         for c in cache:
-            c.reserve(ids.shape[1] + params.max_tokens)
+            c.reserve(ids.shape[1] + (params.max_tokens if decode_room else 0))
         prefill_chunk, vision_chunk = chunk_sizes(model, params)
         row_prefill = params.row_prefill
         if row_prefill is None:

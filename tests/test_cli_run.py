@@ -90,12 +90,17 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
+@pytest.mark.parametrize("join_fails", [False, True], ids=["joins", "join-fails"])
 def test_rows_that_stop_early_make_room_for_the_next_rows(
-    tiny_model_dir, dataset, tmp_path, monkeypatch
+    tiny_model_dir, dataset, tmp_path, monkeypatch, join_fails
 ):
     """Rows that stop early leave the batch and the next planned rows take their slots while
-    the others run on (continuous batching); every row still gets what it gets alone."""
+    the others run on (continuous batching); every row still gets what it gets alone. Rows
+    whose prefill fails as they join run one by one, and the batch they were joining goes on
+    (its rows are not run again)."""
     import model.loading
+    from jobrunner import runner
+    from model.generate import Decoder
 
     tiny, processor = load(str(tiny_model_dir))
     lines = [json.loads(line) for line in dataset.read_text().splitlines()]
@@ -123,6 +128,21 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
         return loaded, loaded_processor
 
     monkeypatch.setattr(model.loading, "load", load_with_stops)
+    alone_runs = []
+    if join_fails:
+        real_prefill, real_generate = Decoder.prefill, runner._Session._generate
+
+        def failing_prefill(self, items):
+            if self.active:  # joining running rows
+                raise RuntimeError("out of memory")
+            return real_prefill(self, items)
+
+        def counting_generate(self, ready):
+            alone_runs.extend(row.id for row, _ in ready)
+            return real_generate(self, ready)
+
+        monkeypatch.setattr(Decoder, "prefill", failing_prefill)
+        monkeypatch.setattr(runner._Session, "_generate", counting_generate)
     output = tmp_path / "out.parquet"
     code, text = run(
         str(dataset), "--model", str(tiny_model_dir), "--output", str(output),
@@ -135,7 +155,12 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
         i: r.finish_reason for i, r in alone.items()
     }
     summary = json.loads(output.with_name("out.parquet.summary.json").read_text())
-    assert summary["rows_joined_running"] > 0
+    if not join_fails:
+        assert summary["rows_joined_running"] > 0
+        return
+    # the rows that tried to join ran alone, once each; the first batch's rows never did
+    assert summary["rows_joined_running"] == 0
+    assert alone_runs and len(set(alone_runs)) == len(alone_runs) < len(lines) - 2
 
 
 @pytest.mark.parametrize(("static", "max_tokens"), [(False, 250), (True, 200)])

@@ -676,18 +676,18 @@ def _rows_job(tmp_path: Path, model: Path, lines: list[dict]) -> tuple[Path, lis
 
 
 def _failing_generation(monkeypatch, fails):
-    """Prefill raising for rows joining a batch, one of which has a prompt that ``fails``."""
+    """Prefill raising for rows, one of which has a prompt that ``fails``."""
     from model.generate import Decoder
 
-    real = Decoder.add
+    real = Decoder.prefill
 
-    def add(self, items):
+    def prefill(self, items):
         texts = [self.processor.decode([i for i in row.input_ids if i >= 0]) for _, row, _ in items]
         if any(fails(text) for text in texts):
             raise RuntimeError("device lost")
         return real(self, items)
 
-    monkeypatch.setattr(Decoder, "add", add)
+    monkeypatch.setattr(Decoder, "prefill", prefill)
 
 
 def test_a_row_that_fails_in_generation_is_an_error_record(tmp_path, tiny_model_dir, monkeypatch):
