@@ -62,6 +62,8 @@ from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, write_summary
 
 PREFETCH_BATCHES = 2
+# rows join a running batch once this share of its slots is free (fewer, larger joins)
+JOIN_AT = 0.25
 DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and none is given
 # Generation failing for fault_limit rows in a row over this many images is a fault of the
 # machine, not of the rows (see the module docstring).
@@ -435,7 +437,7 @@ class _Session:
         more = True
         while True:
             free = slots - decoder.active
-            if stop.signum is None and (free * 4 >= slots or not decoder.active):
+            if stop.signum is None and (free >= JOIN_AT * slots or not decoder.active):
                 while more and len(waiting) < free:
                     batch = next(planned, None)
                     more = batch is not None
