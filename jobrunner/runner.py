@@ -263,6 +263,7 @@ class _Session:
         self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
         self.fits: Callable[[int, int], bool] | None = None  # memory's bound on a batch
         self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
+        self.alone: list[tuple[Row, Any]] = []  # rows whose join failed: run alone next
         self.joined = 0  # rows that joined a batch while other rows ran
 
     # -- the loop -------------------------------------------------------------------------------
@@ -436,8 +437,13 @@ class _Session:
         waiting: deque[tuple[Row, Any]] = deque()  # prepared rows not yet in the batch
         more = True
         while True:
-            free = slots - decoder.active
-            if stop.signum is None and (free >= JOIN_AT * slots or not decoder.active):
+            if self.alone and not decoder.active and stop.signum is None:
+                # rows whose prefill failed as they joined: alone, now that the batch is done
+                alone, self.alone = self.alone, []
+                self._isolate(decoder, alone, batch=False)
+            free, take = slots - decoder.active, 0
+            joins = stop.signum is None and not self.alone
+            if joins and (free >= JOIN_AT * slots or not decoder.active):
                 while more and len(waiting) < free:
                     batch = next(planned, None)
                     more = batch is not None
@@ -446,8 +452,12 @@ class _Session:
                 if take:
                     self._admit(decoder, [waiting.popleft() for _ in range(take)])
             if decoder.active:
-                self._step(decoder)
-            elif stop.signum is not None or not (more or waiting):
+                # with rows to come, finished rows leave the batch as rows join it (one
+                # rebuild of the cache, not two), or before the step when none could join
+                coming = joins and (more or waiting)
+                crowded = decoder.finished * 4 >= len(decoder.live)
+                self._step(decoder, drop=not coming, drop_first=coming and crowded and not take)
+            elif stop.signum is not None or not (more or waiting or self.alone):
                 return
             self.writer.maybe_flush()
 
@@ -483,38 +493,47 @@ class _Session:
         return take
 
     def _admit(self, decoder, items: list[tuple[Row, Any]]) -> None:
-        """Prefill ``items`` and add them to the batch. If their prefill fails, they run one by
-        one and the batch goes on; if joining the batch fails, all its rows do."""
+        """Prefill ``items`` and add them to the batch. If their prefill fails while rows run,
+        they run one by one once the batch is done (it may have been short of memory); if
+        joining the batch fails, all its rows run one by one."""
         from model.generate import row_seed
 
         started = time.monotonic()
-        seeds = [row_seed(self.spec.seed, row.id) for row, _ in items]
+        tagged = [
+            (row.index, prepared, row_seed(self.spec.seed, row.id)) for row, prepared in items
+        ]
+        running, failed = decoder.active, None
         try:
-            prefilled = decoder.prefill(
-                [
-                    (row.index, prepared, seed)
-                    for (row, prepared), seed in zip(items, seeds, strict=True)
-                ]
-            )
-        except Exception:  # noqa: BLE001 - isolate the failing row below
-            self._isolate(decoder, items, batch=False)
+            prefilled = decoder.prefill(tagged)
+        except Exception:  # noqa: BLE001 - the rows' fault or the machine's: isolated below
+            failed = "prefill"
         else:
-            running = decoder.active
             try:
                 decoder.join(prefilled)
-                self.running.update((row.index, (row, prepared)) for row, prepared in items)
-                self.joined += len(items) if running else 0
-            except Exception:  # noqa: BLE001 - isolate the failing row below
-                self._isolate(decoder, items)
+            except Exception:  # noqa: BLE001 - isolated below
+                failed = "join"
+            del prefilled
+        # isolated outside the handlers: their tracebacks would keep the failed batch alive
+        if failed == "prefill" and running:
+            self.alone.extend(items)
+        elif failed:
+            self._isolate(decoder, items, batch=failed == "join")
+        else:
+            self.running.update((row.index, (row, prepared)) for row, prepared in items)
+            self.joined += len(items) if running else 0
         self.model_seconds += time.monotonic() - started
 
-    def _step(self, decoder) -> None:
+    def _step(self, decoder, drop: bool = True, drop_first: bool = False) -> None:
         started = time.monotonic()
+        done, failed = [], False
         try:
-            done = decoder.step()
-        except Exception:  # noqa: BLE001 - isolate the failing row below
+            if drop_first:
+                decoder.drop()
+            done = decoder.step(drop)
+        except Exception:  # noqa: BLE001 - isolated below
+            failed = True
+        if failed:  # outside the handler: its traceback would keep the failed batch alive
             self._isolate(decoder, [])
-            done = []
         self.model_seconds += time.monotonic() - started
         for tag, result in done:
             row, prepared = self.running.pop(tag)

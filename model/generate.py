@@ -540,9 +540,15 @@ class Decoder:
         going = [len(live.row.input_ids) for live in self.live if live.finish is None]
         return max(going, default=0)
 
+    @property
+    def finished(self) -> int:
+        """Rows that finished but are still in the batch (they leave with ``drop``)."""
+        return len(self.live) - self.active
+
     def clear(self) -> None:
         """Drop every row (after a failure: the caller decides what becomes of them)."""
         self.live, self.cache = [], []
+        self.tokens = self.seeds = self.steps = self.pad = mx.array([], dtype=mx.int32)
 
     def add(self, items: Sequence[tuple[Hashable, PreparedRow, int]]) -> None:
         """Prefill ``(tag, row, seed)`` items and add them to the batch."""
@@ -577,9 +583,10 @@ class Decoder:
         self.steps = mx.concatenate([self.steps[index], new.steps])
         self._rebuild(keep, new)
 
-    def step(self) -> list[tuple[Hashable, RowResult]]:
+    def step(self, drop: bool = True) -> list[tuple[Hashable, RowResult]]:
         """Decode one token for every row; the rows that finished with it, as ``(tag,
-        result)``."""
+        result)``. With ``drop``, finished rows leave once they are a quarter of the batch
+        (a caller about to add rows leaves that to ``join``, which drops them anyway)."""
         limit = self.params.max_tokens
         going = [live for live in self.live if live.finish is None]
         # queue the next step before waiting on this one, unless every row ends with this one
@@ -606,20 +613,25 @@ class Decoder:
         for live in self.live:
             live.length += 1  # this step's token went into the cache
         self.tokens, self.steps = following, self.steps + 1
-        finished = len(self.live) - self.active
-        if finished * 4 >= len(self.live):  # drop finished rows: less work per step
-            keep = [i for i, live in enumerate(self.live) if live.finish is None]
-            index = mx.array(keep)
-            self.tokens, self.seeds = self.tokens[index], self.seeds[index]
-            self.steps = self.steps[index]
-            self._rebuild(keep)
+        if drop and self.finished * 4 >= len(self.live):  # less work per step
+            self.drop()
         return done
+
+    def drop(self) -> None:
+        """Let the finished rows leave the batch."""
+        if not self.finished:
+            return
+        keep = [i for i, live in enumerate(self.live) if live.finish is None]
+        index = mx.array(keep)
+        self.tokens, self.seeds = self.tokens[index], self.seeds[index]
+        self.steps = self.steps[index]
+        self._rebuild(keep)
 
     def _rebuild(self, keep: list[int], new: _Prefilled | None = None) -> None:
         """The cache of the batch rows ``keep`` followed by ``new``'s rows, cut to the longest
         row, with room for the steps still to come. Built a layer at a time, each old layer
-        let go once its successor is evaluated, so the rebuild holds one layer more than the
-        caches it joins."""
+        (and prefill layer) let go once its successor is evaluated, so the rebuild holds about
+        the larger of the new cache and the caches it joins, plus a layer."""
         mx.eval(self.tokens)  # the step in flight reads the old cache
         self.live = [self.live[i] for i in keep] + (new.live if new else [])
         width = max(live.length for live in self.live)

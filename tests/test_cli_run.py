@@ -90,14 +90,14 @@ def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected
     assert 0 <= summary["padding_fraction"] < 1 and summary["generated_tokens"] == 8 * MAX_TOKENS
 
 
-@pytest.mark.parametrize("join_fails", [False, True], ids=["joins", "join-fails"])
+@pytest.mark.parametrize("failing", [None, "prefill", "join"])
 def test_rows_that_stop_early_make_room_for_the_next_rows(
-    tiny_model_dir, dataset, tmp_path, monkeypatch, join_fails
+    tiny_model_dir, dataset, tmp_path, monkeypatch, failing
 ):
     """Rows that stop early leave the batch and the next planned rows take their slots while
     the others run on (continuous batching); every row still gets what it gets alone. Rows
-    whose prefill fails as they join run one by one, and the batch they were joining goes on
-    (its rows are not run again)."""
+    whose prefill fails as they join run one by one after the batch they were joining, whose
+    rows are not run again; if joining itself fails, the batch's rows run one by one too."""
     import model.loading
     from jobrunner import runner
     from model.generate import Decoder
@@ -129,19 +129,19 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
 
     monkeypatch.setattr(model.loading, "load", load_with_stops)
     alone_runs = []
-    if join_fails:
-        real_prefill, real_generate = Decoder.prefill, runner._Session._generate
+    if failing:
+        real_part, real_generate = getattr(Decoder, failing), runner._Session._generate
 
-        def failing_prefill(self, items):
-            if self.active:  # joining running rows
+        def failing_part(self, items):
+            if self.active:  # rows joining running rows
                 raise RuntimeError("out of memory")
-            return real_prefill(self, items)
+            return real_part(self, items)
 
         def counting_generate(self, ready):
             alone_runs.extend(row.id for row, _ in ready)
             return real_generate(self, ready)
 
-        monkeypatch.setattr(Decoder, "prefill", failing_prefill)
+        monkeypatch.setattr(Decoder, failing, failing_part)
         monkeypatch.setattr(runner._Session, "_generate", counting_generate)
     output = tmp_path / "out.parquet"
     code, text = run(
@@ -155,12 +155,15 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
         i: r.finish_reason for i, r in alone.items()
     }
     summary = json.loads(output.with_name("out.parquet.summary.json").read_text())
-    if not join_fails:
+    if not failing:
         assert summary["rows_joined_running"] > 0
         return
-    # the rows that tried to join ran alone, once each; the first batch's rows never did
     assert summary["rows_joined_running"] == 0
-    assert alone_runs and len(set(alone_runs)) == len(alone_runs) < len(lines) - 2
+    assert alone_runs and len(set(alone_runs)) == len(alone_runs)  # each row alone once at most
+    if failing == "prefill":  # only rows that tried to join ran alone, never the first batch's
+        assert len(alone_runs) < len(lines) - 2
+    else:  # the first batch's rows ran alone too
+        assert len(alone_runs) > len(lines) - 3
 
 
 @pytest.mark.parametrize(("static", "max_tokens"), [(False, 250), (True, 200)])
