@@ -51,6 +51,14 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def run_in_threes(dataset: Path, model_dir: Path, output: Path) -> tuple[int, str]:
+    """``jobrunner run`` of ``dataset`` in batches of three, ``MAX_TOKENS`` tokens a row."""
+    return run(
+        str(dataset), "--model", str(model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3",
+    )  # fmt: skip
+
+
 def read(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
@@ -71,10 +79,7 @@ def expected(tiny_model_dir, dataset) -> dict[str, str]:
 
 def test_jsonl_run_equals_rows_generated_alone(tiny_model_dir, dataset, expected, tmp_path):
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(dataset), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3",
-    )  # fmt: skip
+    code, text = run_in_threes(dataset, tiny_model_dir, output)
     assert code == 0, text
     rows = read(output)
     assert [r["id"] for r in rows] == [f"row-{i}" for i in range(8)]
@@ -144,10 +149,7 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
         monkeypatch.setattr(Decoder, failing, failing_part)
         monkeypatch.setattr(runner._Session, "_generate", counting_generate)
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(dataset), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3",
-    )  # fmt: skip
+    code, text = run_in_threes(dataset, tiny_model_dir, output)
     assert code == 0, text
     got = {r["id"]: r for r in read(output)}
     assert {i: r["output"] for i, r in got.items()} == {i: r.text for i, r in alone.items()}
