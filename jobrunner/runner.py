@@ -263,7 +263,8 @@ class _Session:
         self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
         self.fits: Callable[[int, int], bool] | None = None  # memory's bound on a batch
         self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
-        self.alone: list[tuple[Row, Any]] = []  # rows whose join failed: run alone next
+        # rows whose prefill failed as they joined a running batch: alone once it is done
+        self.alone: list[tuple[Row, Any]] = []
         self.joined = 0  # rows that joined a batch while other rows ran
 
     # -- the loop -------------------------------------------------------------------------------
@@ -425,8 +426,9 @@ class _Session:
 
         When a quarter of the batch's slots are free, the next planned rows take them (as many as
         the batch budget and memory allow): rows that stop early do not leave their slots idle
-        until the longest row of their batch is done. After a signal no row joins; the rows in
-        the batch finish, then the run stops.
+        until the longest row of their batch is done. If the prefill of joining rows fails, no
+        row joins until the batch is done (it may be short of memory); then those rows run one
+        by one. After a signal no row joins; the rows in the batch finish, then the run stops.
         """
         from model.generate import Decoder
 
@@ -437,10 +439,9 @@ class _Session:
         waiting: deque[tuple[Row, Any]] = deque()  # prepared rows not yet in the batch
         more = True
         while True:
-            if self.alone and not decoder.active and stop.signum is None:
+            while self.alone and not decoder.active and stop.signum is None:
                 # rows whose prefill failed as they joined: alone, now that the batch is done
-                alone, self.alone = self.alone, []
-                self._isolate(decoder, alone, batch=False)
+                self._isolate(decoder, [self.alone.pop(0)], batch=False)
             free, take = slots - decoder.active, 0
             joins = stop.signum is None and not self.alone
             if joins and (free >= JOIN_AT * slots or not decoder.active):
@@ -454,6 +455,7 @@ class _Session:
             if decoder.active:
                 # with rows to come, finished rows leave the batch as rows join it (one
                 # rebuild of the cache, not two), or before the step when none could join
+                joins = stop.signum is None and not self.alone  # as _admit left it
                 coming = joins and (more or waiting)
                 crowded = decoder.finished * 4 >= len(decoder.live)
                 self._step(decoder, drop=not coming, drop_first=coming and crowded and not take)
@@ -516,6 +518,10 @@ class _Session:
         # isolated outside the handlers: their tracebacks would keep the failed batch alive
         if failed == "prefill" and running:
             self.alone.extend(items)
+            self.reporter.event(
+                f"prefill failed for {len(items)} rows joining the batch; they run one by one "
+                "once the batch is done, and no row joins it until then"
+            )
         elif failed:
             self._isolate(decoder, items, batch=failed == "join")
         else:

@@ -143,6 +143,8 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
             return real_part(self, items)
 
         def counting_generate(self, ready):
+            if failing == "prefill":  # once the batch they were joining is done
+                assert not self.running
             alone_runs.extend(row.id for row, _ in ready)
             return real_generate(self, ready)
 
