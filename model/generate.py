@@ -576,12 +576,7 @@ class Decoder:
             width = new.cache[0].offset
             self.pad = mx.array([width - live.length for live in new.live], dtype=mx.int32)
             return
-        keep = [i for i, live in enumerate(self.live) if live.finish is None]
-        index = mx.array(keep)
-        self.tokens = mx.concatenate([self.tokens[index], new.tokens])
-        self.seeds = mx.concatenate([self.seeds[index], new.seeds])
-        self.steps = mx.concatenate([self.steps[index], new.steps])
-        self._rebuild(keep, new)
+        self._rebuild(new)
 
     def step(self, drop: bool = True) -> list[tuple[Hashable, RowResult]]:
         """Decode one token for every row; the rows that finished with it, as ``(tag,
@@ -619,25 +614,26 @@ class Decoder:
 
     def drop(self) -> None:
         """Let the finished rows leave the batch."""
-        if not self.finished:
-            return
+        if self.finished:
+            self._rebuild()
+
+    def _rebuild(self, new: _Prefilled | None = None) -> None:
+        """The batch of the rows still generating followed by ``new``'s rows: their cache cut
+        to the longest row, with room for the steps still to come. Built a layer at a time,
+        each old layer (and prefill layer) let go once its successor is evaluated, so the
+        rebuild holds about the larger of the new cache and the caches it joins, plus a layer."""
         keep = [i for i, live in enumerate(self.live) if live.finish is None]
         index = mx.array(keep)
-        self.tokens, self.seeds = self.tokens[index], self.seeds[index]
-        self.steps = self.steps[index]
-        self._rebuild(keep)
-
-    def _rebuild(self, keep: list[int], new: _Prefilled | None = None) -> None:
-        """The cache of the batch rows ``keep`` followed by ``new``'s rows, cut to the longest
-        row, with room for the steps still to come. Built a layer at a time, each old layer
-        (and prefill layer) let go once its successor is evaluated, so the rebuild holds about
-        the larger of the new cache and the caches it joins, plus a layer."""
+        arrays = [self.tokens[index], self.seeds[index], self.steps[index]]
+        if new is not None:
+            joining = (new.tokens, new.seeds, new.steps)
+            arrays = [mx.concatenate(pair) for pair in zip(arrays, joining, strict=True)]
+        self.tokens, self.seeds, self.steps = arrays
         mx.eval(self.tokens)  # the step in flight reads the old cache
         self.live = [self.live[i] for i in keep] + (new.live if new else [])
         width = max(live.length for live in self.live)
         # each row feeds back at most max_tokens - (its tokens so far) more tokens
         room = max(self.params.max_tokens - len(live.tokens) for live in self.live)
-        index = mx.array(keep)
         for layer, old in enumerate(self.cache):
             parts = [(old, index)] if new is None else [(old, index), (new.cache[layer], None)]
             cache = stack_rows(parts, width, width + room, self.static)
