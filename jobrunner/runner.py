@@ -294,12 +294,15 @@ class _Session:
         if stop.signum is not None:  # stopped while the model loaded: nothing to flush
             raise Interrupted(stop.signum)
         self.reporter.start(self.owed, self.done_before)
-        fits = self._memory_fits(memory)
+        self.fits = self._memory_fits(memory)
         single_threaded_numpy_blas()
-        self.fits = fits
         with ThreadPoolExecutor(max(1, spec.workers)) as pool:
             batches = plan_batches(
-                self._estimates(stop), spec.batch_size, self.batch_tokens, spec.sort_window, fits
+                self._estimates(stop),
+                spec.batch_size,
+                self.batch_tokens,
+                spec.sort_window,
+                self.fits,
             )
             queue: deque[list[tuple[Row, Future]]] = deque()
             planned = _chain(batches, queue, lambda b: self._submit(pool, b))
@@ -442,7 +445,7 @@ class _Session:
             while self.alone and not decoder.active and stop.signum is None:
                 # rows whose prefill failed as they joined: alone, now that the batch is done
                 self._isolate(decoder, [self.alone.pop(0)], batch=False)
-            free, take = slots - decoder.active, 0
+            free = slots - decoder.active
             joins = stop.signum is None and not self.alone
             if joins and (free >= JOIN_AT * slots or not decoder.active):
                 while more and len(waiting) < free:
@@ -454,11 +457,11 @@ class _Session:
                     self._admit(decoder, [waiting.popleft() for _ in range(take)])
             if decoder.active:
                 # with rows to come, finished rows leave the batch as rows join it (one
-                # rebuild of the cache, not two), or before the step when none could join
+                # rebuild of the cache, not two), or before the step when none could join (a
+                # join just made leaves none behind)
                 joins = stop.signum is None and not self.alone  # as _admit left it
                 coming = joins and (more or waiting)
-                crowded = decoder.finished * 4 >= len(decoder.live)
-                self._step(decoder, drop=not coming, drop_first=coming and crowded and not take)
+                self._step(decoder, drop=not coming, drop_first=coming and decoder.crowded)
             elif stop.signum is not None or not (more or waiting or self.alone):
                 return
             self.writer.maybe_flush()

@@ -545,6 +545,11 @@ class Decoder:
         """Rows that finished but are still in the batch (they leave with ``drop``)."""
         return len(self.live) - self.active
 
+    @property
+    def crowded(self) -> bool:
+        """Whether finished rows are a quarter of the batch: time they left (``drop``)."""
+        return self.finished * 4 >= len(self.live) > 0
+
     def clear(self) -> None:
         """Drop every row (after a failure: the caller decides what becomes of them)."""
         self.live, self.cache = [], []
@@ -608,7 +613,7 @@ class Decoder:
         for live in self.live:
             live.length += 1  # this step's token went into the cache
         self.tokens, self.steps = following, self.steps + 1
-        if drop and self.finished * 4 >= len(self.live):  # less work per step
+        if drop and self.crowded:  # less work per step
             self.drop()
         return done
 
