@@ -42,6 +42,10 @@ def _run_options(func):
         click.option("--prompt-column"),
         click.option("--keep-columns", help="Comma-separated input columns to copy."),
         click.option("--max-tokens", type=int),
+        click.option(
+            "--max-tokens-column",
+            help="Input column of per-row limits on generated tokens (1 to --max-tokens).",
+        ),
         click.option("--temperature", type=float),
         click.option("--top-p", type=float),
         click.option("--top-k", type=int),
@@ -162,6 +166,7 @@ def _build_spec(input_path: Path, flags: dict):
         "prompt_column": flags["prompt_column"],
         "keep_columns": _split(flags["keep_columns"]),
         "max_tokens": flags["max_tokens"],
+        "max_tokens_column": flags["max_tokens_column"],
         "temperature": flags["temperature"],
         "top_p": flags["top_p"],
         "top_k": flags["top_k"],

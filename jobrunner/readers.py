@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -79,6 +80,7 @@ class Row:
     prompt: str | None
     extra: dict[str, Any]
     error: str | None = None
+    max_tokens: int | None = None  # the row's own limit (``max_tokens_column``); None: the job's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,8 @@ class ReadOptions:
     prompt_template: str | None = None
     keep_columns: tuple[str, ...] = ()
     image_root: Path | None = None
+    max_tokens_column: str | None = None
+    max_tokens: int = 256  # the job's limit: the most a row's own may be
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> ReadOptions:
@@ -101,6 +105,8 @@ class ReadOptions:
             prompt_template=spec.prompt,
             keep_columns=spec.keep_columns,
             image_root=spec.image_root,
+            max_tokens_column=spec.max_tokens_column,
+            max_tokens=spec.max_tokens,
         )
 
     @property
@@ -203,6 +209,9 @@ def _missing_parquet_columns(names: list[str], options: ReadOptions) -> list[str
     for column in options.keep_columns:
         if column not in have:
             problems.append(f"--keep-columns '{column}' is not a column ({names})")
+    column = options.max_tokens_column
+    if column is not None and column not in have:
+        problems.append(f"--max-tokens-column '{column}' is not a column ({names})")
     return problems
 
 
@@ -286,6 +295,7 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping
         *prompt_column,
         *options.template_fields,
         *options.keep_columns,
+        *filter(None, [options.max_tokens_column]),
     ]
     have = set(parquet.schema_arrow.names)
     columns = [name for name in dict.fromkeys(wanted) if name in have]
@@ -345,7 +355,35 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     if isinstance(record, _MaySurrogate):  # walking every kept value of every row costs
         for name, value in extra.items():
             _check_text(value, f"kept column '{name}'", problems)
-    return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None)
+    limit = _max_tokens(record, options, problems)
+    return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None, limit)
+
+
+def _max_tokens(record: Mapping[str, Any], options: ReadOptions, problems: list[str]) -> int | None:
+    """The row's own limit on generated tokens, or None (no column, or a missing or null
+    value, or NaN, which is how pandas writes a null into a float column): the job's."""
+    column = options.max_tokens_column
+    if column is None:
+        return None
+    value = record.get(column)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # an integer column with nulls, as pandas writes it
+    if not isinstance(value, int) or isinstance(value, bool):
+        shown = repr(value) if isinstance(value, (str, float)) else type(value).__name__
+        problems.append(
+            f"max tokens column '{column}' must be a whole number from 1 to {options.max_tokens}, "
+            f"got {shown}"
+        )
+        return None
+    if not 1 <= value <= options.max_tokens:
+        problems.append(
+            f"max tokens column '{column}' is {value}, outside 1 to {options.max_tokens} (the "
+            "job's --max-tokens is the most a row may ask for: raise it, or fix the row)"
+        )
+        return None
+    return value
 
 
 def _check_text(value: Any, what: str, problems: list[str]) -> bool:

@@ -422,7 +422,9 @@ class _Session:
 
     def _prepare(self, row: Row):
         image = load_image(row.image, self.spec.max_image_pixels) if row.image else None
-        return self.processor.prepare(row.prompt, image, chat=self.spec.chat)
+        prepared = self.processor.prepare(row.prompt, image, chat=self.spec.chat)
+        prepared.max_tokens = row.max_tokens
+        return prepared
 
     def _decode(self, planned: Iterator[list[tuple[Row, Future]]], stop: _StopFlag) -> None:
         """Run the planned rows through one batch that rows join as others finish.

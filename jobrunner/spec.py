@@ -78,6 +78,9 @@ class JobSpec:
         id_column, image_column, prompt_column: input column names (``id``, ``image``, ``prompt``).
         keep_columns: input columns copied to the output unchanged.
         max_tokens: most generated tokens per row (256).
+        max_tokens_column: input column holding a row's own limit on generated tokens (a whole
+            number from 1 to ``max_tokens``; a missing or null value takes ``max_tokens``);
+            ``None``: every row takes ``max_tokens``.
         temperature, top_p, top_k, seed: sampling; ``temperature == 0`` is greedy (0.0, 1.0, 0
             = off, 0). Each row samples from its own seed derived from ``seed`` and its id.
         batch_size: most rows per batch (8).
@@ -115,6 +118,7 @@ class JobSpec:
     prompt_column: str = "prompt"
     keep_columns: tuple[str, ...] = ()
     max_tokens: int = 256
+    max_tokens_column: str | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -299,6 +303,10 @@ def _column(value: Any) -> str:
     return value
 
 
+def _optional_column(value: Any) -> str | None:
+    return None if value is None else _column(value)
+
+
 def _keep_columns(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -386,6 +394,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "prompt_column": _column,
     "keep_columns": _keep_columns,
     "max_tokens": _integer(1),
+    "max_tokens_column": _optional_column,
     "temperature": _number(0.0),
     "top_p": _number(0.0, 1.0, open_min=True),
     "top_k": _integer(0),
@@ -567,6 +576,7 @@ _OTHER_CHECKED = {
     "id_column",
     "image_column",
     "prompt_column",
+    "max_tokens_column",
     "checkpoint_every_rows",
     "checkpoint_every_seconds",
 }
@@ -586,6 +596,12 @@ def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
     columns = [values[name] for name in ("id_column", "image_column", "prompt_column")]
     if len(set(columns)) != len(columns):
         problems.append(("id_column", f"id, image and prompt columns must differ, got {columns}"))
+    if values["max_tokens_column"] in columns:
+        message = (
+            f"'{values['max_tokens_column']}' is already the id, image or prompt column; "
+            f"name the column of per-row limits ({_fix('max_tokens_column')})"
+        )
+        problems.append(("max_tokens_column", message))
     if values["checkpoint_every_rows"] == 0 and values["checkpoint_every_seconds"] == 0:
         message = "rows and seconds are both 0; set at least one of them above 0"
         problems.append(("checkpoint_every_rows", message))
@@ -631,7 +647,7 @@ def fingerprint_fields(
         input_identity: from ``input_identity(spec.input)``.
     """
     greedy = spec.temperature == 0.0
-    return {
+    fields = {
         "version": FINGERPRINT_VERSION,
         "model": spec.model,
         "model_identity": dict(model_identity),
@@ -653,6 +669,9 @@ def fingerprint_fields(
         "dtype": spec.dtype,
         "quantize": spec.quantize,
     }
+    if spec.max_tokens_column is not None:  # absent otherwise: older fingerprints still match
+        fields["max_tokens_column"] = spec.max_tokens_column
+    return fields
 
 
 def fingerprint(

@@ -35,6 +35,7 @@ from .processing import ImageInput, PreparedRow, Processor, image_feature_index
 
 @dataclass(frozen=True)
 class GenerationParams:
+    # Most tokens a row generates; a row may ask for fewer (``PreparedRow.max_tokens``).
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -471,6 +472,7 @@ class _Live:
     tag: Hashable
     row: PreparedRow
     length: int  # positions it holds: prompt and the tokens fed back so far
+    limit: int  # most tokens it generates
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
 
@@ -550,6 +552,11 @@ class Decoder:
         """Whether finished rows are a quarter of the batch: time they left (``drop``)."""
         return self.finished * 4 >= len(self.live) > 0
 
+    def limit(self, row: PreparedRow) -> int:
+        """Most tokens ``row`` generates: its own ``max_tokens``, at most ``params.max_tokens``
+        (which the batch's memory is planned for)."""
+        return min(row.max_tokens or self.params.max_tokens, self.params.max_tokens)
+
     def clear(self) -> None:
         """Drop every row (after a failure: the caller decides what becomes of them)."""
         self.live, self.cache = [], []
@@ -570,7 +577,7 @@ class Decoder:
         steps = mx.zeros(len(items), dtype=mx.uint32)
         tokens = sample(logits, self.params, seeds, steps)
         mx.async_eval(tokens)
-        live = [_Live(tag, row, len(row.input_ids)) for tag, row, _ in items]
+        live = [_Live(tag, row, len(row.input_ids), self.limit(row)) for tag, row, _ in items]
         return _Prefilled(live, cache, tokens, seeds, steps)
 
     def join(self, new: _Prefilled) -> None:
@@ -587,10 +594,9 @@ class Decoder:
         """Decode one token for every row; the rows that finished with it, as ``(tag,
         result)``. With ``drop``, finished rows leave once they are a quarter of the batch
         (a caller about to add rows leaves that to ``join``, which drops them anyway)."""
-        limit = self.params.max_tokens
         going = [live for live in self.live if live.finish is None]
         # queue the next step before waiting on this one, unless every row ends with this one
-        ahead = any(len(live.tokens) + 1 < limit for live in going)
+        ahead = any(len(live.tokens) + 1 < live.limit for live in going)
         if ahead:
             logits = decode_step(self.model, self.tokens, self.pad, self.cache)
             following = sample(logits, self.params, self.seeds, self.steps + 1)
@@ -603,7 +609,7 @@ class Decoder:
                 live.finish = "stop"
             else:
                 live.tokens.append(token)
-                if len(live.tokens) == limit:
+                if len(live.tokens) == live.limit:
                     live.finish = "length"
             if live.finish is not None:
                 done.append((live.tag, live.result(self.processor)))
@@ -637,8 +643,8 @@ class Decoder:
         mx.eval(self.tokens)  # the step in flight reads the old cache
         self.live = [self.live[i] for i in keep] + (new.live if new else [])
         width = max(live.length for live in self.live)
-        # each row feeds back at most max_tokens - (its tokens so far) more tokens
-        room = max(self.params.max_tokens - len(live.tokens) for live in self.live)
+        # each row feeds back at most its limit - (its tokens so far) more tokens
+        room = max(live.limit - len(live.tokens) for live in self.live)
         for layer, old in enumerate(self.cache):
             parts = [(old, index)] if new is None else [(old, index), (new.cache[layer], None)]
             cache = stack_rows(parts, width, width + room, self.static)
@@ -658,7 +664,7 @@ class Decoder:
         ids, pad = _left_pad(rows, self.processor.pad_token_id, multiple)
         cache = make_cache(len(model.layers), self.static)
         for c in cache:
-            c.reserve(ids.shape[1] + (params.max_tokens if decode_room else 0))
+            c.reserve(ids.shape[1] + (max(map(self.limit, rows)) if decode_room else 0))
         prefill_chunk, vision_chunk = chunk_sizes(model, params)
         row_prefill = params.row_prefill
         if row_prefill is None:
@@ -698,7 +704,8 @@ def generate_batch(
     """Generate for a batch of prepared rows; each row's result is what it would get alone.
 
     Args:
-        rows: prompts with image slots (negative ids) and their images.
+        rows: prompts with image slots (negative ids) and their images, each with its own
+            limit on generated tokens if it has one (``max_tokens``).
         params: decoding settings; greedy when ``temperature == 0``.
         seeds: one 32-bit seed per row (see ``row_seed``); needed only for sampling.
         feature_cache: image features kept across batches (rows sharing an image in

@@ -232,6 +232,7 @@ def image_feature_index(
 class PreparedRow:
     input_ids: list[int]  # negative ids are image slots
     images: list[ImageInput]
+    max_tokens: int | None = None  # the row's own limit, at most the batch's; None: the batch's
 
 
 def _read_json(path: Path) -> dict[str, Any]:

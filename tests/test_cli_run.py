@@ -170,6 +170,41 @@ def test_rows_that_stop_early_make_room_for_the_next_rows(
         assert len(alone_runs) > len(lines) - 3
 
 
+def test_rows_own_token_limits_from_a_column(tiny_model_dir, dataset, tmp_path):
+    """``--max-tokens-column``: each row generates at most its own limit, what it would alone
+    under that limit, and rows that leave early make room for the next ones; a limit that is
+    not a whole number from 1 to ``--max-tokens`` makes its row an error record."""
+    tiny, processor = load(str(tiny_model_dir))
+    limits = [2, None, 6, 1, "many", 4, 0, 3]
+    lines = [json.loads(line) for line in dataset.read_text().splitlines()]
+    source = tmp_path / "limits.jsonl"
+    with source.open("w") as fh:
+        for row, limit in zip(lines, limits, strict=True):
+            image = str(dataset.parent / row["image"]) if "image" in row else None
+            fh.write(json.dumps({**row, "image": image, "limit": limit}) + "\n")
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3", "--max-tokens-column", "limit",
+    )  # fmt: skip
+    assert code == 1, text  # rows with bad limits are error records
+    got = read(output)
+    for row, limit, result in zip(lines, limits, got, strict=True):
+        if limit in ("many", 0):
+            assert result["finish_reason"] == "error" and result["output"] is None
+            assert "max tokens column 'limit'" in result["error"], result["error"]
+            continue
+        image = Image.open(dataset.parent / row["image"]) if "image" in row else None
+        prepared = processor.prepare(row["prompt"], image)
+        params = GenerationParams(limit or MAX_TOKENS)
+        alone = generate_batch(tiny, processor, [prepared], params)[0]
+        assert (result["output"], result["output_tokens"]) == (alone.text, limit or MAX_TOKENS)
+    summary = json.loads(output.with_name("out.parquet.summary.json").read_text())
+    assert summary["rows_joined_running"] > 0
+    meta = json.loads(pq.read_schema(output).metadata[b"jobrunner"])
+    assert meta["fingerprint_fields"]["max_tokens_column"] == "limit"
+
+
 @pytest.mark.parametrize(("static", "max_tokens"), [(False, 250), (True, 200)])
 def test_default_batches_keep_their_kv_cache_within_memory(
     tiny_model_dir, tmp_path, monkeypatch, static, max_tokens

@@ -282,6 +282,41 @@ def test_rows_joining_a_running_batch_generate_what_they_would_alone(loaded, mix
         assert result.finish_reason == alone[i].finish_reason
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, {"temperature": 0.9, "top_k": 50}], ids=["greedy", "sampled"]
+)
+def test_rows_with_their_own_token_limits_generate_what_they_would_alone(
+    loaded, mixed_batch, settings
+):
+    """A row's own ``max_tokens`` ends it after that many tokens, with the tokens it would
+    generate alone under that limit, in a batch of rows with other limits and as rows join
+    the slots it leaves; a limit above the batch's is held to the batch's."""
+    model, processor = loaded
+    params = GenerationParams(max_tokens=9, **settings)
+    limits = [3, 9, 1, 6, None, 2, 40]
+    rows = [replace(row, max_tokens=k) for row, k in zip(mixed_batch, limits, strict=True)]
+    seeds = [row_seed(5, f"row-{i}") for i in range(len(rows))]
+    alone = [
+        generate_batch(model, processor, [row], replace(params, max_tokens=min(k or 9, 9)), [s])[0]
+        for row, k, s in zip(mixed_batch, limits, seeds, strict=True)
+    ]
+    assert [r.output_tokens for r in alone] == [3, 9, 1, 6, 9, 2, 9]  # none stops on its own
+    together = generate_batch(model, processor, rows, params, seeds)
+    decoder = Decoder(model, processor, params)
+    decoder.add([(i, rows[i], seeds[i]) for i in range(3)])
+    waiting, joined, results = list(range(3, len(rows))), 0, {}
+    while waiting or decoder.active:
+        if decoder.active < 3 and waiting:
+            joined += bool(decoder.active)
+            decoder.add([(waiting[0], rows[waiting[0]], seeds[waiting.pop(0)])])
+        results.update(decoder.step())
+    assert joined >= 2
+    for i, expected in enumerate(alone):
+        for result in (together[i], results[i]):
+            assert result.token_ids == expected.token_ids, i
+            assert result.finish_reason == "length"
+
+
 def test_generation_params_are_validated():
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(top_p=0)

@@ -320,6 +320,28 @@ def test_hf_struct_prefers_bytes_over_path(tmp_path: Path) -> None:
     assert load_image(row.image, LIMIT).size == (3, 3)
 
 
+def test_rows_own_token_limits(tmp_path: Path) -> None:
+    """A row's limit is a whole number from 1 to the job's; missing, null or NaN (pandas' null
+    in a float column) takes the job's; anything else makes the row an error record that says
+    what to fix, and the other rows still run."""
+    values = [5, None, "missing", 12, 7.0, float("nan"), 0, 13, 2.5, "ten", True, [3]]
+    lines = [{"prompt": "p"} if v == "missing" else {"prompt": "p", "n": v} for v in values]
+    source = write_jsonl(tmp_path / "rows.jsonl", lines)  # NaN as JSON's non-standard NaN
+    rows = rows_of(source, max_tokens_column="n", max_tokens=12)
+    got = [(r.max_tokens, r.error) for r in rows]
+    assert got[:6] == [(5, None), (None, None), (None, None), (12, None), (7, None), (None, None)]
+    shown = ["is 0,", "is 13,", "got 2.5", "got 'ten'", "got bool", "got list"]
+    for (limit, error), what in zip(got[6:], shown, strict=True):
+        assert limit is None and error.startswith("max tokens column 'n'"), error
+        assert what in error and "1 to 12" in error, error
+    assert all(r.max_tokens is None for r in rows_of(source))  # no column named: the job's
+    table = {"prompt": ["a", "b", "c"], "n": pa.array([4.0, None, 2.0])}  # pandas' int + null
+    parquet = parquet_with(tmp_path, **table)
+    check_input(parquet, ReadOptions(max_tokens_column="n"))
+    rows = rows_of(parquet, max_tokens_column="n", max_tokens=4)
+    assert [(r.max_tokens, r.error) for r in rows] == [(4, None), (None, None), (2, None)]
+
+
 # --- up-front checks ------------------------------------------------------------------------------
 
 
@@ -337,6 +359,7 @@ def parquet_with(tmp_path: Path, **columns) -> Path:
         ({"prompt_template": "x", "keep_columns": ("gone",)}, "--keep-columns 'gone'"),
         ({"prompt_template": "x", "image_column": "picture"}, "no column 'picture'"),
         ({"prompt_template": "x", "id_column": "key"}, "no column 'key'"),
+        ({"prompt_template": "x", "max_tokens_column": "limit"}, "--max-tokens-column 'limit'"),
     ],
 )
 def test_check_input_parquet_columns(tmp_path: Path, options: dict, needle: str) -> None:

@@ -159,6 +159,8 @@ BAD_VALUES = [
     ("prompt", "{a!r:d}"),
     ("prompt", "  "),
     ("id_column", ""),
+    ("max_tokens_column", ""),
+    ("max_tokens_column", 5),
     ("image_column", 3),
     ("checkpoint_every_rows", -1),
     ("checkpoint_every_seconds", float("inf")),
@@ -190,6 +192,7 @@ def test_each_bad_value_names_its_field_and_flag(data: Path, field: str, value: 
         ("image_root", {"image_root": "no-such-dir"}, "not an existing folder"),
         ("checkpoint_every_rows", {"checkpoint_every_rows": 0, "checkpoint_every_seconds": 0}, "0"),
         ("id_column", {"image_column": "prompt"}, "must differ"),
+        ("max_tokens_column", {"max_tokens_column": "prompt"}, "already the id, image or prompt"),
     ],
 )
 def test_cross_field_errors_name_the_field(
@@ -315,6 +318,7 @@ AFFECTING = {
     "keep_columns": ("a",),
     "max_image_pixels": 1000,
     "max_tokens": 9,
+    "max_tokens_column": "limit",
     "temperature": 0.7,
     "num_crops": 4,
     "dtype": "float32",
@@ -359,6 +363,12 @@ def test_fingerprint_changes_with_output_affecting_fields(data: Path, field: str
     )
     # greedy -> sampling also brings top_p, top_k and seed into play
     assert field in [line.split(":")[0] for line in changes]
+
+
+def test_fingerprint_without_per_row_limits_is_the_one_before_they_existed(data: Path) -> None:
+    """Jobs checkpointed before ``max_tokens_column`` existed resume: unset, it is not hashed."""
+    fields = fingerprint_fields(spec_for(data), MODEL, input_identity(data))
+    assert "max_tokens_column" not in fields
 
 
 @pytest.mark.parametrize(("field", "value"), NOT_AFFECTING.items())
