@@ -109,6 +109,35 @@ def _cut(
         yield batch
 
 
+# Rows join a running batch once this share of its slots is free (fewer, larger joins).
+JOIN_AT = 0.25
+
+
+def joining(
+    running: int,
+    longest: int,
+    longest_prompt: int,
+    lengths: Iterable[int],
+    max_batch_tokens: int,
+    fits: Callable[[int, int], bool] | None = None,
+) -> int:
+    """How many of the next rows, of prompt ``lengths`` (the free slots' worth, in plan order),
+    join a running batch of ``running`` rows whose longest row holds ``longest`` positions and
+    whose longest prompt has ``longest_prompt`` tokens: the first rows that keep the batch within
+    ``max_batch_tokens`` prompt slots (every row padded to the longest prompt, as ``_cut``
+    counts them) and, with ``fits``, within memory (``fits(rows, positions of the longest
+    row)``); a row alone is never refused."""
+    rows, take = running, 0
+    for length in lengths:
+        longest, longest_prompt = max(longest, length), max(longest_prompt, length)
+        rows += 1
+        over = rows * longest_prompt > max_batch_tokens
+        if rows > 1 and (over or (fits is not None and not fits(rows, longest))):
+            break
+        take += 1
+    return take
+
+
 def padding_fraction(batches: Iterable[Sequence[int]]) -> float:
     """Padded slots / all slots over batches given as lists of row lengths (0.0 when empty)."""
     stats = PlanStats()

@@ -372,7 +372,11 @@ def show(output: Path, limit: int) -> None:
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--max-batch-tokens", type=click.IntRange(1))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--modes", help="Comma-separated subset of naive,single,unsorted,sorted,pipeline.")
+@click.option(
+    "--modes",
+    help="Comma-separated subset of naive,single,unsorted,sorted,static,pipeline (default: all "
+    "but static, which --mixed-lengths adds).",
+)
 @click.option("--naive-rows", type=click.IntRange(1), help="Rows for mode 1 (evenly spaced).")
 @click.option("--single-rows", type=click.IntRange(1), help="Rows for mode 2 (evenly spaced).")
 @click.option(
@@ -396,15 +400,22 @@ def show(output: Path, limit: int) -> None:
     is_flag=True,
     help="Then mode 6: mlx-vlm's batch_generate on the same model and rows (pip install mlx-vlm).",
 )
+@click.option(
+    "--mixed-lengths",
+    is_flag=True,
+    help="Each row asks for its own number of tokens (1 to --max-tokens, drawn); adds mode 4b "
+    "(static: sorted batches without rows joining them).",
+)
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")
 def bench(json_path: Path | None, modes: str | None, **flags) -> None:
-    """Throughput of the five modes, side by side, on a random model and synthetic rows (and,
-    with --peer, of mlx-vlm's batch generation on them)."""
-    from .bench import MODES, BenchSettings, format_report, run_bench
+    """Throughput of five ways to run the same rows, side by side, on a random model and
+    synthetic rows (with --mixed-lengths, rows that ask for outputs of different lengths, and
+    mode 4b: static batches; with --peer, mlx-vlm's batch generation on them too)."""
+    from .bench import BenchSettings, format_report, run_bench
 
     try:
-        settings = BenchSettings(modes=tuple(_split(modes) or MODES), **flags).resolved()
+        settings = BenchSettings(modes=_split(modes) or None, **flags).resolved()
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     report = run_bench(settings)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ._blas import single_threaded_numpy_blas
-from .batching import PlanStats, plan_batches
+from .batching import JOIN_AT, PlanStats, joining, plan_batches
 from .checkpoint import CheckpointStore, shard_rows
 from .merge import IncompleteJob, merge
 from .progress import Reporter
@@ -62,8 +62,6 @@ from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, write_summary
 
 PREFETCH_BATCHES = 2
-# rows join a running batch once this share of its slots is free (fewer, larger joins)
-JOIN_AT = 0.25
 DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and none is given
 # Generation failing for fault_limit rows in a row over this many images is a fault of the
 # machine, not of the rows (see the module docstring).
@@ -484,20 +482,18 @@ class _Session:
 
     def _joining(self, decoder, waiting: deque, free: int) -> int:
         """How many of the first waiting rows join the batch: at most ``free``, with the rows
-        still running within the batch budget (prompt slots, padded to the longest prompt) and
-        memory (their KV cache, each row padded to the longest row, generated tokens counted,
-        with room for ``max_tokens`` more); a row alone is never refused."""
-        rows, take = decoder.active, 0
-        longest, prompt = decoder.longest, decoder.longest_prompt
-        for _, prepared in list(waiting)[:free]:
-            longest = max(longest, len(prepared.input_ids))
-            prompt = max(prompt, len(prepared.input_ids))
-            rows += 1
-            over = rows * prompt > self.batch_tokens
-            if rows > 1 and (over or (self.fits is not None and not self.fits(rows, longest))):
-                break
-            take += 1
-        return take
+        still running within the batch budget and memory (``batching.joining``; their KV cache
+        counts each row padded to the longest row, generated tokens included, with room for
+        ``max_tokens`` more)."""
+        lengths = [len(prepared.input_ids) for _, prepared in list(waiting)[:free]]
+        return joining(
+            decoder.active,
+            decoder.longest,
+            decoder.longest_prompt,
+            lengths,
+            self.batch_tokens,
+            self.fits,
+        )
 
     def _admit(self, decoder, items: list[tuple[Row, Any]]) -> None:
         """Prefill ``items`` and add them to the batch. If their prefill fails while rows run,

@@ -12,7 +12,12 @@ written to a temporary folder. The same rows then go, one mode after another, th
    (``--no-feature-cache``, ``--no-prefix-cache``); mode 2's few rows rarely share an image,
    so the caches help modes 3-5 more (the JSON's ``prefix_hits`` per mode).
 3. ``unsorted``: batched with the cache, rows in input order (``plan_batches``, window 1).
-4. ``sorted``: batched with the cache, length-sorted: the engine's default path.
+4. ``sorted``: batched with the cache, length-sorted: the engine's default path. Modes 3 and 4
+   run the planned rows through one ``Decoder`` as ``jobrunner run`` does: once a quarter of
+   the batch's slots are free, the next planned rows join it (``batching.joining``).
+   4b. ``static`` (only when asked for, and with ``--mixed-lengths``): mode 4 without joins,
+   each planned batch decoded until its longest row is done (``generate_batch``), so that
+   (4) / (4b) is what continuous batching buys.
 5. ``pipeline``: ``run_job`` on the JSONL (reader, planner, preprocessing threads, engine,
    Parquet parts, merge), timed from the reporter's start (model loaded) to the merged file.
 
@@ -29,8 +34,13 @@ the first mode would pay for all of them.
 
 Every mode does the same work: the bench model's ``lm_head`` rows of special tokens and of ids
 the tokenizer does not know are zero, so greedy decoding never stops and always emits decodable
-text, and every row generates exactly ``max_tokens`` tokens. Modes 2-5 must then produce the same
-tokens (mode 5 is compared by decoded text and token count): in float32 on a CPU they do. In
+text, and every row generates exactly ``max_tokens`` tokens. So batches never shrink and rows
+never join a running one. With ``--mixed-lengths`` each row asks for its own number of tokens,
+drawn uniformly from 1 to ``max_tokens`` (the JSONL's ``max_tokens`` column, which mode 5 reads
+with ``max_tokens_column``), as captions and answers of different lengths would; the batched
+modes report their decode steps and the rows that joined running batches. Modes 2-5 must
+produce the same tokens (mode 5 is compared by decoded text and token count): in float32 on a
+CPU they do. In
 bfloat16 on a GPU, kernels chosen by batch size round differently and a row may depart at a near
 tie; the report gives the position where each differing row first departs.
 
@@ -39,7 +49,7 @@ Ceilings are measured in the same process: dense matmul GFLOP/s and memory read 
 The batch-1 decode step is compared with weight bytes / read bandwidth (the time to stream the
 decoder's weights once), and prefill GFLOP/s of the longest row with the matmul ceiling.
 
-Layout: ``workload`` (presets, the model and the dataset), ``modes`` (the five modes),
+Layout: ``workload`` (presets, the model and the dataset), ``modes`` (the modes),
 ``ceilings`` (the ceilings, and prefill and decode step against them), ``report`` (ratios,
 agreement, targets and the table); this module runs them in order.
 
@@ -78,12 +88,15 @@ from .. import _blas
 from ..runner import DEFAULT_BATCH_TOKENS
 from .ceilings import decoder_weight_bytes, measure_ceilings, prefill_flops, roofline
 from .modes import (
+    EXTRA_MODES,
+    LABELS,
     MODES,
     ModeResult,
     _subset,
     naive_generate,
     plan,
     run_batches,
+    run_joined,
     run_naive,
     run_pipeline,
 )
@@ -101,6 +114,7 @@ from .workload import (
 )
 
 __all__ = [
+    "EXTRA_MODES",
     "IMAGE_SIZES",
     "MODES",
     "PRESETS",
@@ -120,6 +134,7 @@ __all__ = [
     "roofline",
     "run_batches",
     "run_bench",
+    "run_joined",
     "run_naive",
     "run_pipeline",
 ]
@@ -135,7 +150,7 @@ class BenchSettings:
     batch_size: int | None = None
     max_batch_tokens: int | None = None
     dtype: str | None = None
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] | None = None  # None: MODES, and mode 4b (static) with mixed_lengths
     naive_rows: int | None = None
     single_rows: int | None = None
     workdir: Path | None = None
@@ -145,13 +160,18 @@ class BenchSettings:
     row_prefill: bool | None = None  # modes 3-4: None is the engine's default for the device
     clear_cache: bool = False  # empty MLX's buffer cache after the warm-up and after each mode
     peer: bool = False  # then mode 6: mlx-vlm's batch_generate on the same model and rows
+    # each row asks for its own number of tokens, drawn from 1 to max_tokens (a max_tokens
+    # column), so that outputs differ in length as captions and answers do
+    mixed_lengths: bool = False
 
     def resolved(self) -> BenchSettings:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        unknown = set(self.modes) - set(MODES)
+        known = (*MODES[:4], *EXTRA_MODES, MODES[4])  # in the order they run
+        modes = self.modes or tuple(m for m in known if m in MODES or self.mixed_lengths)
+        unknown = set(modes) - set(known)
         if unknown:
-            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(known)}")
         p = PRESETS[self.preset]
         if self.peer:
             try:
@@ -160,6 +180,7 @@ class BenchSettings:
                 raise ValueError(str(err)) from None
         return replace(
             self,
+            modes=tuple(m for m in known if m in modes),
             rows=self.rows or p.rows,
             max_tokens=self.max_tokens or p.max_tokens,
             batch_size=self.batch_size or p.batch_size,
@@ -193,7 +214,8 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
     preset = PRESETS[s.preset]
     log(f"building the {s.preset} model ({dtype}) and {s.rows} rows in {work}")
     model_dir = build_model_dir(work / "model", preset, dtype, s.seed)
-    jsonl = make_dataset(work / "data", s.rows, s.seed)
+    limits = s.max_tokens if s.mixed_lengths else None
+    jsonl = make_dataset(work / "data", s.rows, s.seed, limits)
     model, processor = load(str(model_dir), dtype)
     prepared = _prepare(processor, jsonl)
     gpu = mx.default_device() != mx.cpu
@@ -205,7 +227,7 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
     results, tokens = {}, {}
     sorted_plan = plan(prepared, s.batch_size, s.max_batch_tokens, sort=True)
     for mode in s.modes:
-        log(f"mode {MODES.index(mode) + 1} ({mode})")
+        log(f"mode {LABELS[mode]} ({mode})")
         result, tokens[mode] = _run_mode(mode, s, model, processor, prepared, params, work)
         results[mode] = result
         result.extra |= {"mlx_active_after": mx.get_active_memory()}
@@ -283,10 +305,12 @@ def _prepare(processor, jsonl: Path) -> list:
     prepared = []
     for record in load_rows(jsonl):
         if record["image"] is None:
-            prepared.append(processor.prepare(record["prompt"], None))
-            continue
-        with Image.open(jsonl.parent / record["image"]) as image:
-            prepared.append(processor.prepare(record["prompt"], image))
+            row = processor.prepare(record["prompt"], None)
+        else:
+            with Image.open(jsonl.parent / record["image"]) as image:
+                row = processor.prepare(record["prompt"], image)
+        row.max_tokens = record.get("max_tokens")
+        prepared.append(row)
     return prepared
 
 
@@ -308,8 +332,15 @@ def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, w
         return run_batches(model, processor, prepared, batches, params, mode, *caches)
     if mode in ("unsorted", "sorted"):
         batches = plan(prepared, s.batch_size, s.max_batch_tokens, sort=mode == "sorted")
+        return run_joined(
+            model, processor, prepared, batches, params, mode, s.batch_size, s.max_batch_tokens,
+            *caches,
+        )  # fmt: skip
+    if mode == "static":
+        batches = plan(prepared, s.batch_size, s.max_batch_tokens, sort=True)
         return run_batches(model, processor, prepared, batches, params, mode, *caches)
     settings = {
+        "max_tokens_column": "max_tokens" if s.mixed_lengths else None,
         "max_tokens": s.max_tokens,
         "batch_size": s.batch_size,
         "max_batch_tokens": s.max_batch_tokens,

@@ -1,9 +1,12 @@
-"""The five bench modes: uncached naive decoding, ``generate_batch`` on planned batches, and
-``run_job`` on the JSONL; each returns a ``ModeResult`` and the tokens it produced."""
+"""The bench modes: uncached naive decoding, ``generate_batch`` one row at a time or on planned
+batches, planned rows through one ``Decoder`` that they join as others finish (the engine's
+default path), and ``run_job`` on the JSONL; each returns a ``ModeResult`` and the tokens it
+produced."""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,15 +14,20 @@ from typing import Any
 
 import mlx.core as mx
 
-from model.generate import generate_batch, image_features
+from model.generate import Decoder, generate_batch, image_features
 from model.language import attention_mask, position_ids
 
-from ..batching import PlanStats, plan_batches
+from ..batching import JOIN_AT, PlanStats, joining, plan_batches
 from ..progress import Reporter
 from ..runner import run_job
 from ..spec import build_spec
 
 MODES = ("naive", "single", "unsorted", "sorted", "pipeline")
+# Run when asked for (``--mixed-lengths`` asks): mode 4 without joins, each planned batch
+# decoded until its longest row is done, so that (4) / (4b) is what continuous batching buys.
+EXTRA_MODES = ("static",)
+LABELS = {"naive": "1", "single": "2", "unsorted": "3", "sorted": "4", "static": "4b"}
+LABELS |= {"pipeline": "5", "peer": "6"}
 
 
 @dataclass
@@ -50,7 +58,8 @@ class ModeResult:
 
 
 def naive_generate(model, row, max_tokens: int, bucket: int = 1) -> list[int]:
-    """Greedy decoding without a cache: every token recomputes the whole sequence.
+    """Greedy decoding without a cache: every token recomputes the whole sequence. The row
+    stops at its own ``max_tokens`` when that is fewer.
 
     ``bucket`` > 1 left-pads the sequence (masked) to a multiple of it, so that its shapes
     repeat: a GPU backend may plan kernels per shape, a cost of the backend, not of the loop.
@@ -58,7 +67,7 @@ def naive_generate(model, row, max_tokens: int, bucket: int = 1) -> list[int]:
     ids = mx.array([row.input_ids])
     embeddings = model.model.embed(ids, image_features(model, [row]))
     tokens: list[int] = []
-    for _ in range(max_tokens):
+    for _ in range(min(row.max_tokens or max_tokens, max_tokens)):
         length = -(-embeddings.shape[1] // bucket) * bucket
         pad = mx.array([length - embeddings.shape[1]], dtype=mx.int32)
         padded = mx.pad(embeddings, [(0, 0), (length - embeddings.shape[1], 0), (0, 0)])
@@ -93,8 +102,9 @@ def run_naive(model, prepared, indices: Sequence[int], max_tokens: int, bucket: 
 def run_batches(
     model, processor, prepared, batches, params, mode: str, feature_cache=None, prefix_cache=None
 ):
-    """Run ``generate_batch`` on each batch of row indices; time it all."""
-    stats, tokens = PlanStats(), {}
+    """Run ``generate_batch`` on each batch of row indices, each until its longest row is
+    done; time it all."""
+    stats, tokens, steps = PlanStats(), {}, [0, 0]
     crops_before = model.vision.crops_encoded
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -106,15 +116,85 @@ def run_batches(
         )
         for i, result in zip(batch, results, strict=True):
             tokens[i] = result.token_ids
+        # a batch steps until its longest row is done; a row generates in as many steps as
+        # it has tokens, and one more for a stop token
+        counts = [len(result.token_ids) + (result.finish_reason == "stop") for result in results]
+        steps[0] += max(counts)
+        steps[1] += sum(counts)
     seconds = time.perf_counter() - start
+    result = _batched_result(
+        mode, model, prepared, batches, seconds, tokens, stats, crops_before, prefix_cache, steps
+    )
+    return result, tokens
+
+
+def run_joined(
+    model,
+    processor,
+    prepared,
+    batches,
+    params,
+    mode: str,
+    batch_size: int,
+    max_batch_tokens: int,
+    feature_cache=None,
+    prefix_cache=None,
+):
+    """The planned ``batches`` through one ``Decoder`` as ``jobrunner run`` takes them: once a
+    quarter of its ``batch_size`` slots are free, the next planned rows join the running batch,
+    as many as the slots and ``max_batch_tokens`` allow (``batching.joining``); time it all."""
+    stats, tokens, steps, joined = PlanStats(), {}, [0, 0], 0
+    for batch in batches:
+        stats.add([len(prepared[i].input_ids) for i in batch])
+    crops_before = model.vision.crops_encoded
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    decoder = Decoder(model, processor, params, feature_cache, prefix_cache)
+    planned, waiting = deque(batches), deque()
+    while True:
+        free = batch_size - decoder.active
+        if free >= JOIN_AT * batch_size or not decoder.active:
+            while planned and len(waiting) < free:
+                waiting.extend(planned.popleft())
+            lengths = [len(prepared[i].input_ids) for i in list(waiting)[:free]]
+            running = decoder.active
+            take = joining(
+                running, decoder.longest, decoder.longest_prompt, lengths, max_batch_tokens
+            )
+            if take:
+                rows = [waiting.popleft() for _ in range(take)]
+                decoder.add([(i, prepared[i], 0) for i in rows])
+                joined += take if running else 0
+        if not decoder.active:
+            break
+        coming = bool(planned or waiting)
+        if coming and decoder.crowded:  # none could join: leave before the step
+            decoder.drop()
+        steps[0] += 1
+        steps[1] += decoder.active
+        for i, result in decoder.step(drop=not coming):
+            tokens[i] = result.token_ids
+    seconds = time.perf_counter() - start
+    result = _batched_result(
+        mode, model, prepared, batches, seconds, tokens, stats, crops_before, prefix_cache, steps
+    )
+    result.extra["rows_joined_running"] = joined
+    return result, tokens
+
+
+def _batched_result(
+    mode, model, prepared, batches, seconds, tokens, stats, crops_before, prefix_cache, steps
+):
     indices = [i for batch in batches for i in batch]
     result = _engine_result(
         mode, prepared, indices, seconds, tokens, stats.padding_fraction, stats.batches
     )
     result.extra["crops_encoded"] = model.vision.crops_encoded - crops_before
+    # steps, and rows generating a token summed over steps (the same in every batched mode)
+    result.extra["decode_steps"], result.extra["decode_row_steps"] = steps
     if prefix_cache is not None:
         result.extra["prefix_hits"] = prefix_cache.hits
-    return result, tokens
+    return result
 
 
 def _engine_result(mode, prepared, indices, seconds, tokens, padding, batches) -> ModeResult:

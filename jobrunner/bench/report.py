@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .modes import MODES, ModeResult
+from .modes import LABELS, ModeResult
 
 
 def _ratios(results: dict[str, ModeResult]) -> dict[str, dict[str, float]]:
@@ -22,6 +22,10 @@ def _ratios(results: dict[str, ModeResult]) -> dict[str, dict[str, float]]:
     if "sorted" in results and "peer" in results:
         out["sorted_over_peer"] = (
             results["sorted"].rows_per_second / results["peer"].rows_per_second
+        )
+    if "sorted" in results and "static" in results:
+        out["sorted_over_static"] = (
+            results["sorted"].rows_per_second / results["static"].rows_per_second
         )
     if "sorted" in results and "pipeline" in results:
         out["pipeline_over_sorted"] = (
@@ -117,11 +121,11 @@ def format_report(report: dict[str, Any]) -> str:
     over_naive = report["ratios"].get("over_naive", {})
     over_single = report["ratios"].get("over_single", {})
     for mode, r in report["modes"].items():
-        number = (*MODES, "peer").index(mode) + 1
         ratio1 = f"{over_naive[mode]:.1f}" if mode in over_naive else "-"
         ratio2 = f"{over_single[mode]:.2f}" if mode in over_single else "-"
+        name = f"{LABELS[mode]} {mode}"
         lines.append(
-            f"{number} {mode:<10}{r['rows']:>5}{r['seconds']:>8.1f}{r['rows_per_second']:>9.3f}"
+            f"{name:<12}{r['rows']:>5}{r['seconds']:>8.1f}{r['rows_per_second']:>9.3f}"
             f"{r['prompt_tokens_per_second']:>13.0f}{r['generated_tokens_per_second']:>10.1f}"
             f"{r['padding_fraction']:>8.1%}{_mib(r['peak_memory_bytes']):>9}{ratio1:>7}{ratio2:>7}"
         )
@@ -138,6 +142,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{roof['prefill_gflops']:.0f} GFLOP/s = {roof['prefill_fraction_of_matmul']:.0%} "
         "of the matmul ceiling",
         _memory_line(report),
+        *_steps_line(report),
         _agreement_line(report["agreement"]),
         *_peer_lines(report),
         "targets: "
@@ -148,6 +153,29 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _steps_line(report: dict[str, Any]) -> list[str]:
+    """Decode steps of the batched modes, the rows generating a token in a step on average,
+    and what joining running batches bought."""
+    parts = [
+        f"{mode} {r['extra']['decode_steps']} ("
+        f"{r['extra']['decode_row_steps'] / max(r['extra']['decode_steps'], 1):.1f} rows a step"
+        + (
+            f", {r['extra']['rows_joined_running']} rows joined running batches"
+            if "rows_joined_running" in r["extra"]
+            else ""
+        )
+        + ")"
+        for mode, r in report["modes"].items()
+        if "decode_steps" in r["extra"] and mode != "single"
+    ]
+    if not parts:
+        return []
+    line = "decode steps: " + "; ".join(parts)
+    if "sorted_over_static" in report["ratios"]:
+        line += f"; sorted (joins) is {report['ratios']['sorted_over_static']:.2f}x static"
+    return [line]
 
 
 def _memory_line(report: dict[str, Any]) -> str:

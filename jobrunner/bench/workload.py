@@ -138,12 +138,13 @@ _WORDS = (
 ).split()
 
 
-def make_dataset(out_dir: Path, rows: int, seed: int = 0) -> Path:
+def make_dataset(out_dir: Path, rows: int, seed: int = 0, max_tokens: int | None = None) -> Path:
     """``rows`` JSONL rows, most over PNG images shared by 1-3 prompts; returns the JSONL path.
 
     Images cycle through ``IMAGE_SIZES``; prompts have 3 to 120 words; one row in
     ``TEXT_ONLY_EVERY`` has no image. Rows are shuffled, so rows that share an image are
-    usually not neighbours.
+    usually not neighbours. With ``max_tokens``, each row also has a ``max_tokens`` field drawn
+    uniformly from 1 to it (from a generator of its own: the rows are otherwise the same).
     """
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,11 @@ def make_dataset(out_dir: Path, rows: int, seed: int = 0) -> Path:
                 records.append({"image": None, "prompt": _prompt(rng)})
         image += 1
     records = [records[i] for i in rng.permutation(len(records))[:rows]]
+    if max_tokens is not None:
+        limits = np.random.default_rng([seed, 1]).integers(1, max_tokens + 1, size=len(records))
+        records = [
+            record | {"max_tokens": int(k)} for record, k in zip(records, limits, strict=True)
+        ]
     path = out_dir / "bench.jsonl"
     with open(path, "w") as f:
         for i, record in enumerate(records):
