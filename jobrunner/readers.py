@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import io
 import json
 import math
@@ -144,7 +145,7 @@ def check_input(path: str | Path, options: ReadOptions | None = None) -> None:
     except OSError as exc:
         raise ReaderConfigError(f"cannot read input {path}: {exc.strerror}") from None
     if path.suffix.lower() == ".parquet":
-        missing = _missing_parquet_columns(_parquet_names(path), options)
+        missing = _missing_parquet_columns(_parquet_schema(path), options)
         if missing:
             raise ReaderConfigError(f"{path}: " + "; ".join(missing))
     elif encoding := _not_utf8(path):
@@ -180,17 +181,19 @@ def _not_utf8(path: Path) -> str | None:
     return None
 
 
-def _parquet_names(path: Path) -> list[str]:
+def _parquet_schema(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        return pq.ParquetFile(path).schema_arrow
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
         raise ReaderConfigError(f"{path} is not a readable Parquet file: {exc}") from None
 
 
-def _missing_parquet_columns(names: list[str], options: ReadOptions) -> list[str]:
+def _missing_parquet_columns(schema, options: ReadOptions) -> list[str]:
+    names = list(schema.names)
     have = set(names)
+    types = dict(zip(names, schema.types, strict=True))
     problems = []
     for flag, column, default in (
         ("--id-column", options.id_column, _DEFAULT_OPTIONS.id_column),
@@ -212,7 +215,20 @@ def _missing_parquet_columns(names: list[str], options: ReadOptions) -> list[str
     column = options.max_tokens_column
     if column is not None and column not in have:
         problems.append(f"--max-tokens-column '{column}' is not a column ({names})")
+    elif column is not None and not _numeric(types[column]):
+        problems.append(
+            f"--max-tokens-column '{column}' holds {types[column]}, not numbers; name a column "
+            "of whole numbers"
+        )
     return problems
+
+
+def _numeric(arrow_type) -> bool:
+    import pyarrow.types as pt
+
+    return any(
+        check(arrow_type) for check in (pt.is_integer, pt.is_floating, pt.is_decimal, pt.is_null)
+    )
 
 
 def count_rows(path: str | Path) -> int:
@@ -359,27 +375,46 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None, limit)
 
 
+_LIMIT_PROBLEM = "max tokens column"
+
+
+def has_limit_problem(row: Row) -> bool:
+    """Whether ``row`` is an error record because of its value in the max tokens column."""
+    return row.error is not None and _LIMIT_PROBLEM in row.error
+
+
 def _max_tokens(record: Mapping[str, Any], options: ReadOptions, problems: list[str]) -> int | None:
     """The row's own limit on generated tokens, or None (no column, or a missing or null
-    value, or NaN, which is how pandas writes a null into a float column): the job's."""
+    value, or NaN, which is how pandas writes a null into a float column): the job's. Whole
+    numbers come as integers, or as floats or decimals that hold one."""
     column = options.max_tokens_column
     if column is None:
         return None
     value = record.get(column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # an integer column with nulls, as pandas writes it
-    if not isinstance(value, int) or isinstance(value, bool):
-        shown = repr(value) if isinstance(value, (str, float)) else type(value).__name__
+    if isinstance(value, bool):
+        whole = False
+    elif isinstance(value, int):
+        whole = True
+    elif isinstance(value, float):
+        whole = value.is_integer()  # False for inf
+    elif isinstance(value, decimal.Decimal):
+        whole = value.is_finite() and value == value.to_integral_value()
+    else:
+        whole = False
+    if not whole:
+        plain = isinstance(value, (str, int, float, decimal.Decimal))
+        shown = repr(value) if plain else type(value).__name__
         problems.append(
-            f"max tokens column '{column}' must be a whole number from 1 to {options.max_tokens}, "
+            f"{_LIMIT_PROBLEM} '{column}' must be a whole number from 1 to {options.max_tokens}, "
             f"got {shown}"
         )
         return None
+    value = int(value)
     if not 1 <= value <= options.max_tokens:
         problems.append(
-            f"max tokens column '{column}' is {value}, outside 1 to {options.max_tokens} (the "
+            f"{_LIMIT_PROBLEM} '{column}' is {value}, outside 1 to {options.max_tokens} (the "
             "job's --max-tokens is the most a row may ask for: raise it, or fix the row)"
         )
         return None

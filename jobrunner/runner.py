@@ -54,6 +54,7 @@ from .readers import (
     Row,
     check_input,
     count_rows,
+    has_limit_problem,
     image_size,
     iter_rows,
     load_image,
@@ -258,7 +259,8 @@ class _Session:
         # succeeds (or the run ends); enough of them, over enough images, stop the run
         self.failing: list[tuple[Row, str, int]] = []
         self.fault_limit = max(16, 2 * spec.batch_size)
-        self.rows_read = self.rows_with_image = 0  # the shard's rows, for the column warning
+        # the shard's rows, for the column warnings
+        self.rows_read = self.rows_with_image = self.rows_with_limit = 0
         self.fits: Callable[[int, int], bool] | None = None  # memory's bound on a batch
         self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
         # rows whose prefill failed as they joined a running batch: alone once it is done
@@ -319,6 +321,8 @@ class _Session:
             self.reporter.event(warning, error=True)
         if warning := self._image_column_warning():
             self.reporter.event(warning, error=True)
+        if warning := self._limit_column_warning():
+            self.reporter.event(warning, error=True)
 
     def _memory_fits(self, memory: int | None) -> Callable[[int, int], bool] | None:
         """Without a budget of the user's: the default budget, and the planner's bound that
@@ -363,6 +367,18 @@ class _Session:
             "image_column); every row ran as text only. Check the column name."
         )
 
+    def _limit_column_warning(self) -> str | None:
+        """Rows may leave out their limit, so a misspelt --max-tokens-column in JSONL makes
+        every row take --max-tokens without an error; say so when no row had the column."""
+        column = self.spec.max_tokens_column
+        if column is None or self.rows_with_limit or not self.rows_read:
+            return None
+        return (
+            f"warning: no row had a value in column '{column}' (from --max-tokens-column / "
+            f"max_tokens_column); every row took --max-tokens {self.spec.max_tokens}. Check the "
+            "column name."
+        )
+
     def _stop(self, queue: deque, reason: Exception) -> None:
         """Save what is done, drop the batches not started, and end the run with ``reason``."""
         self.writer.flush()
@@ -394,6 +410,7 @@ class _Session:
             self.ids.add(row.id)
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None
+            self.rows_with_limit += row.max_tokens is not None or has_limit_problem(row)
             if self.store.is_done(row.index):
                 continue
             length, problem = self._estimate(row)

@@ -596,7 +596,8 @@ def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
     columns = [values[name] for name in ("id_column", "image_column", "prompt_column")]
     if len(set(columns)) != len(columns):
         problems.append(("id_column", f"id, image and prompt columns must differ, got {columns}"))
-    if values["max_tokens_column"] in columns:
+    read = columns if values.get("prompt") is None else columns[:2]  # a template: none read
+    if values["max_tokens_column"] in read:
         message = (
             f"'{values['max_tokens_column']}' is already the id, image or prompt column; "
             f"name the column of per-row limits ({_fix('max_tokens_column')})"

@@ -129,6 +129,8 @@ def test_settings_are_validated():
         BenchSettings(preset="huge").resolved()
     with pytest.raises(ValueError, match="modes"):
         BenchSettings(preset="tiny", modes=("sorted", "fastest")).resolved()
+    with pytest.raises(ValueError, match="--mixed-lengths"):
+        BenchSettings(preset="tiny", peer=True, mixed_lengths=True).resolved()
     result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--modes", "sorted,bogus"])
     assert result.exit_code == 2
     assert "unknown modes" in result.output

@@ -552,3 +552,17 @@ def test_misspelt_image_column_warns_that_every_row_ran_text_only(tiny_model_dir
         result = CliRunner().invoke(main, [*args, "--image-column", column, "--overwrite"])
         assert result.exit_code == 0, result.output
         assert ("no row had an image in column 'pic'" in result.output) == warned
+
+
+def test_misspelt_max_tokens_column_warns_that_every_row_took_max_tokens(tiny_model_dir, tmp_path):
+    """JSONL rows may leave out their limit, so a wrong --max-tokens-column is no error; the run
+    says that no row had a value in the named column (a row with a bad value had one)."""
+    source = tmp_path / "rows.jsonl"
+    lines = [{"id": "a", "prompt": "Hi.", "limit": 1}, {"id": "b", "prompt": "Yo.", "limit": 0}]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--max-tokens", "2"]
+    for column, warned in (("limits", True), ("limit", False)):
+        result = CliRunner().invoke(main, [*args, "--max-tokens-column", column, "--overwrite"])
+        assert result.exit_code == (0 if warned else 1), result.output
+        message = "no row had a value in column 'limits'"
+        assert (message in result.output) == warned, result.output

@@ -8,6 +8,7 @@ import sys
 import tracemalloc
 import zlib
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
@@ -330,7 +331,7 @@ def test_rows_own_token_limits(tmp_path: Path) -> None:
     rows = rows_of(source, max_tokens_column="n", max_tokens=12)
     got = [(r.max_tokens, r.error) for r in rows]
     assert got[:6] == [(5, None), (None, None), (None, None), (12, None), (7, None), (None, None)]
-    shown = ["is 0,", "is 13,", "got 2.5", "got 'ten'", "got bool", "got list"]
+    shown = ["is 0,", "is 13,", "got 2.5", "got 'ten'", "got True", "got list"]
     for (limit, error), what in zip(got[6:], shown, strict=True):
         assert limit is None and error.startswith("max tokens column 'n'"), error
         assert what in error and "1 to 12" in error, error
@@ -340,6 +341,15 @@ def test_rows_own_token_limits(tmp_path: Path) -> None:
     check_input(parquet, ReadOptions(max_tokens_column="n"))
     rows = rows_of(parquet, max_tokens_column="n", max_tokens=4)
     assert [(r.max_tokens, r.error) for r in rows] == [(4, None), (None, None), (2, None)]
+    decimals = pa.array([Decimal("3"), Decimal("2.50"), Decimal("4.00")], pa.decimal128(5, 2))
+    parquet = parquet_with(tmp_path, prompt=["a", "b", "c"], n=decimals)
+    check_input(parquet, ReadOptions(max_tokens_column="n"))
+    rows = rows_of(parquet, max_tokens_column="n", max_tokens=4)
+    assert [r.max_tokens for r in rows] == [3, None, 4]
+    assert "got Decimal('2.50')" in rows[1].error
+    parquet = parquet_with(tmp_path, prompt=["a"], n=["5"])  # text: refused before any row runs
+    with pytest.raises(ReaderConfigError, match="--max-tokens-column 'n' holds string"):
+        check_input(parquet, ReadOptions(max_tokens_column="n"))
 
 
 # --- up-front checks ------------------------------------------------------------------------------

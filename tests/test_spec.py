@@ -365,6 +365,11 @@ def test_fingerprint_changes_with_output_affecting_fields(data: Path, field: str
     assert field in [line.split(":")[0] for line in changes]
 
 
+def test_limits_may_come_from_the_prompt_column_name_when_a_template_replaces_it(data: Path):
+    spec = spec_for(data, prompt="Caption {title}.", max_tokens_column="prompt")
+    assert spec.max_tokens_column == "prompt"
+
+
 def test_fingerprint_without_per_row_limits_is_the_one_before_they_existed(data: Path) -> None:
     """Jobs checkpointed before ``max_tokens_column`` existed resume: unset, it is not hashed."""
     fields = fingerprint_fields(spec_for(data), MODEL, input_identity(data))

@@ -15,7 +15,7 @@ written to a temporary folder. The same rows then go, one mode after another, th
 4. ``sorted``: batched with the cache, length-sorted: the engine's default path. Modes 3 and 4
    run the planned rows through one ``Decoder`` as ``jobrunner run`` does: once a quarter of
    the batch's slots are free, the next planned rows join it (``batching.joining``).
-   4b. ``static`` (only when asked for, and with ``--mixed-lengths``): mode 4 without joins,
+   4b. ``static`` (by default only with ``--mixed-lengths``): mode 4 without joins,
    each planned batch decoded until its longest row is done (``generate_batch``), so that
    (4) / (4b) is what continuous batching buys.
 5. ``pipeline``: ``run_job`` on the JSONL (reader, planner, preprocessing threads, engine,
@@ -173,6 +173,8 @@ class BenchSettings:
         if unknown:
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(known)}")
         p = PRESETS[self.preset]
+        if self.peer and self.mixed_lengths:  # its batch_generate takes one max_tokens for all
+            raise ValueError("--peer runs every row to --max-tokens: leave out --mixed-lengths")
         if self.peer:
             try:
                 check_peer(tiny_config(**p.config))
