@@ -24,8 +24,9 @@ short) batch rather than carrying rows into the next window, so a batch never wa
 read far later. A window holds at least ``batch_size`` rows (else no batch could fill);
 ``sort_window == 1`` keeps input order (no sorting, no grouping).
 
-The lengths are whatever the caller wants bounded: prompt tokens bound prefill padding; adding
-``max_tokens`` bounds the KV cache too.
+The lengths are whatever the caller wants bounded (the runner's: prompt tokens, which bound
+prefill padding). A row may also carry its room, the most tokens it may generate; ``fits`` then
+bounds a batch by its rows, its longest row and its most room (the runner's: its KV cache).
 """
 
 from __future__ import annotations
@@ -36,23 +37,25 @@ from itertools import islice
 
 
 def plan_batches(
-    items: Iterable[tuple[int, int, Hashable | None]],
+    items: Iterable[tuple[int, int, Hashable | None] | tuple[int, int, Hashable | None, int]],
     batch_size: int,
     max_batch_tokens: int,
     sort_window: int,
-    fits: Callable[[int, int], bool] | None = None,
+    fits: Callable[[int, int, int | None], bool] | None = None,
 ) -> Iterator[list[int]]:
     """Group rows into length-sorted batches, streaming window by window.
 
     Args:
-        items: ``(index, estimated_length, image_key)`` per row, in input order; read lazily.
+        items: ``(index, estimated_length, image_key)`` per row, in input order, or with a
+            fourth element, the row's ``room`` (the most tokens it may generate); read lazily.
             Rows with equal non-None keys are kept together; ``None`` shares with no row.
         batch_size: most rows per batch (>= 1).
         max_batch_tokens: most padded slots per batch (>= 1).
         sort_window: rows sorted together (>= 1; at least ``batch_size`` are read per window).
-        fits: ``fits(rows, longest)``, a further bound on a batch of ``rows`` rows whose longest
-            has ``longest`` tokens (the runner's: its KV cache fits in memory). A row alone is
-            never refused.
+        fits: ``fits(rows, longest, room)``, a further bound on a batch of ``rows`` rows whose
+            longest has ``longest`` tokens and whose rows may generate at most ``room`` tokens
+            (None where the items carry no room) (the runner's: its KV cache fits in memory).
+            A row alone is never refused.
 
     Returns:
         An iterator of batches, each a list of row indices; the window's first batch holds its
@@ -62,21 +65,29 @@ def plan_batches(
         raise ValueError("batch_size, max_batch_tokens and sort_window must all be >= 1")
     rows = iter(items)
     # A window shorter than a batch would cap every batch at the window size.
-    while window := list(islice(rows, max(sort_window, batch_size))):
-        pairs = [(index, length) for index, length, _ in window]
+    while window := [_with_room(item) for item in islice(rows, max(sort_window, batch_size))]:
+        triples = [(index, length, room) for index, length, _, room in window]
         if sort_window > 1:
-            pairs = _grouped_order(window)
-        yield from _cut(pairs, batch_size, max_batch_tokens, fits)
+            triples = _grouped_order(window)
+        yield from _cut(triples, batch_size, max_batch_tokens, fits)
 
 
-def _grouped_order(window: Sequence[tuple[int, int, Hashable | None]]) -> list[tuple[int, int]]:
+def _with_room(item: tuple) -> tuple[int, int, Hashable | None, int | None]:
+    return (*item, None) if len(item) == 3 else item
+
+
+_Row = tuple[int, int, "int | None"]  # index, length, room
+
+
+def _grouped_order(window: Sequence[tuple[int, int, Hashable | None, int | None]]) -> list[_Row]:
     """The window's rows, groups by their longest row and rows within a group longest first;
     both sorts are stable, so ties keep input order."""
-    groups: dict[Hashable, list[tuple[int, int]]] = {}
-    for position, (index, length, key) in enumerate(window):
+    groups: dict[Hashable, list[_Row]] = {}
+    for position, (index, length, key, room) in enumerate(window):
         # a keyless row is a group of its own; positions cannot equal a caller's key
-        groups.setdefault(_Alone(position) if key is None else key, []).append((index, length))
-    ordered = sorted(groups.values(), key=lambda group: -max(length for _, length in group))
+        group = groups.setdefault(_Alone(position) if key is None else key, [])
+        group.append((index, length, room))
+    ordered = sorted(groups.values(), key=lambda group: -max(row[1] for row in group))
     return [row for group in ordered for row in sorted(group, key=lambda row: -row[1])]
 
 
@@ -86,27 +97,31 @@ class _Alone:
 
 
 def _cut(
-    window: Sequence[tuple[int, int]],
+    window: Sequence[_Row],
     batch_size: int,
     max_batch_tokens: int,
-    fits: Callable[[int, int], bool] | None = None,
+    fits: Callable[[int, int, int | None], bool] | None = None,
 ) -> Iterator[list[int]]:
     batch: list[int] = []
-    longest = 0
-    for index, length in window:
-        widest = max(longest, length)
+    longest, most = 0, None
+    for index, length, room in window:
+        widest, roomiest = max(longest, length), _larger(most, room)
         rows = len(batch) + 1
         if batch and (
             rows > batch_size
             or rows * widest > max_batch_tokens
-            or (fits is not None and not fits(rows, widest))
+            or (fits is not None and not fits(rows, widest, roomiest))
         ):
             yield batch
-            batch, widest = [], length
+            batch, widest, roomiest = [], length, room
         batch.append(index)
-        longest = widest
+        longest, most = widest, roomiest
     if batch:
         yield batch
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 # Rows join a running batch once this share of its slots is free (fewer, larger joins).
@@ -117,22 +132,25 @@ def joining(
     running: int,
     longest: int,
     longest_prompt: int,
-    lengths: Iterable[int],
+    room: int,
+    waiting: Iterable[tuple[int, int]],
     max_batch_tokens: int,
-    fits: Callable[[int, int], bool] | None = None,
+    fits: Callable[[int, int, int | None], bool] | None = None,
 ) -> int:
-    """How many of the next rows, of prompt ``lengths`` (the free slots' worth, in plan order),
-    join a running batch of ``running`` rows whose longest row holds ``longest`` positions and
-    whose longest prompt has ``longest_prompt`` tokens: the first rows that keep the batch within
-    ``max_batch_tokens`` prompt slots (every row padded to the longest prompt, as ``_cut``
-    counts them) and, with ``fits``, within memory (``fits(rows, positions of the longest
-    row)``); a row alone is never refused."""
+    """How many of the next rows, ``(prompt length, room)`` each (the free slots' worth, in
+    plan order; room: the most tokens the row may generate), join a running batch of
+    ``running`` rows whose longest row holds ``longest`` positions, whose longest prompt has
+    ``longest_prompt`` tokens and whose rows may generate ``room`` more tokens at most: the
+    first rows that keep the batch within ``max_batch_tokens`` prompt slots (every row padded
+    to the longest prompt, as ``_cut`` counts them) and, with ``fits``, within memory
+    (``fits(rows, positions of the longest row, room)``); a row alone is never refused."""
     rows, take = running, 0
-    for length in lengths:
+    for length, limit in waiting:
         longest, longest_prompt = max(longest, length), max(longest_prompt, length)
+        room = max(room, limit)
         rows += 1
         over = rows * longest_prompt > max_batch_tokens
-        if rows > 1 and (over or (fits is not None and not fits(rows, longest))):
+        if rows > 1 and (over or (fits is not None and not fits(rows, longest, room))):
             break
         take += 1
     return take

@@ -261,7 +261,7 @@ class _Session:
         self.fault_limit = max(16, 2 * spec.batch_size)
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
-        self.fits: Callable[[int, int], bool] | None = None  # memory's bound on a batch
+        self.fits: Callable[..., bool] | None = None  # memory's bound on a batch
         self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
         # rows whose prefill failed as they joined a running batch: alone once it is done
         self.alone: list[tuple[Row, Any]] = []
@@ -324,7 +324,7 @@ class _Session:
         if warning := self._limit_column_warning():
             self.reporter.event(warning, error=True)
 
-    def _memory_fits(self, memory: int | None) -> Callable[[int, int], bool] | None:
+    def _memory_fits(self, memory: int | None) -> Callable[[int, int, int | None], bool] | None:
         """Without a budget of the user's: the default budget, and the planner's bound that
         keeps each batch's KV cache within memory (``None`` where memory is unknown)."""
         from model.generate import (
@@ -342,10 +342,13 @@ class _Session:
             return None
         caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
         limit = self.kv_limit = memory_kv_positions(self.model, memory, caches)
-        max_tokens, static = spec.max_tokens, static_shapes(self.params)
+        static = static_shapes(self.params)
 
-        def fits(rows: int, longest: int) -> bool:
-            return rows * kv_positions(longest, max_tokens, static) <= limit
+        def fits(rows: int, longest: int, room: int | None = None) -> bool:
+            """Whether ``rows`` rows padded to ``longest`` positions, with room for ``room``
+            more tokens (default: ``max_tokens``), fit in the KV budget."""
+            room = spec.max_tokens if room is None else room
+            return rows * kv_positions(longest, room, static) <= limit
 
         if not fits(spec.batch_size, self.batch_tokens // spec.batch_size):
             gib = limit * kv_bytes_per_token(self.model) / 2**30
@@ -389,8 +392,9 @@ class _Session:
         raise reason
 
     def _estimates(self, stop: _StopFlag) -> Iterator[tuple[int, int, Hashable | None]]:
-        """(index, prompt length, image key) of each runnable row; failed rows become error
-        records. The planner keeps rows with one image key together (``image_key``).
+        """(index, prompt length, image key, most tokens it may generate) of each runnable row;
+        failed rows become error records. The planner keeps rows with one image key together
+        (``image_key``).
 
         Ends early on a signal, or when the input turns out damaged (``read_error``), so the
         rows read so far are finished first. Error records are checkpointed here on the usual
@@ -419,7 +423,8 @@ class _Session:
                 self.writer.maybe_flush()
                 continue
             self.rows[row.index] = row
-            yield row.index, length, image_key(row.image) if self.spec.group_images else None
+            key = image_key(row.image) if self.spec.group_images else None
+            yield row.index, length, key, row.max_tokens or self.spec.max_tokens
 
     def _estimate(self, row: Row) -> tuple[int, str | None]:
         """(prompt length, None), or (0, what is wrong with the row)."""
@@ -500,14 +505,15 @@ class _Session:
     def _joining(self, decoder, waiting: deque, free: int) -> int:
         """How many of the first waiting rows join the batch: at most ``free``, with the rows
         still running within the batch budget and memory (``batching.joining``; their KV cache
-        counts each row padded to the longest row, generated tokens included, with room for
-        ``max_tokens`` more)."""
-        lengths = [len(prepared.input_ids) for _, prepared in list(waiting)[:free]]
+        counts each row padded to the longest row, generated tokens included, with room for the
+        most tokens any row may still generate)."""
+        rows = [prepared for _, prepared in list(waiting)[:free]]
         return joining(
             decoder.active,
             decoder.longest,
             decoder.longest_prompt,
-            lengths,
+            decoder.room,
+            [(len(prepared.input_ids), decoder.limit(prepared)) for prepared in rows],
             self.batch_tokens,
             self.fits,
         )

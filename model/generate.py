@@ -543,6 +543,12 @@ class Decoder:
         return max(going, default=0)
 
     @property
+    def room(self) -> int:
+        """The most tokens a row still generating may yet generate (0 when none is)."""
+        going = [live.limit - len(live.tokens) for live in self.live if live.finish is None]
+        return max(going, default=0)
+
+    @property
     def finished(self) -> int:
         """Rows that finished but are still in the batch (they leave with ``drop``)."""
         return len(self.live) - self.active

@@ -188,15 +188,24 @@ def test_each_image_encoded_once_with_a_one_image_cache() -> None:
     lengths=st.lists(st.integers(1, 3000), max_size=80),
     batch_size=st.integers(1, 12),
     cap=st.integers(1, 20000),
+    with_rooms=st.booleans(),
 )
-def test_fits_bounds_every_batch_of_several_rows(lengths, batch_size: int, cap: int) -> None:
-    """``fits`` (the runner's KV-cache bound) holds for every batch but a row alone."""
+def test_fits_bounds_every_batch_of_several_rows(
+    lengths, batch_size: int, cap: int, with_rooms: bool
+) -> None:
+    """``fits`` (the runner's KV-cache bound) holds for every batch but a row alone, counting
+    the batch's most room when the items carry each row's (None when they do not)."""
+    rooms = [1 + i * 37 % 500 for i in range(len(lengths))]
 
-    def fits(rows: int, longest: int) -> bool:
-        return rows * (longest + 100) <= cap
+    def fits(rows: int, longest: int, room: int | None) -> bool:
+        assert (room is None) != with_rooms
+        return rows * (longest + (room or 100)) <= cap
 
     items = [(i, length, i % 3) for i, length in enumerate(lengths)]
+    if with_rooms:
+        items = [(*item, room) for item, room in zip(items, rooms, strict=True)]
     batches = list(plan_batches(items, batch_size, 10**9, 16, fits))
     assert sorted(itertools.chain.from_iterable(batches)) == list(range(len(lengths)))
     for batch in batches:
-        assert len(batch) == 1 or fits(len(batch), max(lengths[i] for i in batch))
+        room = max(rooms[i] for i in batch) if with_rooms else None
+        assert len(batch) == 1 or fits(len(batch), max(lengths[i] for i in batch), room)

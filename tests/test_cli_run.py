@@ -212,7 +212,8 @@ def test_default_batches_keep_their_kv_cache_within_memory(
     """Without --max-batch-tokens, a batch's KV cache (whole 256-position blocks: the longest
     prompt, bucketed to 128 under static shapes, plus max_tokens) must fit in half the memory
     left beside the model and its caches: here 1,100 positions, so two short rows (512 each,
-    only through max_tokens or the bucket) or the long row alone (768) per batch."""
+    only through max_tokens or the bucket) or the long row alone (768) per batch. Short rows
+    that ask for 8 tokens each (--max-tokens-column) take 256 positions: four to a batch."""
     from mlx.utils import tree_flatten
 
     import model.generate
@@ -223,7 +224,9 @@ def test_default_batches_keep_their_kv_cache_within_memory(
     assert 255 <= processor.estimate_tokens(long_prompt, None) <= 510
     prompts = [long_prompt] + [f"Say {i} now." for i in range(7)]  # 14-15 tokens
     source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    limits = [None] + [8] * 7
+    rows = [{"prompt": p, "limit": k} for p, k in zip(prompts, limits, strict=True)]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     weights = sum(v.nbytes for _, v in tree_flatten(tiny.parameters()))
     caches = (1 << 30) + (256 << 20)  # the prefix cache's 1 GiB floor, the feature cache
     memory = weights + caches + 2 * 1100 * model.generate.kv_bytes_per_token(tiny)
@@ -238,13 +241,13 @@ def test_default_batches_keep_their_kv_cache_within_memory(
 
     monkeypatch.setattr(KVCache, "_grow", recording_grow)
     summaries, outputs, peaks = [], [], []
-    for extra in ([], ["--max-batch-tokens", "16384"]):
+    for extra in ([], ["--max-batch-tokens", "16384"], ["--max-tokens-column", "limit"]):
         allocated.clear()
-        output = tmp_path / f"out{len(extra)}.parquet"
+        output = tmp_path / f"out{len(summaries)}.parquet"
         args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output)]
         result = CliRunner().invoke(main, [*args, "--max-tokens", str(max_tokens), *extra])
         assert result.exit_code == 0, result.output
-        assert ("KV cache within 1100 positions" in result.output) == (not extra)
+        assert ("KV cache within 1100 positions" in result.output) == ("16384" not in extra)
         summaries.append(json.loads(output.with_name(output.name + ".summary.json").read_text()))
         outputs.append([r["output"] for r in read(output)])
         peaks.append(max(allocated))
@@ -253,6 +256,8 @@ def test_default_batches_keep_their_kv_cache_within_memory(
     assert summaries[1]["kv_positions_limit"] is None and summaries[1]["batches"] == 1
     assert peaks[1] > 1100  # an explicit budget is not held to memory
     assert outputs[0] == outputs[1]
+    assert summaries[2]["batches"] == 3 and peaks[2] <= 1100  # the long row, then 4 + 3
+    assert all(n <= 8 for n in [r["output_tokens"] for r in read(output)][1:])
 
 
 def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):

@@ -156,10 +156,15 @@ def run_joined(
         if free >= JOIN_AT * batch_size or not decoder.active:
             while planned and len(waiting) < free:
                 waiting.extend(planned.popleft())
-            lengths = [len(prepared[i].input_ids) for i in list(waiting)[:free]]
+            rows = [prepared[i] for i in list(waiting)[:free]]
             running = decoder.active
             take = joining(
-                running, decoder.longest, decoder.longest_prompt, lengths, max_batch_tokens
+                running,
+                decoder.longest,
+                decoder.longest_prompt,
+                decoder.room,
+                [(len(row.input_ids), decoder.limit(row)) for row in rows],
+                max_batch_tokens,
             )
             if take:
                 rows = [waiting.popleft() for _ in range(take)]
