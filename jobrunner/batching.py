@@ -103,7 +103,7 @@ def _cut(
     fits: Callable[[int, int, int | None], bool] | None = None,
 ) -> Iterator[list[int]]:
     batch: list[int] = []
-    longest, most = 0, None
+    longest, most = 0, 0
     for index, length, room in window:
         widest, roomiest = max(longest, length), _larger(most, room)
         rows = len(batch) + 1
@@ -121,7 +121,8 @@ def _cut(
 
 
 def _larger(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else max(a, b)
+    """The larger room; None (a row without one: the caller's default, the largest) wins."""
+    return None if a is None or b is None else max(a, b)
 
 
 # Rows join a running batch once this share of its slots is free (fewer, larger joins).

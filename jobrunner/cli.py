@@ -374,7 +374,8 @@ def show(output: Path, limit: int) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option(
     "--modes",
-    help="Comma-separated subset of naive,single,unsorted,sorted,static,pipeline (default: all "
+    help="Comma-separated subset of naive,single,unsorted,sorted,static,pipeline, run in the "
+    "order given (default: all in that order "
     "but static, which --mixed-lengths adds).",
 )
 @click.option("--naive-rows", type=click.IntRange(1), help="Rows for mode 1 (evenly spaced).")

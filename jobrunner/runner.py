@@ -261,7 +261,8 @@ class _Session:
         self.fault_limit = max(16, 2 * spec.batch_size)
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
-        self.fits: Callable[..., bool] | None = None  # memory's bound on a batch
+        # memory's bound on a batch: fits(rows, longest, room)
+        self.fits: Callable[[int, int, int | None], bool] | None = None
         self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
         # rows whose prefill failed as they joined a running batch: alone once it is done
         self.alone: list[tuple[Row, Any]] = []
@@ -391,7 +392,7 @@ class _Session:
                 future.cancel()
         raise reason
 
-    def _estimates(self, stop: _StopFlag) -> Iterator[tuple[int, int, Hashable | None]]:
+    def _estimates(self, stop: _StopFlag) -> Iterator[tuple[int, int, Hashable | None, int]]:
         """(index, prompt length, image key, most tokens it may generate) of each runnable row;
         failed rows become error records. The planner keeps rows with one image key together
         (``image_key``).

@@ -302,13 +302,14 @@ def memory_kv_positions(
     return int(room // kv_bytes_per_token(model))
 
 
-def kv_positions(longest: int, max_tokens: int, static: bool = False) -> int:
-    """KV positions each row of a batch allocates when its longest prompt has ``longest``
-    tokens: every row is left-padded to it (rounded up to ``LENGTH_BUCKET`` under static
-    shapes) and holds ``max_tokens`` more, in whole ``KVCache.step`` blocks."""
+def kv_positions(longest: int, room: int, static: bool = False) -> int:
+    """KV positions each row of a batch allocates when its longest row holds ``longest``
+    positions: every row is left-padded to it (rounded up to ``LENGTH_BUCKET`` under static
+    shapes) and has room for ``room`` more (the most tokens any of its rows may generate), in
+    whole ``KVCache.step`` blocks."""
     if static:
         longest = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
-    return -(-(longest + max_tokens) // KVCache.step) * KVCache.step
+    return -(-(longest + room) // KVCache.step) * KVCache.step
 
 
 def _left_pad(

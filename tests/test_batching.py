@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner.batching import PlanStats, padding_fraction, plan_batches
+from jobrunner.batching import PlanStats, joining, padding_fraction, plan_batches
 
 
 def plan(lengths: list[int], batch_size: int, budget: int, window: int) -> list[list[int]]:
@@ -209,3 +209,33 @@ def test_fits_bounds_every_batch_of_several_rows(
     for batch in batches:
         room = max(rooms[i] for i in batch) if with_rooms else None
         assert len(batch) == 1 or fits(len(batch), max(lengths[i] for i in batch), room)
+
+
+def test_a_row_without_a_room_gives_its_batch_the_callers_default() -> None:
+    """Items without a room (the caller's default, its largest) are never outvoted by a
+    smaller room of another row in the batch."""
+    calls = []
+
+    def fits(rows: int, longest: int, room: int | None) -> bool:
+        calls.append(room)
+        return True
+
+    list(plan_batches([(0, 20, None, 8), (1, 20, None), (2, 10, None, 4)], 8, 10**6, 1, fits))
+    assert calls == [None, None]
+
+
+def test_joining_counts_the_room_of_running_and_joining_rows() -> None:
+    """Rows join while the batch (running rows plus the rows taken so far) keeps within the
+    prompt budget and ``fits``, which sees the longest row and the most room among them."""
+    seen = []
+
+    def fits(rows: int, longest: int, room: int | None) -> bool:
+        seen.append((rows, longest, room))
+        return rows * (longest + room) <= 1000
+
+    # two rows running: longest 100 positions, 20 tokens still to come at most
+    waiting = [(50, 30), (120, 10), (90, 400), (10, 5)]
+    assert joining(2, 100, 80, 20, waiting, 10**6, fits) == 2
+    assert seen == [(3, 100, 30), (4, 120, 30), (5, 120, 400)]
+    assert joining(0, 0, 0, 0, [(5000, 900)], 10**6, fits) == 1  # a row alone is never refused
+    assert joining(2, 100, 80, 20, waiting, 3 * 80, None) == 1  # 4 rows x 120 > 240 slots

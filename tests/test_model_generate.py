@@ -308,7 +308,13 @@ def test_rows_with_their_own_token_limits_generate_what_they_would_alone(
     while waiting or decoder.active:
         if decoder.active < 3 and waiting:
             joined += bool(decoder.active)
-            decoder.add([(waiting[0], rows[waiting[0]], seeds[waiting.pop(0)])])
+            row = rows[waiting[0]]
+            # the cache a join builds is what the runner's memory bound counts (joining)
+            longest = max(decoder.longest, len(row.input_ids))
+            positions = kv_positions(longest, max(decoder.room, decoder.limit(row)))
+            decoder.add([(waiting[0], row, seeds[waiting.pop(0)])])
+            cache = decoder.cache[0]
+            assert cache.keys.shape[0] * cache.capacity <= decoder.active * positions
         # the cache has room for every row's limit: decoding never reallocates it
         capacity = decoder.cache[0].capacity
         done = decoder.step(drop=False)

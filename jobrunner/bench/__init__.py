@@ -182,7 +182,7 @@ class BenchSettings:
                 raise ValueError(str(err)) from None
         return replace(
             self,
-            modes=tuple(m for m in known if m in modes),
+            modes=tuple(dict.fromkeys(modes)),  # as given: --modes static,sorted runs 4b first
             rows=self.rows or p.rows,
             max_tokens=self.max_tokens or p.max_tokens,
             batch_size=self.batch_size or p.batch_size,
