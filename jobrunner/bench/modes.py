@@ -266,6 +266,10 @@ def run_pipeline(jsonl: Path, model_dir: Path, out_dir: Path, settings: dict[str
         padding_fraction=float(summary.get("padding_fraction", 0.0)),
         peak_memory_bytes=int(mx.get_peak_memory()),
         batches=int(summary.get("batches", 0)),
-        extra={"load_seconds": (reporter.started or begin) - begin, "errors": outcome.errors},
+        extra={
+            "load_seconds": (reporter.started or begin) - begin,
+            "errors": outcome.errors,
+            "rows_joined_running": summary.get("rows_joined_running"),
+        },
     )
     return result, dict(enumerate(zip(texts, counts, strict=True)))
