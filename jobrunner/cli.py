@@ -368,29 +368,33 @@ def show(output: Path, limit: int) -> None:
     help="Model size: tiny (seconds), small (minutes on a CPU), phi3v (real Phi-3.5-V dims).",
 )
 @click.option("--rows", type=click.IntRange(1), help="Dataset rows (default: the preset's).")
-@click.option("--max-tokens", type=click.IntRange(1), help="New tokens per row.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1),
+    help="New tokens per row (with --mixed-lengths, the most a row draws).",
+)
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--max-batch-tokens", type=click.IntRange(1))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option(
     "--modes",
-    help="Comma-separated subset of naive,single,unsorted,sorted,static,pipeline, run in the "
+    help="Comma-separated subset of naive,single,unsorted,sorted,fixed,pipeline, run in the "
     "order given (default: all in that order "
-    "but static, which --mixed-lengths adds).",
+    "but fixed, which --mixed-lengths adds).",
 )
 @click.option("--naive-rows", type=click.IntRange(1), help="Rows for mode 1 (evenly spaced).")
 @click.option("--single-rows", type=click.IntRange(1), help="Rows for mode 2 (evenly spaced).")
 @click.option(
     "--feature-cache/--no-feature-cache",
     default=True,
-    help="Modes 2-4 keep image features across batches, as `jobrunner run` does.",
+    help="Modes 2-4b keep image features across batches, as `jobrunner run` does.",
 )
 @click.option(
     "--prefix-cache/--no-prefix-cache",
     default=True,
-    help="Modes 2-4 keep prompt prefixes up to the image across batches, as `jobrunner run` does.",
+    help="Modes 2-4b keep prompt prefixes up to the image across batches, as `jobrunner run` does.",
 )
-@click.option("--row-prefill/--no-row-prefill", default=None, help="Modes 3-4: prefill per row.")
+@click.option("--row-prefill/--no-row-prefill", default=None, help="Modes 3-4b: prefill per row.")
 @click.option(
     "--clear-cache/--keep-cache",
     default=False,
@@ -412,7 +416,7 @@ def show(output: Path, limit: int) -> None:
 def bench(json_path: Path | None, modes: str | None, **flags) -> None:
     """Throughput of five ways to run the same rows, side by side, on a random model and
     synthetic rows (with --mixed-lengths, rows that ask for outputs of different lengths, and
-    mode 4b: static batches; with --peer, mlx-vlm's batch generation on them too)."""
+    mode 4b: fixed batches, which no row joins; with --peer, mlx-vlm's batch generation too)."""
     from .bench import BenchSettings, format_report, run_bench
 
     try:

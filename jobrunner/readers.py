@@ -404,21 +404,33 @@ def _max_tokens(record: Mapping[str, Any], options: ReadOptions, problems: list[
     else:
         whole = False
     if not whole:
-        plain = isinstance(value, (str, int, float, decimal.Decimal))
-        shown = repr(value) if plain else type(value).__name__
         problems.append(
             f"{_LIMIT_PROBLEM} '{column}' must be a whole number from 1 to {options.max_tokens}, "
-            f"got {shown}"
+            f"got {_spelt(value)}"
         )
         return None
     value = int(value)
-    if not 1 <= value <= options.max_tokens:
+    if value < 1:
+        problems.append(f"{_LIMIT_PROBLEM} '{column}' is {value}; a row's limit is at least 1")
+        return None
+    if value > options.max_tokens:
         problems.append(
-            f"{_LIMIT_PROBLEM} '{column}' is {value}, outside 1 to {options.max_tokens} (the "
-            "job's --max-tokens is the most a row may ask for: raise it, or fix the row)"
+            f"{_LIMIT_PROBLEM} '{column}' is {value}, above --max-tokens {options.max_tokens}, the "
+            "most a row may ask for; fix the row, or run the job with --max-tokens at least the "
+            "column's largest value (a higher --max-tokens is a new job: --overwrite)"
         )
         return None
     return value
+
+
+def _spelt(value: Any) -> str:
+    """``value`` as the input spells it: JSON for JSON's types, the digits of a decimal, else
+    its type."""
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bool, str, int, float)):
+        return json.dumps(value)
+    return type(value).__name__
 
 
 def _check_text(value: Any, what: str, problems: list[str]) -> bool:

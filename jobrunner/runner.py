@@ -379,8 +379,8 @@ class _Session:
             return None
         return (
             f"warning: no row had a value in column '{column}' (from --max-tokens-column / "
-            f"max_tokens_column); every row took --max-tokens {self.spec.max_tokens}. Check the "
-            "column name."
+            f"max_tokens_column), so every row took --max-tokens {self.spec.max_tokens}; if rows "
+            "were meant to have limits, check the column's name."
         )
 
     def _stop(self, queue: deque, reason: Exception) -> None:

@@ -75,7 +75,7 @@ def test_ceilings_roofline_and_targets_are_reported(report):
         assert mode in text
 
 
-def test_mixed_lengths_compare_rows_joining_running_batches_with_static_batches(tmp_path):
+def test_mixed_lengths_compare_rows_joining_running_batches_with_fixed_batches(tmp_path):
     """``--mixed-lengths``: each row generates its own drawn number of tokens in every mode,
     the modes still agree, and mode 4b runs the sorted batches to their longest rows, where
     mode 4's rows join running batches in fewer steps."""
@@ -85,20 +85,20 @@ def test_mixed_lengths_compare_rows_joining_running_batches_with_static_batches(
     args = ["bench", "--preset", "tiny", "--rows", "8", "--max-tokens", "8", "--mixed-lengths"]
     result = CliRunner().invoke(main, [*args, "--workdir", str(work), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "4b static" in result.output and "x static" in result.output
+    assert "4b fixed" in result.output and "x fixed" in result.output
     report = json.loads(out.read_text())
-    assert list(report["modes"]) == [*MODES[:4], "static", MODES[4]]
+    assert list(report["modes"]) == [*MODES[:4], "fixed", MODES[4]]
     assert report["agreement"]["modes_2_to_5_agree"] is True
-    assert report["agreement"]["static"]["rows_different"] == 0
+    assert report["agreement"]["fixed"]["rows_different"] == 0
     limits = [row["max_tokens"] for row in load_rows(work / "data" / "bench.jsonl")]
     assert len(set(limits)) > 3 and max(limits) <= 8
-    for mode in ("unsorted", "sorted", "static", "pipeline"):
+    for mode in ("unsorted", "sorted", "fixed", "pipeline"):
         assert report["modes"][mode]["generated_tokens"] == sum(limits), mode
-    joined, static = report["modes"]["sorted"]["extra"], report["modes"]["static"]["extra"]
-    assert joined["rows_joined_running"] > 0 and "rows_joined_running" not in static
-    assert joined["decode_row_steps"] == static["decode_row_steps"] == sum(limits)
-    assert joined["decode_steps"] < static["decode_steps"]
-    assert report["ratios"]["sorted_over_static"] > 0
+    joined, fixed = report["modes"]["sorted"]["extra"], report["modes"]["fixed"]["extra"]
+    assert joined["rows_joined_running"] > 0 and "rows_joined_running" not in fixed
+    assert joined["decode_row_steps"] == fixed["decode_row_steps"] == sum(limits)
+    assert joined["decode_steps"] < fixed["decode_steps"]
+    assert report["ratios"]["sorted_over_fixed"] > 0
 
 
 def test_clear_cache_empties_mlx_buffer_cache_between_modes(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ written to a temporary folder. The same rows then go, one mode after another, th
 4. ``sorted``: batched with the cache, length-sorted: the engine's default path. Modes 3 and 4
    run the planned rows through one ``Decoder`` as ``jobrunner run`` does: once a quarter of
    the batch's slots are free, the next planned rows join it (``batching.joining``).
-   4b. ``static`` (by default only with ``--mixed-lengths``): mode 4 without joins,
+   4b. ``fixed`` (by default only with ``--mixed-lengths``): mode 4 without joins,
    each planned batch decoded until its longest row is done (``generate_batch``), so that
    (4) / (4b) is what continuous batching buys.
 5. ``pipeline``: ``run_job`` on the JSONL (reader, planner, preprocessing threads, engine,
@@ -182,7 +182,7 @@ class BenchSettings:
                 raise ValueError(str(err)) from None
         return replace(
             self,
-            modes=tuple(dict.fromkeys(modes)),  # as given: --modes static,sorted runs 4b first
+            modes=tuple(dict.fromkeys(modes)),  # as given: --modes fixed,sorted runs 4b first
             rows=self.rows or p.rows,
             max_tokens=self.max_tokens or p.max_tokens,
             batch_size=self.batch_size or p.batch_size,
@@ -338,7 +338,7 @@ def _run_mode(mode: str, s: BenchSettings, model, processor, prepared, params, w
             model, processor, prepared, batches, params, mode, s.batch_size, s.max_batch_tokens,
             *caches,
         )  # fmt: skip
-    if mode == "static":
+    if mode == "fixed":
         batches = plan(prepared, s.batch_size, s.max_batch_tokens, sort=True)
         return run_batches(model, processor, prepared, batches, params, mode, *caches)
     settings = {

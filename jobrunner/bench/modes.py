@@ -25,8 +25,8 @@ from ..spec import build_spec
 MODES = ("naive", "single", "unsorted", "sorted", "pipeline")
 # Run when asked for (``--mixed-lengths`` asks): mode 4 without joins, each planned batch
 # decoded until its longest row is done, so that (4) / (4b) is what continuous batching buys.
-EXTRA_MODES = ("static",)
-LABELS = {"naive": "1", "single": "2", "unsorted": "3", "sorted": "4", "static": "4b"}
+EXTRA_MODES = ("fixed",)
+LABELS = {"naive": "1", "single": "2", "unsorted": "3", "sorted": "4", "fixed": "4b"}
 LABELS |= {"pipeline": "5", "peer": "6"}
 
 

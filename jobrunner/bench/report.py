@@ -23,9 +23,9 @@ def _ratios(results: dict[str, ModeResult]) -> dict[str, dict[str, float]]:
         out["sorted_over_peer"] = (
             results["sorted"].rows_per_second / results["peer"].rows_per_second
         )
-    if "sorted" in results and "static" in results:
-        out["sorted_over_static"] = (
-            results["sorted"].rows_per_second / results["static"].rows_per_second
+    if "sorted" in results and "fixed" in results:
+        out["sorted_over_fixed"] = (
+            results["sorted"].rows_per_second / results["fixed"].rows_per_second
         )
     if "sorted" in results and "pipeline" in results:
         out["pipeline_over_sorted"] = (
@@ -113,7 +113,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"model: {m['parameters'] / 1e6:.1f}M parameters ({_mib(m['weight_bytes'])} MiB), "
         f"prompts {m['prompt_tokens_min']}-{m['prompt_tokens_max']} tokens "
         f"(mean {m['prompt_tokens_mean']:.0f}), {m['images']} images / {m['crops']} crops, "
-        f"{s['max_tokens']} new tokens per row, batch {s['batch_size']}",
+        f"{'1-' if s['mixed_lengths'] else ''}{s['max_tokens']} new tokens per row"
+        f"{' (drawn)' if s['mixed_lengths'] else ''}, batch {s['batch_size']}",
         "",
         f"{'mode':<12}{'rows':>5}{'s':>8}{'rows/s':>9}{'prompt tok/s':>13}{'gen tok/s':>10}"
         f"{'padding':>8}{'peak MiB':>9}{'x(1)':>7}{'x(2)':>7}",
@@ -173,8 +174,8 @@ def _steps_line(report: dict[str, Any]) -> list[str]:
     if not parts:
         return []
     line = "decode steps: " + "; ".join(parts)
-    if "sorted_over_static" in report["ratios"]:
-        line += f"; sorted (joins) is {report['ratios']['sorted_over_static']:.2f}x static"
+    if "sorted_over_fixed" in report["ratios"]:
+        line += f"; sorted (joins) is {report['ratios']['sorted_over_fixed']:.2f}x fixed"
     return [line]
 
 
