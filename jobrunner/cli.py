@@ -345,16 +345,19 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
 @click.argument("output", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--limit", type=int, default=20, show_default=True)
 def show(output: Path, limit: int) -> None:
-    """Print the first rows of a result file as a table."""
+    """Print the first rows of a result file as a table: id, finish reason, generated tokens
+    and the text (or the row's error)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(output, columns=["id", "finish_reason", "output", "error"])
+    columns = ["id", "finish_reason", "output_tokens", "output", "error"]
+    table = pq.read_table(output, columns=columns)
     rows = table.slice(0, limit).to_pylist()
     width = max([len(str(r["id"])) for r in rows] + [2])
-    click.echo(f"{'id':<{width}}  {'finish':<6}  output")
+    click.echo(f"{'id':<{width}}  {'finish':<6}  {'tokens':>6}  output")
     for r in rows:
         text = r["output"] if r["output"] is not None else f"ERROR: {r['error']}"
-        click.echo(f"{str(r['id']):<{width}}  {r['finish_reason']:<6}  {text}")
+        tokens = "" if r["output_tokens"] is None else r["output_tokens"]
+        click.echo(f"{str(r['id']):<{width}}  {r['finish_reason']:<6}  {tokens:>6}  {text}")
     if table.num_rows > limit:
         click.echo(f"... {table.num_rows - limit} more rows")
 

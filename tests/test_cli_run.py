@@ -571,3 +571,24 @@ def test_misspelt_max_tokens_column_warns_that_every_row_took_max_tokens(tiny_mo
         assert result.exit_code == (0 if warned else 1), result.output
         message = "no row had a value in column 'limits'"
         assert (message in result.output) == warned, result.output
+
+
+def test_show_prints_each_rows_finish_tokens_and_text_or_error(tiny_model_dir, tmp_path):
+    source = tmp_path / "rows.jsonl"
+    lines = [{"id": "a", "prompt": "Hi.", "n": 2}, {"id": "bb", "prompt": "Yo.", "n": 0}]
+    lines += [{"id": f"c{i}", "prompt": "Go."} for i in range(3)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    code, text = run(
+        str(source), "--model", str(tiny_model_dir), "--output", str(output),
+        "--max-tokens", "3", "--max-tokens-column", "n",
+    )  # fmt: skip
+    assert code == 1, text
+    result = CliRunner().invoke(main, ["show", str(output), "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    header, first, second, third, more = result.output.splitlines()
+    assert header.split() == ["id", "finish", "tokens", "output"]
+    assert first.split()[:3] == ["a", "length", "2"]
+    assert second.split()[:3] == ["bb", "error", "0"] and "ERROR: max tokens column" in second
+    assert third.split()[:3] == ["c0", "length", "3"]
+    assert more == "... 2 more rows"
