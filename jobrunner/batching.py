@@ -1,4 +1,5 @@
-"""Batch planner: (row index, estimated length, image key) triples in, lists of row indices out.
+"""Batch planner: (row index, estimated length, image key[, room]) in, lists of row indices out;
+and ``joining``, how many planned rows join a running batch (continuous batching).
 
 Pure functions of their inputs — no files, no model — so plans are deterministic and testable.
 
@@ -76,7 +77,7 @@ def _with_room(item: tuple) -> tuple[int, int, Hashable | None, int | None]:
     return (*item, None) if len(item) == 3 else item
 
 
-_Row = tuple[int, int, "int | None"]  # index, length, room
+_Row = tuple[int, int, int | None]  # index, length, room
 
 
 def _grouped_order(window: Sequence[tuple[int, int, Hashable | None, int | None]]) -> list[_Row]:
@@ -138,20 +139,31 @@ def joining(
     max_batch_tokens: int,
     fits: Callable[[int, int, int | None], bool] | None = None,
 ) -> int:
-    """How many of the next rows, ``(prompt length, room)`` each (the free slots' worth, in
-    plan order; room: the most tokens the row may generate), join a running batch of
-    ``running`` rows whose longest row holds ``longest`` positions, whose longest prompt has
-    ``longest_prompt`` tokens and whose rows may generate ``room`` more tokens at most: the
-    first rows that keep the batch within ``max_batch_tokens`` prompt slots (every row padded
-    to the longest prompt, as ``_cut`` counts them) and, with ``fits``, within memory
-    (``fits(rows, positions of the longest row, room)``); a row alone is never refused."""
+    """How many of the next rows join a running batch (continuous batching): the first
+    ``waiting`` rows that keep the batch within ``max_batch_tokens`` prompt slots (every row
+    padded to the longest prompt, as ``_cut`` counts them) and, with ``fits``, within memory.
+    A row alone is never refused.
+
+    Args:
+        running: rows in the batch still generating.
+        longest: positions the longest of them holds (prompt and tokens so far).
+        longest_prompt: prompt tokens of the longest prompt among them.
+        room: the most tokens any of them may still generate.
+        waiting: ``(prompt length, room)`` of each next row in plan order, the free slots'
+            worth; its room is the most tokens it may generate.
+        fits: ``fits(rows, longest, room)`` as in ``plan_batches``, for the batch with the rows
+            taken so far.
+
+    Returns:
+        How many of ``waiting``'s first rows join.
+    """
     rows, take = running, 0
-    for length, limit in waiting:
-        longest, longest_prompt = max(longest, length), max(longest_prompt, length)
-        room = max(room, limit)
+    widest, prompt, most = longest, longest_prompt, room
+    for length, row_room in waiting:
+        widest, prompt, most = max(widest, length), max(prompt, length), max(most, row_room)
         rows += 1
-        over = rows * longest_prompt > max_batch_tokens
-        if rows > 1 and (over or (fits is not None and not fits(rows, longest, room))):
+        over = rows * prompt > max_batch_tokens
+        if rows > 1 and (over or (fits is not None and not fits(rows, widest, most))):
             break
         take += 1
     return take

@@ -412,7 +412,7 @@ def show(output: Path, limit: int) -> None:
     "--mixed-lengths",
     is_flag=True,
     help="Each row asks for its own number of tokens (1 to --max-tokens, drawn); adds mode 4b "
-    "(static: sorted batches without rows joining them).",
+    "(fixed: sorted batches without rows joining them).",
 )
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")

@@ -10,9 +10,10 @@
   ``"\\ud800"``, in the id, prompt, template fields or kept columns), a Parquet value Python cannot
   hold (a timestamp past year 9999) or an image path outside ``image_root`` give a ``Row`` with
   ``error`` set. Configuration problems found before the first row (``check_input``: missing
-  file or column, JSONL that is not UTF-8) raise ``ReaderConfigError``; a Parquet file that is
-  damaged partway (a corrupt data page) raises ``InputReadError`` when the reader gets there,
-  after yielding every row before the damage.
+  file or column, a Parquet limit column that does not hold numbers, JSONL that is not UTF-8)
+  raise ``ReaderConfigError``; a Parquet file that is damaged partway (a corrupt data page)
+  raises ``InputReadError`` when the reader gets there, after yielding every row before the
+  damage.
 - **Images** are referenced, not decoded: a path (relative paths resolve against the dataset
   file's folder; absolute paths are kept), raw bytes, or the Hugging Face ``datasets`` struct
   ``{bytes, path}`` (bytes win when present). ``image_size`` reads only the header;
@@ -82,6 +83,7 @@ class Row:
     extra: dict[str, Any]
     error: str | None = None
     max_tokens: int | None = None  # the row's own limit (``max_tokens_column``); None: the job's
+    limit_given: bool = False  # the row had a value in ``max_tokens_column``, valid or not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,15 +374,17 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
         for name, value in extra.items():
             _check_text(value, f"kept column '{name}'", problems)
     limit = _max_tokens(record, options, problems)
-    return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None, limit)
+    given = options.max_tokens_column is not None and _has_value(record, options.max_tokens_column)
+    return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None, limit, given)
 
 
 _LIMIT_PROBLEM = "max tokens column"
 
 
-def has_limit_problem(row: Row) -> bool:
-    """Whether ``row`` is an error record because of its value in the max tokens column."""
-    return row.error is not None and _LIMIT_PROBLEM in row.error
+def _has_value(record: Mapping[str, Any], column: str) -> bool:
+    """Whether ``record`` holds a value in ``column`` (not missing, null or NaN)."""
+    value = record.get(column)
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _max_tokens(record: Mapping[str, Any], options: ReadOptions, problems: list[str]) -> int | None:
@@ -390,9 +394,9 @@ def _max_tokens(record: Mapping[str, Any], options: ReadOptions, problems: list[
     column = options.max_tokens_column
     if column is None:
         return None
-    value = record.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not _has_value(record, column):
         return None
+    value = record[column]
     if isinstance(value, bool):
         whole = False
     elif isinstance(value, int):

@@ -54,7 +54,6 @@ from .readers import (
     Row,
     check_input,
     count_rows,
-    has_limit_problem,
     image_size,
     iter_rows,
     load_image,
@@ -415,7 +414,7 @@ class _Session:
             self.ids.add(row.id)
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None
-            self.rows_with_limit += row.max_tokens is not None or has_limit_problem(row)
+            self.rows_with_limit += row.limit_given
             if self.store.is_done(row.index):
                 continue
             length, problem = self._estimate(row)

@@ -561,7 +561,7 @@ class Decoder:
 
     def limit(self, row: PreparedRow) -> int:
         """Most tokens ``row`` generates: its own ``max_tokens``, at most ``params.max_tokens``
-        (which the batch's memory is planned for)."""
+        (the most any row may ask for)."""
         return min(row.max_tokens or self.params.max_tokens, self.params.max_tokens)
 
     def clear(self) -> None:

@@ -331,6 +331,8 @@ def test_rows_own_token_limits(tmp_path: Path) -> None:
     rows = rows_of(source, max_tokens_column="n", max_tokens=12)
     got = [(r.max_tokens, r.error) for r in rows]
     assert got[:6] == [(5, None), (None, None), (None, None), (12, None), (7, None), (None, None)]
+    # a value, valid or not, counts as given (a run warns when no row gives one)
+    assert [r.limit_given for r in rows] == [True, False, False, True, True, False] + [True] * 6
     shown = [
         "is 0; a row's limit is at least 1",
         "is 13, above --max-tokens 12",

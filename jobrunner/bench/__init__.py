@@ -8,7 +8,7 @@ written to a temporary folder. The same rows then go, one mode after another, th
    seed tutorials' loop). The image is encoded once per row and only the last position goes
    through ``lm_head``, so this baseline is if anything flattered.
 2. ``single``: one row at a time with the KV cache (``generate_batch`` on one row).
-   Modes 2-4 keep image features and prompt prefixes across batches, as ``run`` does
+   Modes 2-4b keep image features and prompt prefixes across batches, as ``run`` does
    (``--no-feature-cache``, ``--no-prefix-cache``); mode 2's few rows rarely share an image,
    so the caches help modes 3-5 more (the JSON's ``prefix_hits`` per mode).
 3. ``unsorted``: batched with the cache, rows in input order (``plan_batches``, window 1).
@@ -91,6 +91,7 @@ from .modes import (
     EXTRA_MODES,
     LABELS,
     MODES,
+    RUN_ORDER,
     ModeResult,
     _subset,
     naive_generate,
@@ -150,7 +151,7 @@ class BenchSettings:
     batch_size: int | None = None
     max_batch_tokens: int | None = None
     dtype: str | None = None
-    modes: tuple[str, ...] | None = None  # None: MODES, and mode 4b (static) with mixed_lengths
+    modes: tuple[str, ...] | None = None  # None: MODES, and mode 4b (fixed) with mixed_lengths
     naive_rows: int | None = None
     single_rows: int | None = None
     workdir: Path | None = None
@@ -167,11 +168,10 @@ class BenchSettings:
     def resolved(self) -> BenchSettings:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        known = (*MODES[:4], *EXTRA_MODES, MODES[4])  # in the order they run
-        modes = self.modes or tuple(m for m in known if m in MODES or self.mixed_lengths)
-        unknown = set(modes) - set(known)
+        modes = self.modes or tuple(m for m in RUN_ORDER if m in MODES or self.mixed_lengths)
+        unknown = set(modes) - set(RUN_ORDER)
         if unknown:
-            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(known)}")
+            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(RUN_ORDER)}")
         p = PRESETS[self.preset]
         if self.peer and self.mixed_lengths:  # its batch_generate takes one max_tokens for all
             raise ValueError("--peer runs every row to --max-tokens: leave out --mixed-lengths")
@@ -393,8 +393,13 @@ def _model_summary(model, prepared) -> dict[str, Any]:
 def _memory(model, prepared, batches, s: BenchSettings) -> dict[str, Any]:
     """The run's KV budget (its largest batch's cache) beside the weights, and the limits
     ``batch_limits`` would choose from this machine's memory."""
-    longest = [max(len(prepared[i].input_ids) for i in b) for b in batches]
-    widest = max(len(b) * (n + s.max_tokens) for b, n in zip(batches, longest, strict=True))
+
+    def positions(batch: list[int]) -> int:  # each row: the longest prompt, the most room
+        rows = [prepared[i] for i in batch]
+        room = max(min(row.max_tokens or s.max_tokens, s.max_tokens) for row in rows)
+        return len(rows) * (max(len(row.input_ids) for row in rows) + room)
+
+    widest = max(map(positions, batches))
     memory = device_memory_bytes()
     mean_prompt = int(sum(len(r.input_ids) for r in prepared) / len(prepared))
     suggested = batch_limits(model, s.max_tokens, memory, mean_prompt) if memory else None

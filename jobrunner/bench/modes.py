@@ -28,6 +28,7 @@ MODES = ("naive", "single", "unsorted", "sorted", "pipeline")
 EXTRA_MODES = ("fixed",)
 LABELS = {"naive": "1", "single": "2", "unsorted": "3", "sorted": "4", "fixed": "4b"}
 LABELS |= {"pipeline": "5", "peer": "6"}
+RUN_ORDER = ("naive", "single", "unsorted", "sorted", "fixed", "pipeline")  # by default
 
 
 @dataclass
@@ -142,7 +143,9 @@ def run_joined(
 ):
     """The planned ``batches`` through one ``Decoder`` as ``jobrunner run`` takes them: once a
     quarter of its ``batch_size`` slots are free, the next planned rows join the running batch,
-    as many as the slots and ``max_batch_tokens`` allow (``batching.joining``); time it all."""
+    as many as the slots and ``max_batch_tokens`` allow (``batching.joining``); time it all.
+    This is ``jobrunner.runner._Session._decode``'s loop without what the bench does not need:
+    the memory bound (the bench's batches are small), failure isolation and signals."""
     stats, tokens, steps, joined = PlanStats(), {}, [0, 0], 0
     for batch in batches:
         stats.add([len(prepared[i].input_ids) for i in batch])
@@ -156,19 +159,19 @@ def run_joined(
         if free >= JOIN_AT * batch_size or not decoder.active:
             while planned and len(waiting) < free:
                 waiting.extend(planned.popleft())
-            rows = [prepared[i] for i in list(waiting)[:free]]
+            candidates = [prepared[i] for i in list(waiting)[:free]]
             running = decoder.active
             take = joining(
                 running,
                 decoder.longest,
                 decoder.longest_prompt,
                 decoder.room,
-                [(len(row.input_ids), decoder.limit(row)) for row in rows],
+                [(len(row.input_ids), decoder.limit(row)) for row in candidates],
                 max_batch_tokens,
             )
             if take:
-                rows = [waiting.popleft() for _ in range(take)]
-                decoder.add([(i, prepared[i], 0) for i in rows])
+                taken = [waiting.popleft() for _ in range(take)]
+                decoder.add([(i, prepared[i], 0) for i in taken])
                 joined += take if running else 0
         if not decoder.active:
             break

@@ -41,7 +41,7 @@ def _agreement(tokens: dict[str, dict], processor) -> dict[str, Any]:
     which writes text, by decoded text and token count; mode 1 (no cache) with mode 2 when
     both ran; it may differ by float rounding and is not part of the verdict.
     """
-    engine = [m for m in ("single", "unsorted", "sorted") if m in tokens]
+    engine = [m for m in ("single", "unsorted", "sorted", "fixed") if m in tokens]
     if not engine:
         return {"modes_2_to_5_agree": None}
     out: dict[str, Any] = {}
