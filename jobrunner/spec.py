@@ -83,7 +83,7 @@ class JobSpec:
             ``None``: every row takes ``max_tokens``.
         temperature, top_p, top_k, seed: sampling; ``temperature == 0`` is greedy (0.0, 1.0, 0
             = off, 0). Each row samples from its own seed derived from ``seed`` and its id.
-        batch_size: most rows per batch (8).
+        batch_size: most rows per batch (16).
         max_batch_tokens: most prompt slots per batch, padding counted: rows x longest row;
             ``None``: 16384, and every batch's KV cache kept within memory
             (``model.generate.memory_kv_positions``).
@@ -123,7 +123,7 @@ class JobSpec:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 16
     max_batch_tokens: int | None = None
     num_crops: int | None = None
     dtype: str | None = None

@@ -46,7 +46,7 @@ def test_defaults_output_next_to_input(data: Path) -> None:
     spec = spec_for(data)
     assert spec.output == data.with_name("rows.out.parquet")
     assert spec.parts_dir == data.with_name("rows.out.parquet.parts")
-    assert spec.batch_size == 8 and spec.chat is True and spec.shard is None
+    assert spec.batch_size == 16 and spec.chat is True and spec.shard is None
     assert spec_for(data, checkpoint_dir=data.parent / "ck").parts_dir == data.parent / "ck"
 
 

@@ -51,7 +51,7 @@ PRESETS: dict[str, Preset] = {
         },
         rows=40,
         max_tokens=64,
-        batch_size=8,
+        batch_size=16,  # jobrunner run's default
         naive_rows=1,
         single_rows=8,
     ),
