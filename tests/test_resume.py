@@ -711,6 +711,7 @@ def test_generation_failing_for_every_row_stops_and_records_none(
     them as errors would mark them done, and the re-run after the fix would skip them."""
     lines = [{"prompt": f"Say {i}."} for i in range(20)]
     output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    args += ["--batch-size", "8"]  # the fault limit: 16 rows, twice a batch, at least 16
     with monkeypatch.context() as patch:
         _failing_generation(patch, lambda text: True)
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
@@ -750,6 +751,7 @@ def test_a_fault_over_a_few_images_with_many_prompts_each_stops_the_run(
         Image.new("RGB", (40, 30), (50 * image, 0, 0)).save(tmp_path / f"{image}.png")
         lines += [{"image": f"{image}.png", "prompt": f"Q{q}?"} for q in range(4)]
     output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    args += ["--batch-size", "8"]  # the fault limit: 16 rows, twice a batch, at least 16
     with monkeypatch.context() as patch:
         _failing_generation(patch, lambda text: True)
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
