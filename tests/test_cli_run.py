@@ -51,6 +51,11 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def run_to(source: Path, model_dir: Path, output: Path, *flags: str) -> tuple[int, str]:
+    """``jobrunner run`` of ``source`` on ``model_dir`` into ``output``, with ``flags``."""
+    return run(str(source), "--model", str(model_dir), "--output", str(output), *flags)
+
+
 def run_in_threes(dataset: Path, model_dir: Path, output: Path) -> tuple[int, str]:
     """``jobrunner run`` of ``dataset`` in batches of three, ``MAX_TOKENS`` tokens a row."""
     return run(
@@ -183,10 +188,8 @@ def test_rows_own_token_limits_from_a_column(tiny_model_dir, dataset, tmp_path):
             image = str(dataset.parent / row["image"]) if "image" in row else None
             fh.write(json.dumps({**row, "image": image, "limit": limit}) + "\n")
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(source), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", str(MAX_TOKENS), "--batch-size", "3", "--max-tokens-column", "limit",
-    )  # fmt: skip
+    flags = ["--max-tokens", str(MAX_TOKENS), "--batch-size", "3", "--max-tokens-column", "limit"]
+    code, text = run_to(source, tiny_model_dir, output, *flags)
     assert code == 1, text  # rows with bad limits are error records
     got = read(output)
     for row, limit, result in zip(lines, limits, got, strict=True):
@@ -339,11 +342,9 @@ def test_parquet_with_bytes_and_template(tiny_model_dir, dataset, expected, tmp_
     source = tmp_path / "data.parquet"
     pq.write_table(table, source)
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(source), "--model", str(tiny_model_dir), "--output", str(output),
-        "--id-column", "key", "--image-column", "picture", "--prompt", "{question}",
-        "--keep-columns", "question", "--max-tokens", str(MAX_TOKENS),
-    )  # fmt: skip
+    columns = ["--id-column", "key", "--image-column", "picture", "--keep-columns", "question"]
+    flags = [*columns, "--prompt", "{question}", "--max-tokens", str(MAX_TOKENS)]
+    code, text = run_to(source, tiny_model_dir, output, *flags)
     assert code == 0, text
     rows = read(output)
     assert {r["id"]: r["output"] for r in rows} == expected
@@ -364,10 +365,7 @@ def test_huggingface_datasets_image_struct(tiny_model_dir, dataset, expected, tm
     source = tmp_path / "hf.parquet"
     ds.to_parquet(str(source))
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(source), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", str(MAX_TOKENS),
-    )  # fmt: skip
+    code, text = run_to(source, tiny_model_dir, output, "--max-tokens", str(MAX_TOKENS))
     assert code == 0, text
     assert {r["id"]: r["output"] for r in read(output)} == {
         r["id"]: expected[r["id"]] for r in with_image
@@ -403,10 +401,8 @@ def test_bad_inputs_become_error_rows_and_others_survive(tiny_model_dir, tmp_pat
     source = tmp_path / "bad.jsonl"
     source.write_text("\n".join(lines) + "\n")
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(source), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", str(MAX_TOKENS), "--max-image-pixels", "100000000",
-    )  # fmt: skip
+    flags = ["--max-tokens", str(MAX_TOKENS), "--max-image-pixels", "100000000"]
+    code, text = run_to(source, tiny_model_dir, output, *flags)
     assert code == 1, text  # the job ran; some rows are error records
     rows = read(output)
     assert len(rows) == len(lines)
@@ -492,10 +488,9 @@ def test_text_that_is_not_valid_unicode_is_an_error_row(tiny_model_dir, tmp_path
         '{"id": "ok2", "prompt": "Describe.", "note": "fine"}\n'
     )
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(source), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", "2", "--keep-columns", "note",
-    )  # fmt: skip
+    code, text = run_to(
+        source, tiny_model_dir, output, "--max-tokens", "2", "--keep-columns", "note"
+    )
     assert code == 1, text
     rows = read(output)
     assert [r["id"] for r in rows] == ["ok", "prompt", "id\\udc80", "kept", "ok2"]
@@ -579,10 +574,9 @@ def test_show_prints_each_rows_finish_tokens_and_text_or_error(tiny_model_dir, t
     lines += [{"id": f"c{i}", "prompt": "Go."} for i in range(3)]
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     output = tmp_path / "out.parquet"
-    code, text = run(
-        str(source), "--model", str(tiny_model_dir), "--output", str(output),
-        "--max-tokens", "3", "--max-tokens-column", "n",
-    )  # fmt: skip
+    code, text = run_to(
+        source, tiny_model_dir, output, "--max-tokens", "3", "--max-tokens-column", "n"
+    )
     assert code == 1, text
     result = CliRunner().invoke(main, ["show", str(output), "--limit", "3"])
     assert result.exit_code == 0, result.output
