@@ -400,6 +400,8 @@ class _Session:
         rows read so far are finished first. Error records are checkpointed here on the usual
         schedule: a long run of bad rows yields nothing for the planner to batch.
         """
+        from model.generate import token_limit
+
         rows = iter_rows(self.spec.input, ReadOptions.from_spec(self.spec))
         while stop.signum is None:
             try:
@@ -424,7 +426,7 @@ class _Session:
                 continue
             self.rows[row.index] = row
             key = image_key(row.image) if self.spec.group_images else None
-            yield row.index, length, key, row.max_tokens or self.spec.max_tokens
+            yield row.index, length, key, token_limit(row.max_tokens, self.spec.max_tokens)
 
     def _estimate(self, row: Row) -> tuple[int, str | None]:
         """(prompt length, None), or (0, what is wrong with the row)."""
@@ -508,15 +510,7 @@ class _Session:
         counts each row padded to the longest row, generated tokens included, with room for the
         most tokens any row may still generate)."""
         rows = [prepared for _, prepared in list(waiting)[:free]]
-        return joining(
-            decoder.active,
-            decoder.longest,
-            decoder.longest_prompt,
-            decoder.room,
-            [(len(prepared.input_ids), decoder.limit(prepared)) for prepared in rows],
-            self.batch_tokens,
-            self.fits,
-        )
+        return rows_joining(decoder, rows, self.batch_tokens, self.fits)
 
     def _admit(self, decoder, items: list[tuple[Row, Any]]) -> None:
         """Prefill ``items`` and add them to the batch. If their prefill fails while rows run,
@@ -721,6 +715,17 @@ class _Session:
             "prefix_hits": self.prefix_cache.hits if self.prefix_cache else 0,
             "peak_memory_bytes": peak_memory_bytes(),
         }
+
+
+def rows_joining(
+    decoder, rows: list, max_batch_tokens: int, fits: Callable[..., bool] | None = None
+) -> int:
+    """How many of the prepared ``rows`` (the next in the plan) join ``decoder``'s running
+    batch: ``batching.joining`` on the batch's rows still generating and each row's prompt
+    length and limit."""
+    waiting = [(len(row.input_ids), decoder.limit(row)) for row in rows]
+    running = (decoder.active, decoder.longest, decoder.longest_prompt, decoder.room)
+    return joining(*running, waiting, max_batch_tokens, fits)
 
 
 def image_key(ref: ImageRef | None) -> Hashable | None:

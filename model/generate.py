@@ -302,6 +302,12 @@ def memory_kv_positions(
     return int(room // kv_bytes_per_token(model))
 
 
+def token_limit(own: int | None, most: int) -> int:
+    """Most tokens a row generates: its ``own`` limit where it has one, at most ``most`` (the
+    job's ``max_tokens``, the most any row may ask for)."""
+    return min(own or most, most)
+
+
 def kv_positions(longest: int, room: int, static: bool = False) -> int:
     """KV positions each row of a batch allocates when its longest row holds ``longest``
     positions: every row is left-padded to it (rounded up to ``LENGTH_BUCKET`` under static
@@ -562,7 +568,7 @@ class Decoder:
     def limit(self, row: PreparedRow) -> int:
         """Most tokens ``row`` generates: its own ``max_tokens``, at most ``params.max_tokens``
         (the most any row may ask for)."""
-        return min(row.max_tokens or self.params.max_tokens, self.params.max_tokens)
+        return token_limit(row.max_tokens, self.params.max_tokens)
 
     def clear(self) -> None:
         """Drop every row (after a failure: the caller decides what becomes of them)."""

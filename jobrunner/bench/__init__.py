@@ -79,6 +79,7 @@ from model.generate import (
     device_memory_bytes,
     generate_batch,
     kv_bytes_per_token,
+    token_limit,
     weight_bytes,
 )
 from model.loading import default_dtype, load
@@ -396,7 +397,7 @@ def _memory(model, prepared, batches, s: BenchSettings) -> dict[str, Any]:
 
     def positions(batch: list[int]) -> int:  # each row: the longest prompt, the most room
         rows = [prepared[i] for i in batch]
-        room = max(min(row.max_tokens or s.max_tokens, s.max_tokens) for row in rows)
+        room = max(token_limit(row.max_tokens, s.max_tokens) for row in rows)
         return len(rows) * (max(len(row.input_ids) for row in rows) + room)
 
     widest = max(map(positions, batches))

@@ -17,9 +17,9 @@ import mlx.core as mx
 from model.generate import Decoder, generate_batch, image_features
 from model.language import attention_mask, position_ids
 
-from ..batching import JOIN_AT, PlanStats, joining, plan_batches
+from ..batching import JOIN_AT, PlanStats, plan_batches
 from ..progress import Reporter
-from ..runner import run_job
+from ..runner import rows_joining, run_job
 from ..spec import build_spec
 
 MODES = ("naive", "single", "unsorted", "sorted", "pipeline")
@@ -161,14 +161,7 @@ def run_joined(
                 waiting.extend(planned.popleft())
             candidates = [prepared[i] for i in list(waiting)[:free]]
             running = decoder.active
-            take = joining(
-                running,
-                decoder.longest,
-                decoder.longest_prompt,
-                decoder.room,
-                [(len(row.input_ids), decoder.limit(row)) for row in candidates],
-                max_batch_tokens,
-            )
+            take = rows_joining(decoder, candidates, max_batch_tokens)
             if take:
                 taken = [waiting.popleft() for _ in range(take)]
                 decoder.add([(i, prepared[i], 0) for i in taken])
