@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .cache import KVCache
 from .config import ModelConfig
 from .language import DecoderLayer, SuScaledRoPE
@@ -51,6 +52,7 @@ class Phi3VModel(nn.Module):
     ) -> mx.array:
         h = self.embed(input_ids, image_features) if embeddings is None else embeddings
         rope = self.rope.tables(positions, rope_span)
+        mask = ops.attention_bias(mask, h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, cache[i] if cache is not None else None)
         return self.norm(h)

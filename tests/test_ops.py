@@ -76,6 +76,34 @@ def test_attention_both_ways_of_normalising(length):
     assert mx.allclose(got, _reference(q, k, v, 0.25, mask), rtol=1e-5, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("length", [1, 40])
+def test_additive_mask_is_the_boolean_one_bit_for_bit(length):
+    """The model converts its mask once per pass (``attention_bias``); the result must be what
+    the boolean mask gives, and what hiding the scores with ``where`` gave, bit for bit."""
+    keys = 30 + length
+    q = mx.random.normal((2, 4, length, 16), key=mx.random.key(8))
+    k, v = (mx.random.normal((2, 4, keys, 16), key=mx.random.key(s)) for s in (9, 10))
+    mask = attention_mask(mx.array([0, 7]), keys - length, length)
+    bias = ops.attention_bias(mask, q)
+    assert bias.dtype == mx.float32
+    assert set(np.unique(np.array(bias)).tolist()) == {0.0, -np.inf}
+    got = ops.attention(q, k, v, 0.25, bias, causal=True)
+    assert mx.array_equal(got, ops.attention(q, k, v, 0.25, mask, causal=True)).item()
+    # the formula with ``where``, as it was before the additive mask
+    scores = (q * 0.25) @ k.swapaxes(-1, -2)
+    scores = mx.where(mask, scores, -mx.inf)
+    weights = ops.exp(scores - scores.max(axis=-1, keepdims=True))
+    if length > 32:  # sum column: the denominator comes out of the same matmul
+        ones = mx.concatenate([v, mx.ones((*v.shape[:-1], 1))], axis=-1)
+        out = weights @ ones
+        expected = out[..., :-1] / out[..., -1:]
+    else:
+        expected = (weights @ v) / weights.sum(axis=-1, keepdims=True)
+    assert mx.array_equal(got, expected).item()
+    half = q.astype(mx.bfloat16)
+    assert ops.attention_bias(mask, half) is mask  # MLX's kernels take the boolean mask
+
+
 def test_unmasked_attention_in_blocks(monkeypatch):
     monkeypatch.setattr(ops, "_BLOCK_SCORES", 500)
     q, k, v = (mx.random.normal((2, 3, 41, 8), key=mx.random.key(s)) for s in range(3))
