@@ -414,6 +414,14 @@ def show(output: Path, limit: int) -> None:
     help="Each row asks for its own number of tokens (1 to --max-tokens, drawn); adds mode 4b "
     "(fixed: sorted batches without rows joining them).",
 )
+@click.option(
+    "--repeat",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Rounds of the modes, every other one in reverse order; each mode reports its median "
+    "round (for a machine whose speed drifts).",
+)
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep model and data here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the numbers.")
 def bench(json_path: Path | None, modes: str | None, **flags) -> None:

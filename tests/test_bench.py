@@ -124,6 +124,26 @@ def test_clear_cache_empties_mlx_buffer_cache_between_modes(tmp_path, monkeypatc
         assert report["modes"][mode]["extra"]["mlx_active_after"] > 0  # the model's weights
 
 
+def test_repeat_alternates_the_order_and_reports_each_modes_median_round(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--rows", "4", "--max-tokens", "2", "--repeat", "3"]
+    result = CliRunner().invoke(main, [*args, "--modes", "single,sorted", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    ran = [line.split("(")[1].rstrip(")") for line in result.output.splitlines()
+           if line.startswith("bench: mode ")]  # fmt: skip
+    assert ran == ["single", "sorted", "sorted", "single", "single", "sorted"]
+    assert "rounds: 3" in result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["repeat"] == 3
+    assert report["agreement"]["rounds_agree"] is True
+    for mode in ("single", "sorted"):
+        numbers = report["modes"][mode]
+        rounds = numbers["extra"]["round_seconds"]
+        assert len(rounds) == 3
+        assert numbers["seconds"] == sorted(rounds)[1]  # the median round's own figures
+        assert numbers["rows_per_second"] == pytest.approx(numbers["rows"] / numbers["seconds"])
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="preset"):
         BenchSettings(preset="huge").resolved()
@@ -131,6 +151,8 @@ def test_settings_are_validated():
         BenchSettings(preset="tiny", modes=("sorted", "fastest")).resolved()
     with pytest.raises(ValueError, match="--mixed-lengths"):
         BenchSettings(preset="tiny", peer=True, mixed_lengths=True).resolved()
+    with pytest.raises(ValueError, match="repeat"):
+        BenchSettings(preset="tiny", repeat=0).resolved()
     result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--modes", "sorted,bogus"])
     assert result.exit_code == 2
     assert "unknown modes" in result.output

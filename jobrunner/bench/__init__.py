@@ -21,6 +21,10 @@ written to a temporary folder. The same rows then go, one mode after another, th
 5. ``pipeline``: ``run_job`` on the JSONL (reader, planner, preprocessing threads, engine,
    Parquet parts, merge), timed from the reporter's start (model loaded) to the merged file.
 
+With ``repeat`` > 1 the modes run that many rounds, every other round in reverse order (so a
+drift in the machine's speed falls on every mode alike); each mode reports its median round,
+and the rounds must give the same tokens.
+
 How to read the report. Modes 1-4 time the engine on rows prepared beforehand (image decode, HD
 transform and tokenizing are not timed), so (5) against (4) shows whether the pipeline hides that
 work behind the model. ``x(1)`` and ``x(2)`` are rows/s over modes 1 and 2. The per-row modes 1 and
@@ -165,6 +169,8 @@ class BenchSettings:
     # each row asks for its own number of tokens, drawn from 1 to max_tokens (a max_tokens
     # column), so that outputs differ in length as captions and answers do
     mixed_lengths: bool = False
+    # rounds of the modes, every other one in reverse order; each mode reports its median round
+    repeat: int = 1
 
     def resolved(self) -> BenchSettings:
         if self.preset not in PRESETS:
@@ -174,6 +180,8 @@ class BenchSettings:
         if unknown:
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(RUN_ORDER)}")
         p = PRESETS[self.preset]
+        if self.repeat < 1:
+            raise ValueError(f"repeat must be at least 1, got {self.repeat}")
         if self.peer and self.mixed_lengths:  # its batch_generate takes one max_tokens for all
             raise ValueError("--peer runs every row to --max-tokens: leave out --mixed-lengths")
         if self.peer:
@@ -227,16 +235,25 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
     params = GenerationParams(max_tokens=s.max_tokens, row_prefill=s.row_prefill)
     warm_up = _warm_up(model, processor, prepared, replace(params, max_tokens=2), s, gpu)
     log(f"warm-up: {warm_up:.1f}s; {_buffers(s.clear_cache)}")
-    results, tokens = {}, {}
+    runs: dict[str, list[tuple[ModeResult, dict]]] = {mode: [] for mode in s.modes}
     sorted_plan = plan(prepared, s.batch_size, s.max_batch_tokens, sort=True)
+    for round_ in range(s.repeat):
+        order = s.modes if round_ % 2 == 0 else s.modes[::-1]
+        if s.repeat > 1:
+            log(f"round {round_ + 1} of {s.repeat}: {', '.join(order)}")
+        for mode in order:
+            log(f"mode {LABELS[mode]} ({mode})")
+            result, mode_tokens = _run_mode(mode, s, model, processor, prepared, params, work)
+            result.extra |= {"mlx_active_after": mx.get_active_memory()}
+            result.extra |= {"mlx_cached_after": mx.get_cache_memory()}
+            runs[mode].append((result, mode_tokens))
+            rate = result.rows_per_second
+            log(f"  {result.rows} rows in {result.seconds:.1f}s: {rate:.3f} rows/s")
+            log(f"  {_buffers(s.clear_cache)}")
+    results, tokens, rounds_agree = {}, {}, True
     for mode in s.modes:
-        log(f"mode {LABELS[mode]} ({mode})")
-        result, tokens[mode] = _run_mode(mode, s, model, processor, prepared, params, work)
-        results[mode] = result
-        result.extra |= {"mlx_active_after": mx.get_active_memory()}
-        result.extra |= {"mlx_cached_after": mx.get_cache_memory()}
-        log(f"  {result.rows} rows in {result.seconds:.1f}s: {result.rows_per_second:.3f} rows/s")
-        log(f"  {_buffers(s.clear_cache)}")
+        results[mode], tokens[mode] = _median_run(runs[mode])
+        rounds_agree &= all(other == tokens[mode] for _, other in runs[mode])
     peer = None
     if s.peer:
         log("mode 6 (peer)")
@@ -255,13 +272,23 @@ def _run_in(s: BenchSettings, work: Path, log: Callable[[str], None]) -> dict[st
         "warm_up_seconds": warm_up,
         "modes": {mode: r.to_dict() for mode, r in results.items()},
         "ratios": _ratios(results),
-        "agreement": _agreement(tokens, processor),
+        "agreement": _agreement(tokens, processor) | {"rounds_agree": rounds_agree},
         "roofline": roofline(model, processor, prepared, ceilings),
         "memory": _memory(model, prepared, sorted_plan, s),
         "peer": peer,
     }
     report["targets"] = _targets(report)
     return report
+
+
+def _median_run(runs: list[tuple[ModeResult, dict]]) -> tuple[ModeResult, dict]:
+    """The run with the median time (the lower of the two middle ones for an even count), so
+    that every figure reported for a mode comes from one run; every round's seconds go in its
+    ``extra["round_seconds"]``, in the order they ran."""
+    ranked = sorted(runs, key=lambda run: run[0].seconds)
+    result, tokens = ranked[(len(ranked) - 1) // 2]
+    result.extra["round_seconds"] = [run.seconds for run, _ in runs]
+    return result, tokens
 
 
 def _peer_report(result, texts, tokens, processor, records) -> dict[str, Any]:

@@ -143,6 +143,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{roof['prefill_gflops']:.0f} GFLOP/s = {roof['prefill_fraction_of_matmul']:.0%} "
         "of the matmul ceiling",
         _memory_line(report),
+        *_rounds_line(report),
         *_steps_line(report),
         _agreement_line(report["agreement"]),
         *_peer_lines(report),
@@ -154,6 +155,24 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _rounds_line(report: dict[str, Any]) -> list[str]:
+    """With ``--repeat``: every round's seconds per mode, around the median the table shows."""
+    rounds = report["settings"].get("repeat", 1)
+    if rounds < 2:
+        return []
+    parts = [
+        f"{mode} " + ", ".join(f"{t:.1f}" for t in r["extra"]["round_seconds"])
+        for mode, r in report["modes"].items()
+        if "round_seconds" in r["extra"]
+    ]
+    same = report["agreement"].get("rounds_agree")
+    return [
+        f"rounds: {rounds}, every other one in reverse order; the table has each mode's median "
+        f"round; seconds by round: {'; '.join(parts)}"
+        + ("" if same else "; the rounds did NOT give the same tokens")
+    ]
 
 
 def _steps_line(report: dict[str, Any]) -> list[str]:
