@@ -30,31 +30,89 @@ _ROUND = 12582912.0  # 1.5 * 2**23: adding it rounds a float32 of magnitude < 2*
 _ROUND_BITS = 0x4B400000  # the bit pattern of _ROUND; a rounded sum's bits minus it = the integer
 
 
+# exp(x) = 2**t, t = x * log2(e) = n + f with n = round(t), |f| <= 1/2, as 2**n (exponent bits)
+# times a degree-6 polynomial in g = f * ln(2) (|g| <= 0.347: Taylor to g**6 is within 2e-7); t is
+# clamped to [-127, 127], so 2**-127 and below flush to 0. The work is split into four compiled
+# functions because of how MLX fuses a compiled graph on the CPU: a ``view`` (the exponent bits)
+# is never fused, chains deeper than 11 operations are cut, a node used in two fused sections is
+# stored, and GCC does not vectorize a generated loop in which a clamp feeds more arithmetic.
+# Written as one function, it ran as six kernels (5.1-5.6 ms on 2M floats); as these four,
+# 3.9-4.0 ms, with the same bits out.
+
+
 @mx.compile
+def _exp_t(x: mx.array) -> mx.array:
+    return mx.clip(x * _LOG2E, -127.0, 127.0)
+
+
+@mx.compile
+def _exp_t_neg(x: mx.array) -> mx.array:  # for exp(-x)
+    return mx.clip(-x * _LOG2E, -127.0, 127.0)
+
+
+@mx.compile
+def _exp_t_gelu(x: mx.array) -> mx.array:  # for exp(-1.702 x)
+    return mx.clip(-1.702 * x * _LOG2E, -127.0, 127.0)
+
+
+@mx.compile
+def _exp_power(t: mx.array) -> mx.array:
+    """2**round(t) as float32 bits (int32)."""
+    n = (t + _ROUND) - _ROUND
+    return (n.astype(mx.int32) + 127) << 23
+
+
+@mx.compile
+def _exp_inner(t: mx.array) -> mx.array:
+    """The polynomial's innermost terms; ``g`` is written (n - t) * -ln2, which is (t - n) * ln2
+    bit for bit, and each Horner step as (inner * g + c), so that the fuser meets every use of
+    ``g`` before ``g`` itself and keeps it in one kernel."""
+    n = (t + _ROUND) - _ROUND
+    g = (n - t) * -_LN2
+    return ((g / 720 + 1 / 120) * g + 1 / 24) * g + 1 / 6
+
+
+@mx.compile
+def _exp_outer(t: mx.array, inner: mx.array, power: mx.array) -> mx.array:
+    n = (t + _ROUND) - _ROUND
+    g = (n - t) * -_LN2
+    return ((((inner * g + 1 / 2) * g) + 1.0) * g + 1.0) * power
+
+
+def _exp_of(t: mx.array) -> mx.array:
+    """exp of ``t / log2(e)``, ``t`` from one of the ``_exp_t`` functions."""
+    return _exp_outer(t, _exp_inner(t), mx.view(_exp_power(t), mx.float32))
+
+
 def _exp_kernel(x: mx.array) -> mx.array:
-    # exp(x) = 2**t, t = n + f with n = round(t), |f| <= 1/2; 2**-127 and below flush to 0
-    t = mx.clip(x * _LOG2E, -127.0, 127.0)
-    shifted = t + _ROUND
-    n = shifted - _ROUND
-    g = (t - n) * _LN2  # |g| <= 0.347: Taylor to g**6 is within 2e-7
-    p = 1.0 + g * (1.0 + g * (1 / 2 + g * (1 / 6 + g * (1 / 24 + g * (1 / 120 + g / 720)))))
-    power = (mx.view(shifted, mx.int32) - _ROUND_BITS + 127) << 23
-    return p * mx.view(power, mx.float32)
+    return _exp_of(_exp_t(x))
 
 
 @mx.compile
+def _reciprocal_one_plus(e: mx.array) -> mx.array:
+    return 1.0 / (1.0 + e)
+
+
+@mx.compile
+def _swiglu_tail(gate: mx.array, up: mx.array, e: mx.array) -> mx.array:
+    return gate * up / (1.0 + e)
+
+
+@mx.compile
+def _quick_gelu_tail(x: mx.array, e: mx.array) -> mx.array:
+    return x / (1.0 + e)
+
+
 def _sigmoid_kernel(x: mx.array) -> mx.array:
-    return 1.0 / (1.0 + _exp_kernel(-x))
+    return _reciprocal_one_plus(_exp_of(_exp_t_neg(x)))
 
 
-@mx.compile
 def _swiglu_kernel(gate: mx.array, up: mx.array) -> mx.array:
-    return gate * up / (1.0 + _exp_kernel(-gate))
+    return _swiglu_tail(gate, up, _exp_of(_exp_t_neg(gate)))
 
 
-@mx.compile
 def _quick_gelu_kernel(x: mx.array) -> mx.array:
-    return x / (1.0 + _exp_kernel(-1.702 * x))
+    return _quick_gelu_tail(x, _exp_of(_exp_t_gelu(x)))
 
 
 # The kernels' bit operations have no derivative in MLX; training (model/train_demo.py) runs

@@ -37,6 +37,34 @@ def test_exp_limits():
     assert np.isnan(ops.exp(mx.array([np.nan])).item())
 
 
+def _exp_as_one_expression(x):
+    """The exp's arithmetic written as one expression, as it was before it was split into
+    kernels for MLX's fuser: the split must not change a bit."""
+    t = mx.clip(x * ops._LOG2E, -127.0, 127.0)
+    shifted = t + ops._ROUND
+    n = shifted - ops._ROUND
+    g = (t - n) * ops._LN2
+    p = 1.0 + g * (1.0 + g * (1 / 2 + g * (1 / 6 + g * (1 / 24 + g * (1 / 120 + g / 720)))))
+    power = (mx.view(shifted, mx.int32) - ops._ROUND_BITS + 127) << 23
+    return p * mx.view(power, mx.float32)
+
+
+def test_exp_and_activations_are_the_one_expression_bit_for_bit():
+    x = mx.concatenate(
+        [mx.linspace(-200.0, 100.0, 300_001), mx.array([mx.inf, -mx.inf, 0.0, -0.0, 88.7])]
+    )
+    y = mx.random.normal(x.shape, key=mx.random.key(3)) * 4
+
+    def bits(a):
+        return np.array(a).view(np.int32)
+
+    one = _exp_as_one_expression
+    assert np.array_equal(bits(ops.exp(x)), bits(one(x)))
+    assert np.array_equal(bits(ops.swiglu(x, y)), bits(x * y / (1.0 + one(-x))))
+    assert np.array_equal(bits(ops.quick_gelu(x)), bits(x / (1.0 + one(-1.702 * x))))
+    assert np.array_equal(bits(ops._sigmoid_kernel(x)), bits(1.0 / (1.0 + one(-x))))
+
+
 def test_activations_match_mlx():
     x = mx.random.normal((64, 300), key=mx.random.key(1)) * 6
     y = mx.random.normal((64, 300), key=mx.random.key(2))
