@@ -41,7 +41,7 @@ from typing import Any
 
 from ._blas import single_threaded_numpy_blas
 from .batching import JOIN_AT, PlanStats, joining, plan_batches
-from .checkpoint import CheckpointStore, shard_rows
+from .checkpoint import MANIFEST, CheckpointStore, shard_rows
 from .merge import IncompleteJob, merge
 from .progress import Reporter
 from .readers import (
@@ -59,7 +59,7 @@ from .readers import (
     load_image,
 )
 from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
-from .writers import ParquetOutputMetadata, PartWriter, write_summary
+from .writers import ParquetOutputMetadata, PartWriter, read_output_metadata, write_summary
 
 PREFETCH_BATCHES = 2
 DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and none is given
@@ -213,6 +213,16 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     store = CheckpointStore(spec.parts_dir, spec.shard)
     # Signals are caught from here on, so one that arrives while the model loads still ends the
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
+    if not spec.overwrite and spec.output.exists() and not (spec.parts_dir / MANIFEST).exists():
+        # no checkpoint to resume: the file is this job's finished output, or not ours to replace
+        if not _merged_by(spec.output, print_):
+            raise ConfigError(
+                f"{spec.output} already exists and is not the output of this job (no checkpoint "
+                f"of it in {spec.parts_dir}, and the file does not carry this job's "
+                "fingerprint); pass --overwrite to replace it, or choose another --output"
+            )
+        reporter.event(f"nothing to do: {spec.output} is this job's finished output")
+        return RunResult(total, 0, 0, 0, True, nothing_to_do=True)
     with _StopFlag() as stop, store.lock():
         info = store.open_or_create(spec.to_dict(), print_, fields, spec.overwrite, total)
         if spec.overwrite:  # an output merged from the discarded checkpoint is stale
@@ -745,6 +755,15 @@ def _chain(batches, queue: deque, submit) -> Iterator:
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def _merged_by(output: Path, print_: str) -> bool:
+    """Whether ``output`` is a file merged by the job of fingerprint ``print_``."""
+    try:
+        metadata = read_output_metadata(output)
+    except Exception:  # not Parquet, unreadable, a folder: not this job's output
+        return False
+    return (metadata or {}).get("fingerprint") == print_
 
 
 def _discard_output(output: Path) -> None:

@@ -477,6 +477,34 @@ def test_finished_job_is_a_no_op(tiny_model_dir, dataset, tmp_path):
     assert output.stat().st_mtime_ns == before
 
 
+def test_a_file_that_is_not_this_jobs_output_is_never_replaced_without_overwrite(
+    tiny_model_dir, dataset, tmp_path
+):
+    import shutil
+
+    output = tmp_path / "out.parquet"
+    # a finished job whose checkpoint was removed: its output is recognised, nothing runs
+    assert run_to(dataset, tiny_model_dir, output, "--max-tokens", "2")[0] == 0
+    shutil.rmtree(tmp_path / "out.parquet.parts")
+    before = output.read_bytes()
+    args = [str(dataset), "--model", str(tiny_model_dir), "--output", str(output)]
+    result = CliRunner().invoke(main, ["run", *args, "--max-tokens", "2"])
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert output.read_bytes() == before
+    # another job (other settings) writing there: refused, the file untouched
+    code, text = run_to(dataset, tiny_model_dir, output, "--max-tokens", "3")
+    assert code == 2 and "already exists and is not the output of this job" in text
+    assert "--overwrite" in text and output.read_bytes() == before
+    # a file that is no jobrunner output at all: refused; --overwrite replaces it
+    other = tmp_path / "precious.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), other)
+    kept = other.read_bytes()
+    assert run_to(dataset, tiny_model_dir, other, "--max-tokens", "2")[0] == 2
+    assert other.read_bytes() == kept
+    assert run_to(dataset, tiny_model_dir, other, "--max-tokens", "2", "--overwrite")[0] == 0
+    assert pq.read_table(other).num_rows == pq.read_table(output).num_rows
+
+
 def test_text_that_is_not_valid_unicode_is_an_error_row(tiny_model_dir, tmp_path):
     # Valid JSON whose \ud800-style escapes decode to lone surrogates, in each kind of field.
     source = tmp_path / "surrogates.jsonl"
