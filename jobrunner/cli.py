@@ -271,14 +271,35 @@ def status(target: Path, checkpoint_dir: Path | None, as_json: bool) -> None:
         info = job_status(parts, output)
     except CheckpointError as err:
         raise _ConfigError(str(err)) from None
+    if not info["exists"] and not info["complete"]:
+        raise _no_job(
+            f"no job found for {output}: no checkpoint in {parts}/, and the file is not an "
+            "output that jobrunner wrote"
+        )
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    click.echo(_format_status(output, info))
+    click.echo(_format_status(output, info, _resume_hint(target, info)))
 
 
-def _format_status(output: Path, info: dict) -> str:
-    lines = [f"{output}: {_job_state(info)}"]
+def _resume_hint(target: Path, info: dict) -> str:
+    """How to resume an unfinished job: never with --overwrite, which would discard its rows."""
+    from .spec import SpecError, load_job_file
+
+    if target.suffix == ".toml":
+        try:
+            in_file = bool(load_job_file(target).get("overwrite"))
+        except SpecError:
+            in_file = False
+        if in_file:
+            return f"resume with `jobrunner run {target} --no-overwrite`: the file sets overwrite"
+    if info.get("started_with_overwrite"):
+        return "run the same command without --overwrite to resume"
+    return "run the same command again to resume"
+
+
+def _format_status(output: Path, info: dict, resume: str = "") -> str:
+    lines = [f"{output}: {_job_state(info, resume)}"]
     if info.get("exists"):
         lines.append("  " + _progress_line("all", info, info.get("total_rows")))
     for shard in info.get("shards", []):
@@ -295,14 +316,14 @@ def _shard_state(shard: dict) -> str:
     return "stopped" if shard["started"] else "not started"
 
 
-def _job_state(info: dict) -> str:
-    if info.get("output_exists") and (info.get("complete") or not info.get("exists")):
+def _job_state(info: dict, resume: str = "") -> str:
+    if info.get("output_exists") and info.get("complete"):
         return "complete"
     if info.get("running"):
         return "running"
     if info.get("complete"):
         return "every shard is done; `jobrunner merge` writes the output"
-    return "unfinished, not running (run the same command again to resume)"
+    return f"unfinished, not running ({resume or 'run the same command again to resume'})"
 
 
 def _progress_line(name: str, info: dict, total: int | None) -> str:

@@ -48,6 +48,7 @@ from jobrunner.writers import (
     decode_kept,
     fsync_dir,
     kept_type,
+    read_output_metadata,
     remove_orphan_temps,
     results_schema,
     temp_path_for,
@@ -323,13 +324,23 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
     }
 
 
+def _merged_output(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file jobrunner merged (it carries jobrunner's metadata)."""
+    try:
+        return read_output_metadata(path) is not None
+    except Exception:  # not Parquet, unreadable, a folder
+        return False
+
+
 def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     """Progress of a job for ``jobrunner status``; reads only, never locks or cleans.
 
     Returns:
         ``exists``, ``num_shards``, ``total_rows``, ``rows_done``, ``errors``, ``running``,
-        ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists`` and ``shards`` (one
-        dict per shard with the same fields plus ``lock`` info when running).
+        ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists``,
+        ``started_with_overwrite`` and ``shards`` (one dict per shard with the same fields plus
+        ``lock`` info when running). Without a checkpoint, ``complete`` says whether the output
+        is a file jobrunner merged.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -340,13 +351,16 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
         "output_exists": output_path is not None and Path(output_path).exists(),
     }
     if manifest is None:
-        return {**result, "shards": [], "complete": False, "running": False}
+        # only the output is left: complete if it is a file that jobrunner merged
+        merged = result["output_exists"] and _merged_output(Path(output_path))
+        return {**result, "shards": [], "complete": merged, "running": False}
     n, total = manifest["num_shards"], manifest.get("total_rows")
     shards = [_shard_status(directory, k, n, total) for k in range(n)]
     rates = [s["rows_per_second"] for s in shards if s["rows_per_second"]]
     etas = [s["eta_seconds"] for s in shards if s["eta_seconds"] is not None]
     return {
         **result,
+        "started_with_overwrite": bool((manifest.get("spec") or {}).get("overwrite")),
         "fingerprint": manifest.get("fingerprint"),
         "num_shards": n,
         "total_rows": total,

@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -521,6 +522,36 @@ def test_status_of_partial_and_finished_jobs(tmp_path, dataset, tiny_model_dir, 
     code, text = cli("status", str(greedy[0]))
     assert f"{greedy[0]}: complete" in text, text
     assert f"{SHARD}: {ROWS}/{ROWS} rows, 0 errors, complete" in text, text
+
+
+def test_status_never_calls_a_stranger_complete_nor_advises_losing_rows(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    # an unfinished job whose job file sets overwrite = true: resuming needs --no-overwrite
+    output = tmp_path / "out.parquet"
+    copy_checkpoint(greedy[0], output, keep_parts=5)
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'input = "{dataset}"\nmodel = "{tiny_model_dir}"\noutput = "{output}"\noverwrite = true\n'
+    )
+    code, text = cli("status", str(job))
+    assert code == 0 and "unfinished" in text, text
+    assert f"jobrunner run {job} --no-overwrite" in text
+    # a finished output whose checkpoint folder is gone is still complete
+    finished = tmp_path / "finished.parquet"
+    shutil.copy(greedy[0], finished)
+    code, text = cli("status", str(finished))
+    assert code == 0 and f"{finished}: complete" in text, text
+    assert status_json(finished)["complete"] is True
+    # files jobrunner did not write are no job at all, not "complete"
+    stranger = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"x": [1]}), stranger)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_text("not parquet")
+    for path in (stranger, garbage, dataset):
+        code, text = cli("status", str(path))
+        assert code == 2 and "not an output that jobrunner wrote" in text, text
+        assert "complete" not in text
 
 
 # --- shards ------------------------------------------------------------------------------------
