@@ -364,14 +364,21 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
 
 @main.command()
 @click.argument("output", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(0), default=20, show_default=True)
 def show(output: Path, limit: int) -> None:
     """Print the first rows of a result file as a table: id, finish reason, generated tokens
     and the text (or the row's error)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = ["id", "finish_reason", "output_tokens", "output", "error"]
-    table = pq.read_table(output, columns=columns)
+    try:
+        table = pq.read_table(output, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise _ConfigError(
+            f"{output} is not a jobrunner result file (a Parquet file with the columns "
+            f"{', '.join(columns)}): {err}"
+        ) from None
     rows = table.slice(0, limit).to_pylist()
     width = max([len(str(r["id"])) for r in rows] + [2])
     click.echo(f"{'id':<{width}}  {'finish':<6}  {'tokens':>6}  output")

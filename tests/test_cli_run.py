@@ -614,3 +614,16 @@ def test_show_prints_each_rows_finish_tokens_and_text_or_error(tiny_model_dir, t
     assert second.split()[:3] == ["bb", "error", "0"] and "ERROR: max tokens column" in second
     assert third.split()[:3] == ["c0", "length", "3"]
     assert more == "... 2 more rows"
+
+
+def test_show_refuses_files_that_are_not_results(tmp_path, dataset):
+    garbage, stranger = tmp_path / "garbage.parquet", tmp_path / "other.parquet"
+    garbage.write_text("not parquet")
+    pq.write_table(pa.table({"x": [1]}), stranger)
+    for path in (garbage, stranger, dataset):
+        result = CliRunner().invoke(main, ["show", str(path)])
+        assert result.exit_code == 2, result.output
+        assert "is not a jobrunner result file" in result.output
+        assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["show", str(stranger), "--limit", "-1"])
+    assert result.exit_code == 2 and "--limit" in result.output
