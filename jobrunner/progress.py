@@ -1,7 +1,8 @@
 """Progress reporting: a tqdm bar on a terminal, one line per event otherwise, nothing if quiet.
 
 Errors of single rows are always reported (to stderr), quiet or not, but at most
-``MAX_ROW_ERRORS`` of them one by one; the rest are counted in the final line.
+``MAX_ROW_ERRORS`` of them one by one; the rest are counted in the final line. Warnings about the
+whole run (``warning``) are always shown.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ class Reporter:
                 message += " (further row errors are not shown one by one)"
         elif self.quiet:
             return
+        self._write(message)
+
+    def warning(self, message: str) -> None:
+        """A line about the whole run (shown even when quiet, however many row errors came
+        before it: those are capped, this is not)."""
+        self._write(message)
+
+    def _write(self, message: str) -> None:
         line = f"jobrunner: {message}"
         if self._bar is not None:
             self._bar.write(line, file=self.stream)

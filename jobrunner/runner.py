@@ -328,11 +328,11 @@ class _Session:
         self.writer.flush()
         self.reporter.close()
         if warning := self.ids.warning():
-            self.reporter.event(warning, error=True)
+            self.reporter.warning(warning)
         if warning := self._image_column_warning():
-            self.reporter.event(warning, error=True)
+            self.reporter.warning(warning)
         if warning := self._limit_column_warning():
-            self.reporter.event(warning, error=True)
+            self.reporter.warning(warning)
 
     def _memory_fits(self, memory: int | None) -> Callable[[int, int, int | None], bool] | None:
         """Without a budget of the user's: the default budget, and the planner's bound that

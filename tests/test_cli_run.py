@@ -429,6 +429,26 @@ def test_duplicate_ids_warn_once_and_keep_every_row(tiny_model_dir, tmp_path):
     assert [r["id"] for r in read(output)] == ["same"] * 3
 
 
+def test_run_warnings_are_shown_after_many_row_errors_even_when_quiet(tiny_model_dir, tmp_path):
+    """The row errors shown one by one are capped (MAX_ROW_ERRORS); warnings about the whole
+    run come after them and must not be swallowed by that cap."""
+    from jobrunner.progress import MAX_ROW_ERRORS
+
+    source = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"id": "same", "prompt": f"p{i}"}) for i in range(3)]
+    lines += ["{not json"] * (MAX_ROW_ERRORS + 1)
+    source.write_text("\n".join(lines) + "\n")
+    code, text = run_to(
+        source, tiny_model_dir, tmp_path / "out.parquet", "--max-tokens", "2",
+        "--image-column", "img", "--max-tokens-column", "limit",
+    )  # fmt: skip
+    assert code == 1, text
+    assert "further row errors are not shown one by one" in text
+    assert text.count("repeat an id") == 1
+    assert "no row had an image in column 'img'" in text
+    assert "no row had a value in column 'limit'" in text
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
