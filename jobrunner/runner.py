@@ -141,6 +141,15 @@ def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
     return model_dir, identity
 
 
+def _model_context(model_dir: Path) -> int | None:
+    """The model's context (``max_position_embeddings``), None where its config does not say."""
+    try:
+        value = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None  # the model's loading reports what is wrong with its config
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _model_files(model_dir: Path, model: str) -> dict[str, bytes]:
     """The bytes of each of ``MODEL_FILES`` the model has."""
     files = {}
@@ -208,6 +217,12 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     except ReaderConfigError as err:
         raise ConfigError(str(err)) from None
     model_dir, identity = model_identity(spec.model)
+    context = _model_context(model_dir)
+    if context is not None and spec.max_tokens >= context:
+        raise ConfigError(
+            f"--max-tokens {spec.max_tokens} leaves no room for a prompt in the model's context "
+            f"of {context} positions (max_position_embeddings in its config.json); lower it"
+        )
     fields = fingerprint_fields(spec, identity, input_identity(spec.input))
     print_ = fingerprint(spec, identity, input_identity(spec.input))
     store = CheckpointStore(spec.parts_dir, spec.shard)
@@ -257,6 +272,7 @@ class _Session:
         self.stats = PlanStats()
         # the planner's budget once the model is in, and the KV positions memory held it to
         self.batch_tokens, self.kv_limit = spec.max_batch_tokens, None
+        self.row_kv_limit: int | None = None  # KV positions one row may hold (memory)
         self.ids = DuplicateIdTracker()
         self.rows: dict[int, Row] = {}
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
@@ -345,13 +361,15 @@ class _Session:
         )
 
         spec = self.spec
+        caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
+        if memory:  # what one row alone may hold, whoever sets the budget (``_estimate``)
+            self.row_kv_limit = memory_kv_positions(self.model, memory, caches)
         if self.batch_tokens is not None:
             return None
         self.batch_tokens = DEFAULT_BATCH_TOKENS
         if not memory:
             return None
-        caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
-        limit = self.kv_limit = memory_kv_positions(self.model, memory, caches)
+        limit = self.kv_limit = self.row_kv_limit
         static = static_shapes(self.params)
 
         def fits(rows: int, longest: int, room: int | None = None) -> bool:
@@ -429,24 +447,45 @@ class _Session:
             self.rows_with_limit += row.limit_given
             if self.store.is_done(row.index):
                 continue
-            length, problem = self._estimate(row)
+            limit = token_limit(row.max_tokens, self.spec.max_tokens)
+            length, problem = self._estimate(row, limit)
             if problem is not None:
                 self._error(row, problem)
                 self.writer.maybe_flush()
                 continue
             self.rows[row.index] = row
             key = image_key(row.image) if self.spec.group_images else None
-            yield row.index, length, key, token_limit(row.max_tokens, self.spec.max_tokens)
+            yield row.index, length, key, limit
 
-    def _estimate(self, row: Row) -> tuple[int, str | None]:
-        """(prompt length, None), or (0, what is wrong with the row)."""
+    def _estimate(self, row: Row, limit: int) -> tuple[int, str | None]:
+        """(prompt length, None), or (0, what is wrong with the row): among that, a prompt
+        that with ``limit`` new tokens would not fit in the model's context, or whose KV cache
+        alone would not fit in memory (allocating it could kill the process)."""
+        from model.generate import kv_bytes_per_token, kv_positions
+
         if row.error:
             return 0, row.error
         try:
             size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
-            return self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat), None
+            length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
         except ROW_ERRORS as err:
             return 0, str(err)
+        context = self.model.config.max_position_embeddings
+        if length + limit > context:
+            return 0, (
+                f"the prompt ({length} tokens) and up to {limit} new tokens exceed the model's "
+                f"context of {context} positions; shorten the prompt or lower --max-tokens"
+            )
+        needed = kv_positions(length, limit)
+        if self.row_kv_limit is not None and needed > self.row_kv_limit:
+            gib = kv_bytes_per_token(self.model) / 2**30
+            return 0, (
+                f"the prompt ({length} tokens) and up to {limit} new tokens need a KV cache of "
+                f"{needed} positions ({needed * gib:.1f} GiB), more than the "
+                f"{self.row_kv_limit} ({self.row_kv_limit * gib:.1f} GiB) that fit in memory "
+                "beside the model; lower --max-tokens or shorten the prompt"
+            )
+        return length, None
 
     def _submit(self, pool: ThreadPoolExecutor, batch: list[int]) -> list[tuple[Row, Future]]:
         rows = [self.rows.pop(index) for index in batch]

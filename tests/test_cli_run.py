@@ -263,6 +263,48 @@ def test_default_batches_keep_their_kv_cache_within_memory(
     assert [r["output_tokens"] for r in read(output)][1:] == [8] * 7
 
 
+def test_rows_beyond_the_context_or_memory_are_error_records_not_a_crash(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A row whose prompt and token limit exceed the model's context, or whose KV cache alone
+    would not fit in memory, is an error record (allocating it could kill the process); a
+    --max-tokens that leaves no room for any prompt is refused before anything is written."""
+    from mlx.utils import tree_flatten
+
+    import model.generate
+
+    tiny, processor = load(str(tiny_model_dir))
+    context = tiny.config.max_position_embeddings
+    long_prompt = "Describe the red circle on the left. " * 30  # 255-510 tokens
+    rows = [
+        {"id": "long", "prompt": long_prompt, "n": 256},  # 768 KV positions
+        {"id": "short", "prompt": "Say one.", "n": 256},  # 512
+        {"id": "huge", "prompt": "Say two."},  # --max-tokens: past the context
+    ]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    weights = sum(v.nbytes for _, v in tree_flatten(tiny.parameters()))
+    caches = (1 << 30) + (256 << 20)  # the prefix cache's 1 GiB floor, the feature cache
+    memory = weights + caches + 2 * 600 * model.generate.kv_bytes_per_token(tiny)
+    monkeypatch.setattr(model.generate, "device_memory_bytes", lambda: memory)
+    for budget in ([], ["--max-batch-tokens", "100000"]):  # a budget of one's own too
+        output = tmp_path / f"out{len(budget)}.parquet"
+        code, text = run_to(
+            source, tiny_model_dir, output, "--max-tokens", str(context - 1),
+            "--max-tokens-column", "n", "--temperature", "0", *budget,
+        )  # fmt: skip
+        assert code == 1, text
+        got = {r["id"]: r for r in read(output)}
+        assert got["short"]["error"] is None
+        assert "exceed the model's context" in got["huge"]["error"]
+        assert "fit in memory" in got["long"]["error"] and "600" in got["long"]["error"]
+        assert "lower --max-tokens" in got["long"]["error"]
+    output = tmp_path / "none.parquet"
+    code, text = run_to(source, tiny_model_dir, output, "--max-tokens", str(context))
+    assert code == 2 and "leaves no room for a prompt" in text, text
+    assert not output.with_name(output.name + ".parts").exists()
+
+
 def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):
     """Several questions per image: the prompt up to the image is reused from the prefix
     cache, across batches, and every row still gets what it gets alone."""
