@@ -256,6 +256,7 @@ class ResumeInfo:
     complete: bool  # this shard was already finished
     total_rows: int | None  # input rows, if known to the manifest
     cleaned: list[str] = field(default_factory=list)  # what was ignored and deleted, and why
+    created: bool = False  # this call wrote the manifest (a new job)
 
 
 class CheckpointStore:
@@ -281,7 +282,7 @@ class CheckpointStore:
         self.rows_done = 0
         self.errors = 0
         self._lock: JobLock | None = None
-        self._opened = False
+        self._opened = self._created = False
         self._done: set[int] = set()
         self._records: list[PartRecord] = []
 
@@ -314,10 +315,12 @@ class CheckpointStore:
         """
         self._require(opened=False)
         with _manifest_lock(self.directory):
+            existed = (self.directory / MANIFEST).exists()
             manifest, resumed, cleaned = self._prepare_manifest(
                 dict(spec), fingerprint, dict(fingerprint_fields), overwrite
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
+            self._created = not resumed and (not existed or overwrite)
         self.total_rows = manifest.get("total_rows")
         cleaned += self._recover()
         self._opened = True
@@ -329,7 +332,28 @@ class CheckpointStore:
             complete=self.is_complete(),
             total_rows=self.total_rows,
             cleaned=cleaned,
+            created=self._created,
         )
+
+    def abandon_new(self) -> bool:
+        """Undo ``open_or_create`` of a new job that recorded nothing (its run failed before
+        any row, as when the model does not load): remove the manifest and this shard's folder,
+        so that the corrected command starts afresh instead of being refused as another job.
+        Nothing is removed if the job was not new, a row was recorded, or another shard of it
+        holds its lock or has a folder. Returns whether it removed them."""
+        self._require()
+        if not self._created or self._records:
+            return False
+        with _manifest_lock(self.directory):
+            others = [
+                p for p in self.directory.iterdir()
+                if p.is_dir() and _SHARD_DIR_RE.match(p.name) and p.name != self.name
+            ]  # fmt: skip
+            if others or _running_shards(self.directory, self.name):
+                return False
+            _wipe(self.directory)
+        self._opened = self._created = False
+        return True
 
     def _prepare_manifest(
         self, spec: dict, fingerprint: str, fields: dict, overwrite: bool

@@ -252,7 +252,11 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
         session = _Session(spec, store, reporter, owed, info.rows_done)
         if info.rows_done < owed:
-            session.run(model_dir, stop)
+            try:
+                session.run(model_dir, stop)
+            except ConfigError:  # the model did not load: a new job leaves nothing behind
+                store.abandon_new()
+                raise
         store.mark_complete(total)
         return session.finish(total, identity)
 

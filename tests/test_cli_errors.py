@@ -179,3 +179,23 @@ def test_merge_names_the_file_an_os_error_is_about(data, tiny_model_dir):
     assert result.exit_code == 2, result.output
     assert "cannot merge into" in result.output and part.name in result.output, result.output
     assert "Traceback" not in result.output and not output.exists()
+
+
+def test_a_model_that_does_not_load_leaves_no_job_behind(data, tiny_model_dir, tmp_path):
+    """Exit 2 means nothing was run: the corrected command starts the job, rather than being
+    refused as a different job by a manifest the failed run left."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    output = tmp_path / "out.parquet"
+    result = invoke("run", data, "--model", broken, "--output", output, "--max-tokens", "2")
+    assert result.exit_code == 2 and "cannot load model" in result.output, result.output
+    parts = tmp_path / "out.parquet.parts"
+    assert not (parts / "manifest.json").exists()
+    assert not [p for p in parts.iterdir() if p.is_dir()]
+    result = invoke("run", data, "--model", tiny_model_dir, "--output", output, "--max-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(output).num_rows == 4
