@@ -373,7 +373,7 @@ def _model(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Bad("a local model folder or a Hugging Face hub id")
     local = Path(value).expanduser()
-    return str(local.absolute()) if local.exists() else value
+    return _normal(local) if local.exists() else value
 
 
 def _path(value: Any) -> Path | None:
@@ -381,7 +381,13 @@ def _path(value: Any) -> Path | None:
         return None
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise _Bad("a file system path")
-    return Path(value).expanduser().absolute()
+    return Path(_normal(Path(value).expanduser()))
+
+
+def _normal(path: Path) -> str:
+    """``path`` absolute, with ``.`` and ``..`` taken out (lexically: symbolic links are kept
+    as named), so that one folder named from two places is one job (the fingerprint)."""
+    return os.path.normpath(path.absolute())
 
 
 _RULES: dict[str, Callable[[Any], Any]] = {

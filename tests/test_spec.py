@@ -57,6 +57,24 @@ def test_relative_cli_paths_become_absolute(data: Path, monkeypatch: pytest.Monk
     assert spec.output == data.parent / "out" / "x.parquet"
 
 
+def test_one_folder_named_from_two_places_is_one_path(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``..`` and ``.`` are taken out of paths, so a job started from one folder resumes from
+    another (its fingerprint names the same input and model)."""
+    model = tmp_path / "models" / "tiny"
+    (tmp_path / "sub").mkdir()
+    model.mkdir(parents=True)
+    straight = build_spec({}, {"input": data, "model": str(model)})
+    monkeypatch.chdir(tmp_path / "sub")
+    winding = build_spec(
+        {}, {"input": Path("..") / "." / data.name, "model": "../models/../models/tiny"}
+    )
+    assert winding.input == straight.input == data
+    assert winding.model == straight.model == str(model)
+    assert fingerprint(winding, {}, {}) == fingerprint(straight, {}, {})
+
+
 def test_job_file_resolves_paths_against_its_folder(tmp_path: Path, data: Path) -> None:
     jobs = tmp_path / "jobs"
     (jobs / "models" / "tiny").mkdir(parents=True)
