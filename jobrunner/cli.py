@@ -112,7 +112,7 @@ def run(input_path: Path, **flags) -> None:
     """Run (or resume) a job: INPUT is a .jsonl or .parquet dataset, or a .toml job file."""
     from .checkpoint import CheckpointError, FingerprintMismatch, LockHeld
     from .progress import Reporter
-    from .runner import ConfigError, GenerationFault, Interrupted, run_job
+    from .runner import ConfigError, GenerationFault, Interrupted, StoppedNow, run_job
 
     spec = _build_spec(input_path, flags)
     reporter = Reporter(quiet=spec.quiet)
@@ -126,11 +126,18 @@ def run(input_path: Path, **flags) -> None:
         sys.exit(EXIT_FAULT)
     except (ConfigError, FingerprintMismatch, CheckpointError) as err:
         raise _ConfigError(str(err)) from None
-    except Interrupted as err:
+    except (Interrupted, StoppedNow) as err:
         reporter.close()
         from_file = spec.overwrite and input_path.suffix == ".toml"  # maybe `overwrite = true`
         command = shlex.join(_resume_args(sys.argv[1:], from_file))
-        click.echo(f"jobrunner: interrupted by {err}; finished rows are saved.", err=True)
+        if isinstance(err, StoppedNow):
+            saved = (
+                "stopped at once by a second signal; rows in saved parts are kept, the "
+                "rows since the last part run again."
+            )
+        else:
+            saved = "finished rows are saved."
+        click.echo(f"jobrunner: interrupted by {err}; {saved}", err=True)
         click.echo(f"jobrunner: resume with: {command}", err=True)
         sys.exit(128 + err.signum)
     if not spec.quiet and result.summary and not result.nothing_to_do:

@@ -106,6 +106,16 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class StoppedNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: the run stops where it is, as if killed (rows in durable parts
+    are kept; those since the last part run again on resume). A ``KeyboardInterrupt``, so that
+    no ``except Exception`` on the way takes it for a row's failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @dataclass
 class RunResult:
     rows_total: int
@@ -184,7 +194,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.signum is not None:  # second signal: stop now
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
+            raise StoppedNow(signum)
         self.signum = signum
 
     def __enter__(self):

@@ -400,6 +400,27 @@ def test_sigterm_and_sigint_flush_and_print_the_resume_command(
     assert_same_output(output, greedy[1])
 
 
+def test_a_second_signal_stops_at_once_with_the_resume_command(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    output = tmp_path / "out.parquet"
+    args = job_args(dataset, tiny_model_dir, output)
+    job = Job(tmp_path, args, stage="hold", nth=2)
+    assert job.wait_until(job.paused), job.output()
+    job.signal(signal.SIGINT)
+    time.sleep(0.2)
+    job.signal(signal.SIGINT)  # held before a batch: the first one has not been acted on
+    code, text = job.wait()
+    assert code == 130, text
+    assert "stopped at once by a second signal" in text and "Traceback" not in text
+    assert "Aborted" not in text
+    resume = shlex.split(re.search(r"resume with: (.+)", text).group(1))[2:]
+    assert resume == args
+    code, text = cli("run", *resume)
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
+
+
 # --- determinism with sampling -----------------------------------------------------------------
 
 
