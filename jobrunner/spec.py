@@ -425,8 +425,17 @@ _RULES: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# fields whose command-line spelling is not --FIELD-NAME
+_FLAGS = {
+    "input": "the INPUT argument",
+    "checkpoint_every_rows": "--checkpoint-every",
+    "checkpoint_every_seconds": "--checkpoint-every",
+    "chat": "--no-chat",
+}
+
+
 def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _fix(field: str) -> str:

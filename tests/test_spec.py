@@ -196,7 +196,14 @@ def test_each_bad_value_names_its_field_and_flag(data: Path, field: str, value: 
     assert info.value.fields == (field,)
     message = str(info.value)
     assert f"{field}:" in message
-    assert "--" + field.replace("_", "-") in message
+    import re
+
+    from jobrunner.cli import run
+
+    flags = {o for p in run.params for o in (*p.opts, *getattr(p, "secondary_opts", []))}
+    named = re.findall(r"--[a-z][a-z-]*", message)
+    assert named, message  # it says which flag to set ...
+    assert set(named) <= flags, message  # ... and the flag exists
 
 
 @pytest.mark.parametrize(
