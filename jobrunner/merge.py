@@ -58,16 +58,26 @@ from jobrunner.writers import (
 class IncompleteJob(CheckpointError):
     """Merge was asked for while some shards are missing or unfinished."""
 
-    def __init__(self, missing: list[int], incomplete: dict[int, tuple[int, int | None]], n: int):
+    def __init__(
+        self,
+        missing: list[int],
+        incomplete: dict[int, tuple[int, int | None]],
+        n: int,
+        running: frozenset[int] = frozenset(),
+    ):
         self.missing, self.incomplete = missing, incomplete
-        parts = [f"shard {k}/{n} has not started" for k in missing]
+        parts = [
+            f"shard {k}/{n} " + ("is running (no rows saved yet)" if k in running else
+                                 "has not started")
+            for k in missing
+        ]  # fmt: skip
         for k, (done, total) in sorted(incomplete.items()):
+            state = "is running" if k in running else "is incomplete"
             parts.append(
-                f"shard {k}/{n} is incomplete ({done}/{total if total is not None else '?'} rows)"
+                f"shard {k}/{n} {state} ({done}/{total if total is not None else '?'} rows)"
             )
-        super().__init__(
-            "cannot merge: " + "; ".join(parts) + ". Run those shards, then merge again."
-        )
+        then = "Wait for the running shards" if running else "Run those shards"
+        super().__init__("cannot merge: " + "; ".join(parts) + f". {then}, then merge again.")
 
 
 # --- merge -------------------------------------------------------------------------------------
@@ -120,7 +130,10 @@ def _merge_problems(
 def _merge_total(directory: Path, manifest: dict, n: int, total_rows: int | None) -> int:
     missing, incomplete, totals = _merge_problems(directory, n, manifest.get("total_rows"))
     if missing or incomplete:
-        raise IncompleteJob(missing, incomplete, n)
+        running = frozenset(
+            k for k in (*missing, *incomplete) if is_locked(directory / f"{shard_name(k, n)}.lock")
+        )
+        raise IncompleteJob(missing, incomplete, n, running)
     totals |= {t for t in (manifest.get("total_rows"), total_rows) if t is not None}
     if len(totals) != 1 or not isinstance(next(iter(totals)), int):
         raise CheckpointError(

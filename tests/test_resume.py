@@ -545,6 +545,17 @@ def test_status_of_partial_and_finished_jobs(tmp_path, dataset, tiny_model_dir, 
     assert f"{SHARD}: {ROWS}/{ROWS} rows, 0 errors, complete" in text, text
 
 
+def test_merge_while_a_shard_runs_says_it_is_running(tmp_path, greedy):
+    output = tmp_path / "out.parquet"
+    shard_dir = copy_checkpoint(greedy[0], output, keep_parts=5)
+    done = sum(r.rows for r in read_progress(shard_dir)[0])
+    with JobLock(parts_dir(output) / f"{SHARD}.lock"):
+        code, text = cli("merge", str(output))
+    assert code == 2, text
+    assert f"shard 0/1 is running ({done}/{ROWS} rows)" in text
+    assert "Wait for the running shards" in text and "has not started" not in text
+
+
 def test_status_never_calls_a_stranger_complete_nor_advises_losing_rows(
     tmp_path, dataset, tiny_model_dir, greedy
 ):
