@@ -584,6 +584,15 @@ def image_size(ref: ImageRef, max_pixels: int) -> tuple[int, int]:
         return _open_header(fh, ref, max_pixels).size
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images of up to ``max_pixels``: its own guard is a process-wide limit
+    (``Image.MAX_IMAGE_PIXELS``, refusing above twice it: 179M pixels by default) that would
+    override a larger --max-image-pixels. Only ever raised, never lowered; the job's limit is
+    checked from each image's header instead."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def load_image(ref: ImageRef, max_pixels: int) -> Image.Image:
     """Decode an image fully (first frame, mode as stored, no EXIF rotation).
 
@@ -630,9 +639,10 @@ def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"not an image (unrecognised format): {ref.describe()}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's own guard fired first (its limit is a global we never change).
+        # Pillow's own guard fired first (a process-wide limit; ``allow_pixels`` raises it)
         raise ImageError(
-            f"image over the pixel limit, refused without decoding: {ref.describe()} ({exc})"
+            f"image over the pixel limit of {max_pixels:,} (max_image_pixels), refused without "
+            f"decoding: {ref.describe()} ({exc})"
         ) from None
     except Exception as exc:  # malformed headers raise many kinds of errors
         raise ImageError(f"cannot read image header of {ref.describe()}: {exc}") from None

@@ -52,6 +52,7 @@ from .readers import (
     ReaderConfigError,
     ReadOptions,
     Row,
+    allow_pixels,
     check_input,
     count_rows,
     image_size,
@@ -221,6 +222,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     """
     reporter = reporter or Reporter(quiet=True)
     options = ReadOptions.from_spec(spec)
+    allow_pixels(spec.max_image_pixels)
     try:
         check_input(spec.input, options)
         total = count_rows(spec.input)

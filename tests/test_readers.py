@@ -554,6 +554,24 @@ def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
     assert peak < 5_000_000  # decoding would take 50 MB (1 bit/px) or 1.2 GB as RGB
 
 
+def test_a_pixel_limit_above_pillows_own_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses images over twice its process-wide ``MAX_IMAGE_PIXELS`` by itself;
+    ``allow_pixels`` (called by run_job) raises it to --max-image-pixels, never lowers it."""
+    from jobrunner.readers import allow_pixels
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # refuses above 2M
+    header = ImageRef(data=bilevel_png(2000, 1500, valid_pixels=False))  # 3M
+    with pytest.raises(ImageError, match="max_image_pixels"):
+        image_size(header, 4_000_000)
+    allow_pixels(4_000_000)
+    assert image_size(header, 4_000_000) == (2000, 1500)
+    allow_pixels(10)
+    assert Image.MAX_IMAGE_PIXELS == 4_000_000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # turned off by someone: left off
+    allow_pixels(10)
+    assert Image.MAX_IMAGE_PIXELS is None
+
+
 def test_load_image_decodes_without_exif_rotation(tmp_path: Path) -> None:
     image = Image.new("RGB", (8, 4), "green")
     exif = Image.Exif()
