@@ -629,10 +629,12 @@ def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def input_identity(path: str | Path) -> dict[str, Any]:
-    """What identifies the input file's content: real path, size, mtime and a content sample.
+    """What identifies the input file's content: real path, size and a content sample, and the
+    modification time where the sample is not the whole file.
 
     The sample is the SHA-256 of the whole file up to 2 MiB, else of its first and last MiB, so
-    a rewrite is noticed without reading a large dataset.
+    a rewrite is noticed without reading a large dataset. A file hashed whole needs no mtime:
+    touching it or writing the same bytes again changes nothing, so its job still resumes.
     """
     real = Path(path).resolve()
     stat = real.stat()
@@ -644,12 +646,10 @@ def input_identity(path: str | Path) -> dict[str, Any]:
             digest.update(fh.read(_SAMPLE_BYTES))
             fh.seek(-_SAMPLE_BYTES, os.SEEK_END)
             digest.update(fh.read(_SAMPLE_BYTES))
-    return {
-        "path": str(real),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sample_sha256": digest.hexdigest(),
-    }
+    identity = {"path": str(real), "size": stat.st_size}
+    if stat.st_size > 2 * _SAMPLE_BYTES:
+        identity["mtime_ns"] = stat.st_mtime_ns
+    return identity | {"sample_sha256": digest.hexdigest()}
 
 
 def fingerprint_fields(
@@ -681,13 +681,19 @@ def fingerprint_fields(
         "top_p": None if greedy else spec.top_p,
         "top_k": None if greedy else spec.top_k,
         "seed": None if greedy else spec.seed,
-        "num_crops": spec.num_crops,
-        "dtype": spec.dtype,
+        # a value spelt out that is the model's default is the same job as one left open
+        "num_crops": _unless_default(spec.num_crops, model_identity.get("default_num_crops")),
+        "dtype": _unless_default(spec.dtype, model_identity.get("default_dtype")),
         "quantize": spec.quantize,
     }
     if spec.max_tokens_column is not None:  # absent otherwise: older fingerprints still match
         fields["max_tokens_column"] = spec.max_tokens_column
     return fields
+
+
+def _unless_default(value: Any, default: Any) -> Any:
+    """None (what a spec that leaves it open records) for the model's own default value."""
+    return None if value is not None and value == default else value
 
 
 def fingerprint(

@@ -439,10 +439,32 @@ def test_input_identity_sees_same_size_rewrite(data: Path) -> None:
     data.write_text(data.read_text().replace("hi", "ho"))
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
     after = input_identity(data)
-    assert after["size"] == before["size"] and after["mtime_ns"] == before["mtime_ns"]
+    assert after["size"] == before["size"] and "mtime_ns" not in after  # hashed whole
     assert after["sample_sha256"] != before["sample_sha256"]
     spec = spec_for(data)
     assert fingerprint(spec, MODEL, after) != fingerprint(spec, MODEL, before)
+
+
+def test_touching_an_input_hashed_whole_is_the_same_job_but_not_a_large_one(
+    data: Path, tmp_path: Path
+) -> None:
+    before = input_identity(data)
+    os.utime(data, ns=(0, data.stat().st_mtime_ns + 10**9))
+    assert input_identity(data) == before
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"a" * (3 << 20))  # sampled, not hashed whole: the mtime guards its middle
+    before = input_identity(big)
+    os.utime(big, ns=(0, big.stat().st_mtime_ns + 10**9))
+    assert input_identity(big)["mtime_ns"] != before["mtime_ns"]
+
+
+def test_spelling_out_the_models_defaults_is_the_same_job(data: Path) -> None:
+    model = {**MODEL, "default_num_crops": 4, "default_dtype": "float32"}
+    identity = input_identity(data)
+    open_ = fingerprint(spec_for(data), model, identity)
+    assert fingerprint(spec_for(data, num_crops=4, dtype="float32"), model, identity) == open_
+    assert fingerprint(spec_for(data, num_crops=16), model, identity) != open_
+    assert fingerprint(spec_for(data, dtype="bfloat16"), model, identity) != open_
 
 
 def test_input_identity_samples_head_and_tail_of_large_files(tmp_path: Path) -> None:
