@@ -41,7 +41,7 @@ from typing import Any
 
 from ._blas import single_threaded_numpy_blas
 from .batching import JOIN_AT, PlanStats, joining, plan_batches
-from .checkpoint import MANIFEST, CheckpointStore, shard_rows
+from .checkpoint import MANIFEST, CheckpointStore, read_json, shard_rows
 from .merge import IncompleteJob, merge
 from .progress import Reporter
 from .readers import (
@@ -747,8 +747,17 @@ class _Session:
                 metadata.pop(key)
             info = merge(spec.parts_dir, spec.output, total, metadata=metadata)
             merged = True
-            summary |= {"rows_ok": info.rows - info.errors, "rows_error": info.errors}
-            write_summary(spec.output.with_name(spec.output.name + ".summary.json"), summary)
+            path = spec.output.with_name(spec.output.name + ".summary.json")
+            earlier = read_json(path) if self.rows_run == 0 else None
+            if earlier is not None:  # this session only merged: keep the run's own figures
+                summary = earlier
+            # the rows of the whole output; the rest is this session's (of shard ``shard``)
+            summary |= {
+                "rows_total": info.rows,
+                "rows_ok": info.rows - info.errors,
+                "rows_error": info.errors,
+            }
+            write_summary(path, summary)
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
         except IncompleteJob as err:  # other shards still running: the last one merges
             self.reporter.event(f"shard done; not merged yet: {err}")
@@ -760,6 +769,7 @@ class _Session:
         seconds = time.monotonic() - self.started
         return {
             "rows_total": self.owed,
+            "shard": None if self.spec.shard is None else "/".join(map(str, self.spec.shard)),
             "rows_done_before": self.done_before,
             "rows_run": self.rows_run,
             "rows_ok": self.rows_run - self.errors,

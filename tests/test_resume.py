@@ -607,6 +607,24 @@ def test_three_concurrent_shard_processes_merge_to_the_single_output(
     assert_same_output(output, greedy[1])
 
 
+def test_summary_counts_the_whole_output_and_keeps_the_run_that_made_it(
+    tmp_path, dataset, tiny_model_dir
+):
+    output = tmp_path / "out.parquet"
+    summary = output.with_name(output.name + ".summary.json")
+    for k in (0, 1):
+        code, text = cli("run", *job_args(dataset, tiny_model_dir, output, "--shard", f"{k}/2"))
+        assert code == 0, text
+    first = json.loads(summary.read_text())
+    assert first["rows_total"] == first["rows_ok"] + first["rows_error"] == ROWS
+    assert first["shard"] == "1/2" and first["rows_run"] == len(range(1, ROWS, 2))
+    assert first["generated_tokens"] > 0
+    output.unlink()  # merged again by a session that runs nothing
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output, "--shard", "0/2"))
+    assert code == 0 and output.exists(), text
+    assert json.loads(summary.read_text()) == first
+
+
 def test_merge_refuses_while_a_shard_is_missing(tmp_path, dataset, tiny_model_dir, greedy):
     output = tmp_path / "out.parquet"
     for k in (0, 2):
