@@ -222,6 +222,13 @@ def _wipe(directory: Path, only_shard: str | None = None) -> list[str]:
     return removed
 
 
+def _discarded(removed: list[str]) -> list[str]:
+    """One line for what --overwrite removed (not a line per part file)."""
+    if not removed:
+        return []
+    return [f"--overwrite discarded the old checkpoint: removed {len(removed)} files"]
+
+
 def _running_shards(directory: Path, except_name: str) -> list[str]:
     return [
         p.stem
@@ -369,7 +376,7 @@ class CheckpointStore:
         same = same and manifest.get("num_shards") == self.n
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
-            return manifest, False, _wipe(self.directory, only_shard=self.name)
+            return manifest, False, _discarded(_wipe(self.directory, only_shard=self.name))
         if overwrite:
             running = _running_shards(self.directory, self.name)
             if running:
@@ -377,7 +384,7 @@ class CheckpointStore:
                     f"cannot --overwrite {self.directory}: {', '.join(running)} of the old job "
                     "still running; stop them first"
                 )
-            cleaned, manifest = _wipe(self.directory), None
+            cleaned, manifest = _discarded(_wipe(self.directory)), None
         elif manifest is None and _has_shard_dirs(self.directory):
             raise CheckpointError(
                 f"{self.directory} holds shard folders but no {MANIFEST}, so none of it can be "

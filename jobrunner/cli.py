@@ -128,7 +128,7 @@ def run(input_path: Path, **flags) -> None:
         raise _ConfigError(str(err)) from None
     except (Interrupted, StoppedNow) as err:
         reporter.close()
-        from_file = spec.overwrite and input_path.suffix == ".toml"  # maybe `overwrite = true`
+        from_file = spec.overwrite and input_path.suffix.lower() == ".toml"  # overwrite = true?
         command = shlex.join(_resume_args(sys.argv[1:], from_file))
         if isinstance(err, StoppedNow):
             saved = (
@@ -196,7 +196,7 @@ def _build_spec(input_path: Path, flags: dict):
         "quiet": flags["quiet"],
     }
     try:
-        if input_path.suffix == ".toml":
+        if input_path.suffix.lower() == ".toml":
             file_values = load_job_file(input_path)
         else:
             file_values = {"input": input_path.absolute()}
@@ -247,7 +247,7 @@ def _job_paths(target: Path, checkpoint_dir: Path | None) -> tuple[Path, Path]:
     """The output file and checkpoint folder of a job named by its output or its job file."""
     from .spec import SpecError, default_parts_dir, job_file_paths, load_job_file
 
-    if target.suffix == ".toml":
+    if target.suffix.lower() == ".toml":
         try:
             output, parts = job_file_paths(load_job_file(target))
         except SpecError as err:
@@ -293,7 +293,7 @@ def _resume_hint(target: Path, info: dict) -> str:
     """How to resume an unfinished job: never with --overwrite, which would discard its rows."""
     from .spec import SpecError, load_job_file
 
-    if target.suffix == ".toml":
+    if target.suffix.lower() == ".toml":
         try:
             in_file = bool(load_job_file(target).get("overwrite"))
         except SpecError:

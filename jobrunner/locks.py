@@ -37,7 +37,10 @@ class LockHeld(CheckpointError):
 
     def __init__(self, path: Path, info: dict[str, Any] | None):
         self.path, self.info = Path(path), info or {}
-        who = ", ".join(f"{k} {v}" for k, v in self.info.items() if k in ("pid", "host", "started"))
+        shown = {k: v for k, v in self.info.items() if k in ("pid", "host", "started")}
+        if isinstance(shown.get("started"), int | float):
+            shown["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(shown["started"]))
+        who = ", ".join(f"{k} {v}" for k, v in shown.items())
         super().__init__(f"another run holds the lock {self.path}" + (f" ({who})" if who else ""))
 
 

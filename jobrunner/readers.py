@@ -549,6 +549,11 @@ def _image_ref(
     return _path_ref(value, options, base_dir, problems)
 
 
+def _clip(value: str, most: int = 60) -> str:
+    """``value`` quoted, cut to ``most`` characters (base64 text can run to megabytes)."""
+    return repr(value) if len(value) <= most else f"{value[:most]!r}... ({len(value):,} chars)"
+
+
 def _path_ref(
     value: str, options: ReadOptions, base_dir: Path, problems: list[str]
 ) -> ImageRef | None:
@@ -557,6 +562,21 @@ def _path_ref(
         return None
     if "://" in value:
         problems.append(f"image {value!r} is a URL; only local files are read (download first)")
+        return None
+    if value[:5].lower() == "data:":
+        problems.append(
+            f"image {_clip(value)} is a data: URI; give a file path, or the bytes in a Parquet "
+            "binary column"
+        )
+        return None
+    if "\x00" in value:
+        problems.append(f"image path {_clip(value)} contains a NUL byte, which no file name has")
+        return None
+    if len(value) > 255 and "/" not in value and os.sep not in value:
+        problems.append(  # no file name is that long: base64 text, most likely
+            f"image {_clip(value)} is not a file name (base64 text?); give a file path, or the "
+            "bytes in a Parquet binary column"
+        )
         return None
     path = os.path.join(base_dir, value)  # an absolute value replaces base_dir
     if options.image_root is None:
@@ -625,6 +645,8 @@ def _open_source(ref: ImageRef) -> IO[bytes]:
         raise ImageError(f"cannot read image file {path}: {exc.strerror}") from None
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"image path is a folder, not a file: {path}")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO, a device: reading could block or never end
+        raise ImageError(f"image path is not a regular file: {path}")
     if info.st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
     try:

@@ -380,7 +380,9 @@ def _check_image_tags(tags: list[int], num_images: int) -> None:
     expected = list(range(1, num_images + 1))
     if tags != expected:
         found = ", ".join(f"<|image_{k}|>" for k in tags)
-        raise ValueError(
-            f"image tags must be <|image_1|> ... <|image_{num_images}|> in order, each once; "
-            f"found {found}"
+        wanted = (
+            "the image tag must be <|image_1|>"
+            if num_images == 1
+            else f"image tags must be <|image_1|> ... <|image_{num_images}|> in order, each once"
         )
+        raise ValueError(f"{wanted}; found {found}")

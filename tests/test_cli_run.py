@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -423,6 +424,7 @@ def bad_rows(root: Path) -> list[tuple[str, str]]:
     Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(buffer, "JPEG")
     (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     Image.new("1", (20000, 20000)).save(root / "bomb.png")
+    os.mkfifo(root / "fifo.png")  # reading it would block: refused from its file type
     return [
         (json.dumps({"id": "missing", "image": "nope.png", "prompt": "x"}), "not found"),
         (json.dumps({"id": "zero", "image": "zero.png", "prompt": "x"}), "empty"),
@@ -433,6 +435,16 @@ def bad_rows(root: Path) -> list[tuple[str, str]]:
         (json.dumps({"id": "type", "image": 5, "prompt": "x"}), "image"),
         (json.dumps({"id": "prompt", "image": good.name, "prompt": ["x"]}), "prompt"),
         (json.dumps({"id": "tags", "prompt": "see <|image_2|>"}), "image tag"),
+        (
+            json.dumps({"id": "uri", "image": "data:image/png;base64,iVBORw0KGgo=", "prompt": "x"}),
+            "is a data: URI",
+        ),
+        (
+            json.dumps({"id": "b64", "image": "iVBORw0KGgo" * 40, "prompt": "x"}),
+            "not a file name (base64 text?)",
+        ),
+        (json.dumps({"id": "nul", "image": "a\u0000b.png", "prompt": "x"}), "NUL byte"),
+        (json.dumps({"id": "fifo", "image": "fifo.png", "prompt": "x"}), "not a regular file"),
     ]
 
 

@@ -523,6 +523,7 @@ def test_second_run_while_locked_exits_3(tmp_path, dataset, tiny_model_dir, gree
         code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
         assert code == 3, text
         assert "another run holds the lock" in text and f"pid {os.getpid()}" in text
+        assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", text), text
         assert status_json(output)["running"]
     assert len(read_progress(shard_dir)[0]) == 3 and not output.exists()
 
