@@ -35,7 +35,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,12 +169,12 @@ def _flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_same_job(
-    directory: Path, manifest: dict, fingerprint: str, fields: dict, n: int
+    directory: Path, manifest: dict, accepted: set[str], fields: dict, n: int
 ) -> None:
     changes = []
-    if manifest.get("fingerprint") != fingerprint:
+    if manifest.get("fingerprint") not in accepted:
         changes = describe_changes(manifest.get("fingerprint_fields") or {}, fields)
-        changes = changes or [f"fingerprint: {manifest.get('fingerprint')} → {fingerprint}"]
+        changes = changes or [f"fingerprint: {manifest.get('fingerprint')} → {sorted(accepted)}"]
     if manifest.get("num_shards") != n:
         changes.append(f"number of shards: {manifest.get('num_shards')} → {n}")
     if changes:
@@ -312,8 +312,12 @@ class CheckpointStore:
         fingerprint_fields: Mapping[str, Any],
         overwrite: bool = False,
         total_rows: int | None = None,
+        also: Collection[str] = (),
     ) -> ResumeInfo:
         """Create the checkpoint, or resume it if it belongs to the same job.
+
+        ``also``: fingerprints the same job had under earlier versions of the fingerprint; a
+        checkpoint made with one of them resumes.
 
         Raises:
             FingerprintMismatch: the directory holds another job (message names what changed).
@@ -324,7 +328,7 @@ class CheckpointStore:
         with _manifest_lock(self.directory):
             existed = (self.directory / MANIFEST).exists()
             manifest, resumed, cleaned = self._prepare_manifest(
-                dict(spec), fingerprint, dict(fingerprint_fields), overwrite
+                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, also
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
             self._created = not resumed and (not existed or overwrite)
@@ -363,7 +367,7 @@ class CheckpointStore:
         return True
 
     def _prepare_manifest(
-        self, spec: dict, fingerprint: str, fields: dict, overwrite: bool
+        self, spec: dict, fingerprint: str, fields: dict, overwrite: bool, also: Collection[str]
     ) -> tuple[dict, bool, list[str]]:
         cleaned: list[str] = []
         try:
@@ -372,7 +376,8 @@ class CheckpointStore:
             if not overwrite:
                 raise
             manifest = None  # damaged: --overwrite discards it below with everything else
-        same = manifest is not None and manifest.get("fingerprint") == fingerprint
+        accepted = {fingerprint, *also}
+        same = manifest is not None and manifest.get("fingerprint") in accepted
         same = same and manifest.get("num_shards") == self.n
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
@@ -402,7 +407,7 @@ class CheckpointStore:
             }
             atomic_write_json(self.directory / MANIFEST, manifest)
             return manifest, False, cleaned
-        _check_same_job(self.directory, manifest, fingerprint, fields, self.n)
+        _check_same_job(self.directory, manifest, accepted, fields, self.n)
         return manifest, True, cleaned
 
     def _recover(self) -> list[str]:

@@ -280,8 +280,12 @@ def status(target: Path, checkpoint_dir: Path | None, as_json: bool) -> None:
         raise _ConfigError(str(err)) from None
     if not info["exists"] and not info["complete"]:
         raise _no_job(
-            f"no job found for {output}: no checkpoint in {parts}/, and the file is not an "
-            "output that jobrunner wrote"
+            f"no job found for {output}: no checkpoint in {parts}/, and "
+            + (
+                "the file is not an output that jobrunner wrote"
+                if output.exists()
+                else "no output file"
+            )
         )
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -301,7 +305,7 @@ def _resume_hint(target: Path, info: dict) -> str:
         if in_file:
             return f"resume with `jobrunner run {target} --no-overwrite`: the file sets overwrite"
     if info.get("started_with_overwrite"):
-        return "run the same command without --overwrite to resume"
+        return "run the same command with --no-overwrite to resume"
     return "run the same command again to resume"
 
 

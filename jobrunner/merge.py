@@ -339,9 +339,11 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
 
 def _merged_output(path: Path) -> bool:
     """Whether ``path`` is a Parquet file jobrunner merged (it carries jobrunner's metadata)."""
+    if not path.is_file():  # a folder; a FIFO or device, whose reading could block
+        return False
     try:
         return read_output_metadata(path) is not None
-    except Exception:  # not Parquet, unreadable, a folder
+    except Exception:  # not Parquet, unreadable
         return False
 
 

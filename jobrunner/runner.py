@@ -26,6 +26,7 @@ damage are done and saved.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import resource
@@ -41,7 +42,7 @@ from typing import Any
 
 from ._blas import single_threaded_numpy_blas
 from .batching import JOIN_AT, PlanStats, joining, plan_batches
-from .checkpoint import MANIFEST, CheckpointStore, read_json, shard_rows
+from .checkpoint import MANIFEST, CheckpointStore, describe_changes, read_json, shard_rows
 from .merge import IncompleteJob, merge
 from .progress import Reporter
 from .readers import (
@@ -59,7 +60,7 @@ from .readers import (
     iter_rows,
     load_image,
 )
-from .spec import JobSpec, fingerprint, fingerprint_fields, input_identity
+from .spec import JobSpec, fingerprint_fields, fingerprints, input_identity
 from .writers import ParquetOutputMetadata, PartWriter, read_output_metadata, write_summary
 
 PREFETCH_BATCHES = 2
@@ -229,29 +230,21 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     except ReaderConfigError as err:
         raise ConfigError(str(err)) from None
     model_dir, identity = model_identity(spec.model)
-    context = _model_context(model_dir)
-    if context is not None and spec.max_tokens >= context:
-        raise ConfigError(
-            f"--max-tokens {spec.max_tokens} leaves no room for a prompt in the model's context "
-            f"of {context} positions (max_position_embeddings in its config.json); lower it"
-        )
+    _check_context(spec, model_dir)
     fields = fingerprint_fields(spec, identity, input_identity(spec.input))
-    print_ = fingerprint(spec, identity, input_identity(spec.input))
+    print_, accepted = fingerprints(spec, identity, spec.input)
     store = CheckpointStore(spec.parts_dir, spec.shard)
+    if not spec.overwrite and spec.output.exists():
+        _check_output(spec, accepted, fields)
+        if not (spec.parts_dir / MANIFEST).exists():  # this job's output, checkpoint removed
+            reporter.event(f"nothing to do: {spec.output} is this job's finished output")
+            return RunResult(total, 0, 0, 0, True, nothing_to_do=True)
     # Signals are caught from here on, so one that arrives while the model loads still ends the
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
-    if not spec.overwrite and spec.output.exists() and not (spec.parts_dir / MANIFEST).exists():
-        # no checkpoint to resume: the file is this job's finished output, or not ours to replace
-        if not _merged_by(spec.output, print_):
-            raise ConfigError(
-                f"{spec.output} already exists and is not the output of this job (no checkpoint "
-                f"of it in {spec.parts_dir}, and the file does not carry this job's "
-                "fingerprint); pass --overwrite to replace it, or choose another --output"
-            )
-        reporter.event(f"nothing to do: {spec.output} is this job's finished output")
-        return RunResult(total, 0, 0, 0, True, nothing_to_do=True)
     with _StopFlag() as stop, store.lock():
-        info = store.open_or_create(spec.to_dict(), print_, fields, spec.overwrite, total)
+        info = store.open_or_create(
+            spec.to_dict(), print_, fields, spec.overwrite, total, also=accepted - {print_}
+        )
         if spec.overwrite:  # an output merged from the discarded checkpoint is stale
             _discard_output(spec.output)
         for note in info.cleaned:
@@ -266,8 +259,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         if info.rows_done < owed:
             try:
                 session.run(model_dir, stop)
-            except ConfigError:  # the model did not load: a new job leaves nothing behind
-                store.abandon_new()
+            except ConfigError:  # e.g. the model did not load: a new job leaves nothing
+                with contextlib.suppress(OSError):
+                    store.abandon_new()
                 raise
         store.mark_complete(total)
         return session.finish(total, identity)
@@ -378,14 +372,15 @@ class _Session:
 
         spec = self.spec
         caches = self.prefix_cache.max_bytes + self.feature_cache.max_bytes
-        if memory:  # what one row alone may hold, whoever sets the budget (``_estimate``)
-            self.row_kv_limit = memory_kv_positions(self.model, memory, caches)
+        if memory:  # what one row alone may hold, whoever sets the budget (``_estimate``):
+            # all the memory beside the model and its caches, not the batches' half
+            self.row_kv_limit = memory_kv_positions(self.model, memory, caches, fraction=1.0)
         if self.batch_tokens is not None:
             return None
         self.batch_tokens = DEFAULT_BATCH_TOKENS
         if not memory:
             return None
-        limit = self.kv_limit = self.row_kv_limit
+        limit = self.kv_limit = memory_kv_positions(self.model, memory, caches)
         static = static_shapes(self.params)
 
         def fits(rows: int, longest: int, room: int | None = None) -> bool:
@@ -477,7 +472,7 @@ class _Session:
         """(prompt length, None), or (0, what is wrong with the row): among that, a prompt
         that with ``limit`` new tokens would not fit in the model's context, or whose KV cache
         alone would not fit in memory (allocating it could kill the process)."""
-        from model.generate import kv_bytes_per_token, kv_positions
+        from model.generate import kv_bytes_per_token, kv_positions, static_shapes
 
         if row.error:
             return 0, row.error
@@ -492,14 +487,15 @@ class _Session:
                 f"the prompt ({length} tokens) and up to {limit} new tokens exceed the model's "
                 f"context of {context} positions; shorten the prompt or lower --max-tokens"
             )
-        needed = kv_positions(length, limit)
+        needed = kv_positions(length, limit, static_shapes(self.params))
         if self.row_kv_limit is not None and needed > self.row_kv_limit:
             gib = kv_bytes_per_token(self.model) / 2**30
             return 0, (
                 f"the prompt ({length} tokens) and up to {limit} new tokens need a KV cache of "
                 f"{needed} positions ({needed * gib:.1f} GiB), more than the "
-                f"{self.row_kv_limit} ({self.row_kv_limit * gib:.1f} GiB) that fit in memory "
-                "beside the model; lower --max-tokens or shorten the prompt"
+                f"{self.row_kv_limit} ({self.row_kv_limit * gib:.1f} GiB) that fit in this "
+                "machine's memory beside the model; lower --max-tokens or this row's limit, "
+                "or shorten the prompt"
             )
         return length, None
 
@@ -749,7 +745,7 @@ class _Session:
             merged = True
             path = spec.output.with_name(spec.output.name + ".summary.json")
             earlier = read_json(path) if self.rows_run == 0 else None
-            if earlier is not None:  # this session only merged: keep the run's own figures
+            if isinstance(earlier, dict):  # this session only merged: keep the run's figures
                 summary = earlier
             # the rows of the whole output; the rest is this session's (of shard ``shard``)
             summary |= {
@@ -822,13 +818,44 @@ def _chain(batches, queue: deque, submit) -> Iterator:
         yield queue.popleft()
 
 
-def _merged_by(output: Path, print_: str) -> bool:
-    """Whether ``output`` is a file merged by the job of fingerprint ``print_``."""
+def _check_context(spec: JobSpec, model_dir: Path) -> None:
+    """Refuse a --max-tokens that leaves no room for a prompt in the model's context (with a
+    column of per-row limits it is only their cap: ``_Session._estimate`` checks each row)."""
+    context = _model_context(model_dir)
+    if context is not None and spec.max_tokens >= context and spec.max_tokens_column is None:
+        raise ConfigError(
+            f"--max-tokens {spec.max_tokens} leaves no room for a prompt in the model's context "
+            f"of {context} positions (max_position_embeddings in its config.json); lower it"
+        )
+
+
+def _check_output(spec: JobSpec, accepted: set[str], fields: dict[str, Any]) -> None:
+    """Refuse to go on towards replacing a file at the output that this job did not merge
+    (its metadata holds none of the job's fingerprints ``accepted``): without --overwrite, a
+    run never replaces a file it did not write, checkpoint or not."""
+    metadata = _output_metadata(spec.output)
+    if metadata is not None and metadata.get("fingerprint") in accepted:
+        return
+    why = "it is not a file that jobrunner wrote"
+    if metadata is not None:
+        changes = describe_changes(metadata.get("fingerprint_fields") or {}, fields)
+        why = "it was written by another job" + (f" ({'; '.join(changes)})" if changes else "")
+    raise ConfigError(
+        f"{spec.output} already exists and {why}; pass --overwrite to replace it, or choose "
+        "another --output"
+    )
+
+
+def _output_metadata(output: Path) -> dict[str, Any] | None:
+    """jobrunner's metadata of the file at ``output``; None for anything else (a FIFO or a
+    device is not opened: reading it could block)."""
+    if not output.is_file():
+        return None
     try:
         metadata = read_output_metadata(output)
-    except Exception:  # not Parquet, unreadable, a folder: not this job's output
-        return False
-    return (metadata or {}).get("fingerprint") == print_
+    except Exception:  # not Parquet, unreadable
+        return None
+    return metadata if isinstance(metadata, dict) else None
 
 
 def _discard_output(output: Path) -> None:

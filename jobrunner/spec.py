@@ -385,9 +385,12 @@ def _path(value: Any) -> Path | None:
 
 
 def _normal(path: Path) -> str:
-    """``path`` absolute, with ``.`` and ``..`` taken out (lexically: symbolic links are kept
-    as named), so that one folder named from two places is one job (the fingerprint)."""
-    return os.path.normpath(path.absolute())
+    """``path`` absolute; one with ``.`` or ``..`` in it is resolved (symbolic links followed,
+    as the system follows them: ``link/..`` is the parent of the link's target), so that one
+    folder named from two places is one job (the fingerprint). Paths without them stay as
+    given, as they were before this, so that jobs fingerprinted then still resume."""
+    absolute = str(path.absolute())
+    return absolute if os.path.normpath(absolute) == absolute else os.path.realpath(absolute)
 
 
 _RULES: dict[str, Callable[[Any], Any]] = {
@@ -628,13 +631,14 @@ def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
 # Fingerprint
 
 
-def input_identity(path: str | Path) -> dict[str, Any]:
+def input_identity(path: str | Path, legacy: bool = False) -> dict[str, Any]:
     """What identifies the input file's content: real path, size and a content sample, and the
     modification time where the sample is not the whole file.
 
     The sample is the SHA-256 of the whole file up to 2 MiB, else of its first and last MiB, so
     a rewrite is noticed without reading a large dataset. A file hashed whole needs no mtime:
     touching it or writing the same bytes again changes nothing, so its job still resumes.
+    ``legacy``: with the mtime whatever the size, as fingerprints recorded it until 2026-11-24.
     """
     real = Path(path).resolve()
     stat = real.stat()
@@ -647,13 +651,16 @@ def input_identity(path: str | Path) -> dict[str, Any]:
             fh.seek(-_SAMPLE_BYTES, os.SEEK_END)
             digest.update(fh.read(_SAMPLE_BYTES))
     identity = {"path": str(real), "size": stat.st_size}
-    if stat.st_size > 2 * _SAMPLE_BYTES:
+    if legacy or stat.st_size > 2 * _SAMPLE_BYTES:
         identity["mtime_ns"] = stat.st_mtime_ns
     return identity | {"sample_sha256": digest.hexdigest()}
 
 
 def fingerprint_fields(
-    spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
+    spec: JobSpec,
+    model_identity: Mapping[str, Any],
+    input_identity: Mapping[str, Any],
+    legacy: bool = False,
 ) -> dict[str, Any]:
     """The JSON-able values the fingerprint hashes (store them to report what changed).
 
@@ -661,7 +668,14 @@ def fingerprint_fields(
         model_identity: e.g. ``{"id": ..., "revision": ..., "weights_sha256": ...}`` plus any
             model default the spec leaves open (the effective ``num_crops``, ``dtype``).
         input_identity: from ``input_identity(spec.input)``.
+        legacy: the fields as recorded until 2026-11-24 (a crop count or dtype spelt out
+            recorded as given; pass ``input_identity(..., legacy=True)`` with it).
     """
+    defaults = (
+        (None, None)
+        if legacy
+        else (model_identity.get("default_num_crops"), model_identity.get("default_dtype"))
+    )
     greedy = spec.temperature == 0.0
     fields = {
         "version": FINGERPRINT_VERSION,
@@ -682,8 +696,8 @@ def fingerprint_fields(
         "top_k": None if greedy else spec.top_k,
         "seed": None if greedy else spec.seed,
         # a value spelt out that is the model's default is the same job as one left open
-        "num_crops": _unless_default(spec.num_crops, model_identity.get("default_num_crops")),
-        "dtype": _unless_default(spec.dtype, model_identity.get("default_dtype")),
+        "num_crops": _unless_default(spec.num_crops, defaults[0]),
+        "dtype": _unless_default(spec.dtype, defaults[1]),
         "quantize": spec.quantize,
     }
     if spec.max_tokens_column is not None:  # absent otherwise: older fingerprints still match
@@ -696,10 +710,24 @@ def _unless_default(value: Any, default: Any) -> Any:
     return None if value is not None and value == default else value
 
 
+def fingerprints(
+    spec: JobSpec, model_identity: Mapping[str, Any], input_path: str | Path
+) -> tuple[str, set[str]]:
+    """The job's fingerprint, and every fingerprint the same job has had (itself included):
+    the one recorded until 2026-11-24 too, so that jobs checkpointed or merged then resume or
+    stay finished."""
+    current = fingerprint(spec, model_identity, input_identity(input_path))
+    legacy = fingerprint(spec, model_identity, input_identity(input_path, legacy=True), True)
+    return current, {current, legacy}
+
+
 def fingerprint(
-    spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
+    spec: JobSpec,
+    model_identity: Mapping[str, Any],
+    input_identity: Mapping[str, Any],
+    legacy: bool = False,
 ) -> str:
     """SHA-256 (hex) of ``fingerprint_fields``; equal fingerprints mean equal outputs."""
-    fields = fingerprint_fields(spec, model_identity, input_identity)
+    fields = fingerprint_fields(spec, model_identity, input_identity, legacy)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -286,7 +286,7 @@ def test_rows_beyond_the_context_or_memory_are_error_records_not_a_crash(
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     weights = sum(v.nbytes for _, v in tree_flatten(tiny.parameters()))
     caches = (1 << 30) + (256 << 20)  # the prefix cache's 1 GiB floor, the feature cache
-    memory = weights + caches + 2 * 600 * model.generate.kv_bytes_per_token(tiny)
+    memory = weights + caches + 600 * model.generate.kv_bytes_per_token(tiny)  # one row: all
     monkeypatch.setattr(model.generate, "device_memory_bytes", lambda: memory)
     for budget in ([], ["--max-batch-tokens", "100000"]):  # a budget of one's own too
         output = tmp_path / f"out{len(budget)}.parquet"
@@ -298,12 +298,19 @@ def test_rows_beyond_the_context_or_memory_are_error_records_not_a_crash(
         got = {r["id"]: r for r in read(output)}
         assert got["short"]["error"] is None
         assert "exceed the model's context" in got["huge"]["error"]
-        assert "fit in memory" in got["long"]["error"] and "600" in got["long"]["error"]
+        assert "fit in this machine's memory" in got["long"]["error"]
+        assert "600" in got["long"]["error"]
         assert "lower --max-tokens" in got["long"]["error"]
     output = tmp_path / "none.parquet"
     code, text = run_to(source, tiny_model_dir, output, "--max-tokens", str(context))
     assert code == 2 and "leaves no room for a prompt" in text, text
     assert not output.with_name(output.name + ".parts").exists()
+    # with per-row limits, --max-tokens is only their cap: the rows are checked one by one
+    code, text = run_to(
+        source, tiny_model_dir, output, "--max-tokens", str(context), "--max-tokens-column", "n"
+    )
+    assert code == 1, text
+    assert "exceed the model's context" in {r["id"]: r for r in read(output)}["huge"]["error"]
 
 
 def test_prompts_sharing_an_image_prefill_it_once(tiny_model_dir, tmp_path):
@@ -567,7 +574,8 @@ def test_a_file_that_is_not_this_jobs_output_is_never_replaced_without_overwrite
     assert output.read_bytes() == before
     # another job (other settings) writing there: refused, the file untouched
     code, text = run_to(dataset, tiny_model_dir, output, "--max-tokens", "3")
-    assert code == 2 and "already exists and is not the output of this job" in text
+    assert code == 2 and "already exists and it was written by another job" in text
+    assert "max_tokens: 2 → 3" in text
     assert "--overwrite" in text and output.read_bytes() == before
     # a file that is no jobrunner output at all: refused; --overwrite replaces it
     other = tmp_path / "precious.parquet"
@@ -577,6 +585,12 @@ def test_a_file_that_is_not_this_jobs_output_is_never_replaced_without_overwrite
     assert other.read_bytes() == kept
     assert run_to(dataset, tiny_model_dir, other, "--max-tokens", "2", "--overwrite")[0] == 0
     assert pq.read_table(other).num_rows == pq.read_table(output).num_rows
+    # a checkpoint of this very job does not license replacing a file it did not write
+    pq.write_table(pa.table({"x": [1, 2, 3]}), other)
+    kept = other.read_bytes()
+    code, text = run_to(dataset, tiny_model_dir, other, "--max-tokens", "2")
+    assert code == 2 and "it is not a file that jobrunner wrote" in text, text
+    assert "nothing to do" not in text and other.read_bytes() == kept
 
 
 def test_text_that_is_not_valid_unicode_is_an_error_row(tiny_model_dir, tmp_path):

@@ -73,6 +73,12 @@ def test_one_folder_named_from_two_places_is_one_path(
     assert winding.input == straight.input == data
     assert winding.model == straight.model == str(model)
     assert fingerprint(winding, {}, {}) == fingerprint(straight, {}, {})
+    # ``link/..`` is the parent of the link's target, as the system resolves it
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / data.name).write_text(data.read_text())
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "deep")
+    linked = build_spec({}, {"input": tmp_path / "link" / ".." / data.name, "model": "org/m"})
+    assert linked.input == tmp_path / "elsewhere" / data.name
 
 
 def test_job_file_resolves_paths_against_its_folder(tmp_path: Path, data: Path) -> None:
@@ -456,6 +462,24 @@ def test_touching_an_input_hashed_whole_is_the_same_job_but_not_a_large_one(
     before = input_identity(big)
     os.utime(big, ns=(0, big.stat().st_mtime_ns + 10**9))
     assert input_identity(big)["mtime_ns"] != before["mtime_ns"]
+
+
+def test_jobs_fingerprinted_before_2026_11_24_are_still_accepted(data: Path) -> None:
+    """Until then the input's mtime was always hashed and spelt-out defaults kept as given;
+    ``fingerprints`` accepts that form too, so such checkpoints resume (and outputs merged
+    then stay this job's)."""
+    from jobrunner.spec import fingerprints
+
+    model = {**MODEL, "default_num_crops": 4}
+    spec = spec_for(data, num_crops=4)
+    current, accepted = fingerprints(spec, model, data)
+    assert current == fingerprint(spec, model, input_identity(data))
+    legacy = fingerprint(spec, model, input_identity(data, legacy=True), legacy=True)
+    assert accepted == {current, legacy} and len(accepted) == 2
+    assert (
+        "mtime_ns"
+        in fingerprint_fields(spec, model, input_identity(data, legacy=True), legacy=True)["input"]
+    )
 
 
 def test_spelling_out_the_models_defaults_is_the_same_job(data: Path) -> None:
