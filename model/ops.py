@@ -11,8 +11,8 @@ normalised after ``@ V``, in blocks of queries that skip keys a causal mask hide
 small bench preset's longest prompt (975 tokens): prefill 1.23 s -> 0.40-0.45 s, vision tower on
 5 crops 1.03 s -> 0.33 s (with ``jobrunner._blas.tune_allocator``). The mask is added to the
 scores as 0 / -inf (``attention_bias``, once per forward pass) rather than applied with ``where``,
-which costs 5x an add here: that prefill 0.365 s -> 0.315 s, same bits. Everything else (GPU,
-float16/bfloat16) takes MLX's own kernels.
+which costs 5x an add here (same bits; about 1% of vision and prefill on the bench's rows).
+Everything else (GPU, float16/bfloat16) takes MLX's own kernels.
 
 Every operation here is elementwise or row-wise, so a row's result never depends on its batch.
 Gradients are written out (the demo model trains through these functions). Where no C++ compiler
