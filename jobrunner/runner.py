@@ -346,6 +346,11 @@ class _Session:
                 self._decode(planned, stop)
             except GenerationFault as fault:
                 self._stop(queue, fault)
+            except StoppedNow:  # at once: the pool's exit need not prepare the rows queued
+                for pending in queue:
+                    for _, future in pending:
+                        future.cancel()
+                raise
             if stop.signum is not None:
                 self._stop(queue, Interrupted(stop.signum))
             if self.read_error is not None:  # every row read before the damage is done
