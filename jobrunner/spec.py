@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import string
 import sys
 from collections.abc import Callable, Mapping
@@ -472,10 +473,27 @@ def template_fields(template: str) -> tuple[str, ...]:
             )
         if format_spec and "{" in format_spec:
             raise ValueError(f"field '{{{name}}}' has a nested field in its format spec")
+        if format_spec and _too_wide(format_spec):  # checked before formatting a sample
+            raise ValueError(
+                f"field '{{{name}}}' pads or cuts to more than {_MAX_WIDTH:,} characters "
+                f"(':{format_spec}'); no model's prompt is that long"
+            )
         if format_spec and not _formattable(format_spec, converted=conversion is not None):
             raise ValueError(f"field '{{{name}}}' has an invalid format spec ':{format_spec}'")
         names.append(name)
     return tuple(dict.fromkeys(names))
+
+
+_MAX_WIDTH = 100_000
+# width and precision in a standard format spec: [[fill]align][sign][z][#][0][width][,_][.prec]
+_WIDTHS = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?")
+
+
+def _too_wide(format_spec: str) -> bool:
+    """Whether ``format_spec`` asks for a width or precision above ``_MAX_WIDTH`` (formatting
+    even one value with it would take that much memory: ``{a:>1000000000}`` is a gigabyte)."""
+    match = _WIDTHS.match(format_spec)
+    return match is not None and any(int(n or 0) > _MAX_WIDTH for n in match.groups())
 
 
 def _formattable(format_spec: str, converted: bool) -> bool:

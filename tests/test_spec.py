@@ -181,6 +181,8 @@ BAD_VALUES = [
     ("prompt", "Q: {prompt!z}"),
     ("prompt", "{a:zz}"),
     ("prompt", "{a!r:d}"),
+    ("prompt", "{a:>1000000000}"),  # a gigabyte per value: refused before formatting one
+    ("prompt", "{a:.2000000f}"),
     ("prompt", "  "),
     ("id_column", ""),
     ("max_tokens_column", ""),
