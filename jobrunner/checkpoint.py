@@ -35,7 +35,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,11 +168,25 @@ def _flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _is_same_job(
+    manifest: dict, accepted: set[str], same_job: Callable[[dict], bool] | None
+) -> bool:
+    if manifest.get("fingerprint") in accepted:
+        return True
+    stored = manifest.get("fingerprint_fields")
+    return same_job is not None and isinstance(stored, dict) and same_job(stored)
+
+
 def _check_same_job(
-    directory: Path, manifest: dict, accepted: set[str], fields: dict, n: int
+    directory: Path,
+    manifest: dict,
+    accepted: set[str],
+    fields: dict,
+    n: int,
+    same_job: Callable[[dict], bool] | None = None,
 ) -> None:
     changes = []
-    if manifest.get("fingerprint") not in accepted:
+    if not _is_same_job(manifest, accepted, same_job):
         changes = describe_changes(manifest.get("fingerprint_fields") or {}, fields)
         changes = changes or [f"fingerprint: {manifest.get('fingerprint')} → {sorted(accepted)}"]
     if manifest.get("num_shards") != n:
@@ -313,11 +327,13 @@ class CheckpointStore:
         overwrite: bool = False,
         total_rows: int | None = None,
         also: Collection[str] = (),
+        same_job: Callable[[dict], bool] | None = None,
     ) -> ResumeInfo:
         """Create the checkpoint, or resume it if it belongs to the same job.
 
         ``also``: fingerprints the same job had under earlier versions of the fingerprint; a
-        checkpoint made with one of them resumes.
+        checkpoint made with one of them resumes, as does one whose recorded fields
+        ``same_job`` accepts (fields recorded by another version of the fingerprint).
 
         Raises:
             FingerprintMismatch: the directory holds another job (message names what changed).
@@ -328,7 +344,7 @@ class CheckpointStore:
         with _manifest_lock(self.directory):
             existed = (self.directory / MANIFEST).exists()
             manifest, resumed, cleaned = self._prepare_manifest(
-                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, also
+                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, also, same_job
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
             self._created = not resumed and (not existed or overwrite)
@@ -367,7 +383,13 @@ class CheckpointStore:
         return True
 
     def _prepare_manifest(
-        self, spec: dict, fingerprint: str, fields: dict, overwrite: bool, also: Collection[str]
+        self,
+        spec: dict,
+        fingerprint: str,
+        fields: dict,
+        overwrite: bool,
+        also: Collection[str],
+        same_job: Callable[[dict], bool] | None,
     ) -> tuple[dict, bool, list[str]]:
         cleaned: list[str] = []
         try:
@@ -377,7 +399,7 @@ class CheckpointStore:
                 raise
             manifest = None  # damaged: --overwrite discards it below with everything else
         accepted = {fingerprint, *also}
-        same = manifest is not None and manifest.get("fingerprint") in accepted
+        same = manifest is not None and _is_same_job(manifest, accepted, same_job)
         same = same and manifest.get("num_shards") == self.n
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
@@ -407,7 +429,7 @@ class CheckpointStore:
             }
             atomic_write_json(self.directory / MANIFEST, manifest)
             return manifest, False, cleaned
-        _check_same_job(self.directory, manifest, accepted, fields, self.n)
+        _check_same_job(self.directory, manifest, accepted, fields, self.n, same_job)
         return manifest, True, cleaned
 
     def _recover(self) -> list[str]:

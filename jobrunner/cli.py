@@ -329,7 +329,12 @@ def _shard_state(shard: dict) -> str:
 
 def _job_state(info: dict, resume: str = "") -> str:
     if info.get("output_exists") and info.get("complete"):
-        return "complete"
+        if info.get("output_is_this_jobs", True):
+            return "complete"
+        return (
+            "every shard is done, but the file at the output is not this job's output; move "
+            "it away or delete it, then `jobrunner merge` writes the job's"
+        )
     if info.get("running"):
         return "running"
     if info.get("complete"):

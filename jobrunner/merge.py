@@ -234,7 +234,8 @@ def merge(
 
     Args:
         directory: the checkpoint directory.
-        output_path: the final Parquet file (replaced atomically if it exists).
+        output_path: the final Parquet file (replaced atomically if it exists and was merged
+            from this checkpoint before; any other file there is refused).
         total_rows: input rows (default: what the manifest and completion records say).
         num_shards: expected number of shards (default: the manifest's).
         metadata: JSON-able dict stored under the file metadata key ``jobrunner``, on top of the
@@ -254,6 +255,12 @@ def merge(
     n = manifest["num_shards"]
     if num_shards is not None and num_shards != n:
         raise CheckpointError(f"{directory} was made for {n} shards, not {num_shards}")
+    if output_path.exists() and not _merged_output(output_path, manifest.get("fingerprint")):
+        raise CheckpointError(
+            f"{output_path} already exists and is not this job's output (not a file that this "
+            "job's checkpoint merged), so merging will not replace it; move it away or delete "
+            "it, then merge again"
+        )
     total = _merge_total(directory, manifest, n, total_rows)
     parts, kinds, keep = _collect_parts(directory, n, total)
     schema = results_schema(keep, {c: kept_type(kinds.get(c, ())) or pa.string() for c in keep})
@@ -337,14 +344,18 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
     }
 
 
-def _merged_output(path: Path) -> bool:
-    """Whether ``path`` is a Parquet file jobrunner merged (it carries jobrunner's metadata)."""
+def _merged_output(path: Path, fingerprint: str | None = None) -> bool:
+    """Whether ``path`` is a Parquet file jobrunner merged (it carries jobrunner's metadata);
+    with ``fingerprint``, merged by the job of that fingerprint."""
     if not path.is_file():  # a folder; a FIFO or device, whose reading could block
         return False
     try:
-        return read_output_metadata(path) is not None
+        metadata = read_output_metadata(path)
     except Exception:  # not Parquet, unreadable
         return False
+    if not isinstance(metadata, dict):
+        return False
+    return fingerprint is None or metadata.get("fingerprint") == fingerprint
 
 
 def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
@@ -373,8 +384,11 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     shards = [_shard_status(directory, k, n, total) for k in range(n)]
     rates = [s["rows_per_second"] for s in shards if s["rows_per_second"]]
     etas = [s["eta_seconds"] for s in shards if s["eta_seconds"] is not None]
+    fingerprint = manifest.get("fingerprint")
+    ours = result["output_exists"] and _merged_output(Path(output_path), fingerprint)
     return {
         **result,
+        "output_is_this_jobs": ours,
         "started_with_overwrite": bool((manifest.get("spec") or {}).get("overwrite")),
         "fingerprint": manifest.get("fingerprint"),
         "num_shards": n,

@@ -572,10 +572,11 @@ def _path_ref(
     if "\x00" in value:
         problems.append(f"image path {_clip(value)} contains a NUL byte, which no file name has")
         return None
-    if len(value) > 255 and "/" not in value and os.sep not in value:
-        problems.append(  # no file name is that long: base64 text, most likely
-            f"image {_clip(value)} is not a file name (base64 text?); give a file path, or the "
-            "bytes in a Parquet binary column"
+    if any(len(part) > 255 for part in value.replace(os.sep, "/").split("/")):
+        problems.append(  # no file name is that long (base64 text has "/" too, so: any part)
+            f"image {_clip(value)} is not a file path: a part of it is longer than any file "
+            "name can be (base64 text?); give a file path, or the bytes in a Parquet binary "
+            "column"
         )
         return None
     path = os.path.join(base_dir, value)  # an absolute value replaces base_dir

@@ -60,7 +60,13 @@ from .readers import (
     iter_rows,
     load_image,
 )
-from .spec import JobSpec, fingerprint_fields, fingerprints, input_identity
+from .spec import (
+    JobSpec,
+    comparable_fields,
+    fingerprint_fields,
+    fingerprints,
+    input_identity,
+)
 from .writers import ParquetOutputMetadata, PartWriter, read_output_metadata, write_summary
 
 PREFETCH_BATCHES = 2
@@ -233,9 +239,14 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     _check_context(spec, model_dir)
     fields = fingerprint_fields(spec, identity, input_identity(spec.input))
     print_, accepted = fingerprints(spec, identity, spec.input)
+    mine = comparable_fields(fields)
+
+    def same_job(stored: dict) -> bool:  # fields another fingerprint version recorded
+        return comparable_fields(stored) == mine
+
     store = CheckpointStore(spec.parts_dir, spec.shard)
     if not spec.overwrite and spec.output.exists():
-        _check_output(spec, accepted, fields)
+        _check_output(spec, accepted, fields, same_job)
         if not (spec.parts_dir / MANIFEST).exists():  # this job's output, checkpoint removed
             reporter.event(f"nothing to do: {spec.output} is this job's finished output")
             return RunResult(total, 0, 0, 0, True, nothing_to_do=True)
@@ -243,7 +254,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
     with _StopFlag() as stop, store.lock():
         info = store.open_or_create(
-            spec.to_dict(), print_, fields, spec.overwrite, total, also=accepted - {print_}
+            spec.to_dict(), print_, fields, spec.overwrite, total, accepted - {print_}, same_job
         )
         if spec.overwrite:  # an output merged from the discarded checkpoint is stale
             _discard_output(spec.output)
@@ -259,7 +270,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         if info.rows_done < owed:
             try:
                 session.run(model_dir, stop)
-            except ConfigError:  # e.g. the model did not load: a new job leaves nothing
+            except (ConfigError, Interrupted, StoppedNow):
+                # the model did not load, or a signal came first: a new job that recorded
+                # nothing leaves nothing, so a corrected command is not refused as another job
                 with contextlib.suppress(OSError):
                     store.abandon_new()
                 raise
@@ -749,16 +762,16 @@ class _Session:
             info = merge(spec.parts_dir, spec.output, total, metadata=metadata)
             merged = True
             path = spec.output.with_name(spec.output.name + ".summary.json")
-            earlier = read_json(path) if self.rows_run == 0 else None
-            if isinstance(earlier, dict):  # this session only merged: keep the run's figures
-                summary = earlier
             # the rows of the whole output; the rest is this session's (of shard ``shard``)
-            summary |= {
+            counts = {
                 "rows_total": info.rows,
                 "rows_ok": info.rows - info.errors,
                 "rows_error": info.errors,
             }
-            write_summary(path, summary)
+            summary |= counts
+            earlier = read_json(path) if self.rows_run == 0 else None
+            # a session that only merged keeps the figures of the run that made the rows
+            write_summary(path, earlier | counts if isinstance(earlier, dict) else summary)
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
         except IncompleteJob as err:  # other shards still running: the last one merges
             self.reporter.event(f"shard done; not merged yet: {err}")
@@ -834,20 +847,27 @@ def _check_context(spec: JobSpec, model_dir: Path) -> None:
         )
 
 
-def _check_output(spec: JobSpec, accepted: set[str], fields: dict[str, Any]) -> None:
+def _check_output(
+    spec: JobSpec, accepted: set[str], fields: dict[str, Any], same_job: Callable[[dict], bool]
+) -> None:
     """Refuse to go on towards replacing a file at the output that this job did not merge
-    (its metadata holds none of the job's fingerprints ``accepted``): without --overwrite, a
-    run never replaces a file it did not write, checkpoint or not."""
+    (its metadata holds none of the job's fingerprints ``accepted``, nor fields ``same_job``
+    accepts): without --overwrite, a run never replaces a file it did not write, checkpoint
+    or not."""
     metadata = _output_metadata(spec.output)
-    if metadata is not None and metadata.get("fingerprint") in accepted:
+    stored = (metadata or {}).get("fingerprint_fields")
+    if metadata is not None and (
+        metadata.get("fingerprint") in accepted or (isinstance(stored, dict) and same_job(stored))
+    ):
         return
     why = "it is not a file that jobrunner wrote"
     if metadata is not None:
         changes = describe_changes(metadata.get("fingerprint_fields") or {}, fields)
         why = "it was written by another job" + (f" ({'; '.join(changes)})" if changes else "")
     raise ConfigError(
-        f"{spec.output} already exists and {why}; pass --overwrite to replace it, or choose "
-        "another --output"
+        f"{spec.output} already exists and {why}; move it away or delete it (a finished "
+        "checkpoint of this job then merges its output again), pass --overwrite to replace it "
+        "(every row runs again), or choose another --output"
     )
 
 

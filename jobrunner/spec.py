@@ -728,6 +728,23 @@ def _unless_default(value: Any, default: Any) -> Any:
     return None if value is not None and value == default else value
 
 
+def comparable_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Fingerprint fields as compared to tell whether two are one job, whichever version of the
+    fingerprint recorded them: without the input's mtime where its sample is the whole file
+    (fingerprints until 2026-11-24 had it), and with a crop count or dtype that equals the
+    model's recorded default as None (left open)."""
+    out = json.loads(json.dumps(dict(fields), default=str))
+    source = out.get("input") if isinstance(out.get("input"), dict) else {}
+    size = source.get("size")
+    if isinstance(size, int) and size <= 2 * _SAMPLE_BYTES:
+        source.pop("mtime_ns", None)
+    model = out.get("model_identity") if isinstance(out.get("model_identity"), dict) else {}
+    for key, default in (("num_crops", "default_num_crops"), ("dtype", "default_dtype")):
+        if out.get(key) is not None and out.get(key) == model.get(default):
+            out[key] = None
+    return out
+
+
 def fingerprints(
     spec: JobSpec, model_identity: Mapping[str, Any], input_path: str | Path
 ) -> tuple[str, set[str]]:

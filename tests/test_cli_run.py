@@ -447,8 +447,8 @@ def bad_rows(root: Path) -> list[tuple[str, str]]:
             "is a data: URI",
         ),
         (
-            json.dumps({"id": "b64", "image": "iVBORw0KGgo" * 40, "prompt": "x"}),
-            "not a file name (base64 text?)",
+            json.dumps({"id": "b64", "image": "iVBORw0KGgo/" + "AAAA" * 80, "prompt": "x"}),
+            "longer than any file name can be (base64 text?)",
         ),
         (json.dumps({"id": "nul", "image": "a\u0000b.png", "prompt": "x"}), "NUL byte"),
         (json.dumps({"id": "fifo", "image": "fifo.png", "prompt": "x"}), "not a regular file"),

@@ -377,7 +377,8 @@ def test_sigterm_and_sigint_flush_and_print_the_resume_command(
     job = Job(tmp_path, args)  # signalled while it loads the model (it holds the lock by then)
     resume, _ = interrupt(job, signal.SIGTERM, lambda: (read_lock_info(lock) or {}).get("pid"))
     assert resume == args[:-1]  # the same command, without --overwrite
-    assert status_json(output)["rows_done"] == 0
+    # nothing was recorded: the new job left no manifest (a changed command is no other job)
+    assert not (parts_dir(output) / "manifest.json").exists()
 
     # Signalled while generating: held before a random batch, so that the signal cannot come
     # after the last batch however slow this machine is.
@@ -569,6 +570,48 @@ def test_a_checkpoint_fingerprinted_the_old_way_resumes(tmp_path, dataset, tiny_
     assert_same_output(output, greedy[1])
     code, text = cli("run", *job_args(dataset, tiny_model_dir, output))  # merged the old way
     assert code == 0 and "nothing to do" in text, text
+
+
+def test_a_checkpoint_whose_fields_an_older_fingerprint_recorded_resumes(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """Fields recorded by an older fingerprint (the input's mtime, since changed by a touch;
+    a crop count spelt out that is the model's default) are the same job: it merges, and its
+    output stays finished."""
+    output = tmp_path / "out.parquet"
+    copy_checkpoint(greedy[0], output)
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    fields = manifest["fingerprint_fields"]
+    default = fields["model_identity"]["default_num_crops"]
+    fields = {**fields, "num_crops": default, "input": {**fields["input"], "mtime_ns": 1}}
+    manifest |= {"fingerprint": "0" * 64, "fingerprint_fields": fields}
+    manifest_path.write_text(json.dumps(manifest))
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+    assert code == 0 and "different job" not in text, text
+    assert_same_output(output, greedy[1])
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+    assert code == 0 and "nothing to do" in text, text
+
+
+def test_merge_never_replaces_a_file_the_job_did_not_merge(tmp_path, dataset, greedy):
+    output = tmp_path / "out.parquet"
+    copy_checkpoint(greedy[0], output)
+    pq.write_table(pa.table({"x": [1, 2]}), output)
+    kept = output.read_bytes()
+    code, text = cli("merge", str(output))
+    assert code == 2 and "is not this job's output" in text, text
+    assert output.read_bytes() == kept
+    code, text = cli("status", str(output))
+    assert (
+        code == 0 and "is not this job's output" in text and "complete" not in text.split("\n")[0]
+    )
+    output.unlink()
+    code, text = cli("merge", str(output))
+    assert code == 0, text
+    code, text = cli("merge", str(output))  # its own output: merged again
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
 
 
 def test_merge_while_a_shard_runs_says_it_is_running(tmp_path, greedy):
