@@ -35,7 +35,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,13 +143,21 @@ def _short(value: Any) -> str:
 _ABSENT = object()
 
 
-def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``field: old → new`` for every fingerprint field that differs.
+def describe_changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    comparable: Callable[[dict], dict] | None = None,
+) -> list[str]:
+    """``field: old → new`` for every fingerprint field that differs (in ``comparable`` form,
+    if given, so that what another fingerprint version recorded differently is not listed).
 
     Nested fields are compared one by one (``input.size: 10 → 12``), so a long value such as
     the input's identity still names the part of it that changed.
     """
-    old, new = _flatten(jsonable(dict(old))), _flatten(jsonable(dict(new)))
+    old, new = jsonable(dict(old)), jsonable(dict(new))
+    if comparable is not None:
+        old, new = comparable(old), comparable(new)
+    old, new = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
@@ -168,27 +176,35 @@ def _flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _is_same_job(
-    manifest: dict, accepted: set[str], same_job: Callable[[dict], bool] | None
+def is_same_job(
+    record: Mapping[str, Any],
+    fingerprint: str,
+    fields: Mapping[str, Any],
+    comparable: Callable[[dict], dict] | None = None,
 ) -> bool:
-    if manifest.get("fingerprint") in accepted:
+    """Whether ``record`` (a manifest, or an output's metadata) is of the job with this
+    ``fingerprint`` and ``fields``: the same fingerprint, or fields equal in ``comparable``
+    form (recorded by another version of the fingerprint)."""
+    if record.get("fingerprint") == fingerprint:
         return True
-    stored = manifest.get("fingerprint_fields")
-    return same_job is not None and isinstance(stored, dict) and same_job(stored)
+    stored = record.get("fingerprint_fields")
+    if comparable is None or not isinstance(stored, dict) or not stored:
+        return False
+    return comparable(stored) == comparable(dict(fields))
 
 
 def _check_same_job(
     directory: Path,
     manifest: dict,
-    accepted: set[str],
+    fingerprint: str,
     fields: dict,
     n: int,
-    same_job: Callable[[dict], bool] | None = None,
+    comparable: Callable[[dict], dict] | None = None,
 ) -> None:
     changes = []
-    if not _is_same_job(manifest, accepted, same_job):
-        changes = describe_changes(manifest.get("fingerprint_fields") or {}, fields)
-        changes = changes or [f"fingerprint: {manifest.get('fingerprint')} → {sorted(accepted)}"]
+    if not is_same_job(manifest, fingerprint, fields, comparable):
+        changes = describe_changes(manifest.get("fingerprint_fields") or {}, fields, comparable)
+        changes = changes or [f"fingerprint: {manifest.get('fingerprint')} → {fingerprint}"]
     if manifest.get("num_shards") != n:
         changes.append(f"number of shards: {manifest.get('num_shards')} → {n}")
     if changes:
@@ -217,9 +233,6 @@ def _set_total_rows(directory: Path, manifest: dict, total_rows: int | None) -> 
 def _wipe(directory: Path, only_shard: str | None = None) -> list[str]:
     """Remove our files (manifest, shard folders; never lock files, never unknown files)."""
     removed = []
-    if only_shard is None and (directory / MANIFEST).exists():
-        (directory / MANIFEST).unlink()
-        removed.append(MANIFEST)
     for shard_dir in sorted(directory.iterdir()):
         if not (shard_dir.is_dir() and _SHARD_DIR_RE.match(shard_dir.name)):
             continue
@@ -232,6 +245,10 @@ def _wipe(directory: Path, only_shard: str | None = None) -> list[str]:
                 removed.append(f"{shard_dir.name}/{name}")
         with contextlib.suppress(OSError):
             shard_dir.rmdir()  # only if nothing foreign is left inside
+    # the manifest last: a wipe cut short leaves a checkpoint that is still one
+    if only_shard is None and (directory / MANIFEST).exists():
+        (directory / MANIFEST).unlink()
+        removed.append(MANIFEST)
     fsync_dir(directory)
     return removed
 
@@ -326,14 +343,14 @@ class CheckpointStore:
         fingerprint_fields: Mapping[str, Any],
         overwrite: bool = False,
         total_rows: int | None = None,
-        also: Collection[str] = (),
-        same_job: Callable[[dict], bool] | None = None,
+        comparable: Callable[[dict], dict] | None = None,
     ) -> ResumeInfo:
         """Create the checkpoint, or resume it if it belongs to the same job.
 
-        ``also``: fingerprints the same job had under earlier versions of the fingerprint; a
-        checkpoint made with one of them resumes, as does one whose recorded fields
-        ``same_job`` accepts (fields recorded by another version of the fingerprint).
+        ``comparable``: the form in which fingerprint fields recorded by another version of
+        the fingerprint compare with this one's (``spec.comparable_fields``); a checkpoint whose
+        fields equal this job's in that form resumes, and a refusal lists the differences
+        that remain.
 
         Raises:
             FingerprintMismatch: the directory holds another job (message names what changed).
@@ -344,7 +361,7 @@ class CheckpointStore:
         with _manifest_lock(self.directory):
             existed = (self.directory / MANIFEST).exists()
             manifest, resumed, cleaned = self._prepare_manifest(
-                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, also, same_job
+                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, comparable
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
             self._created = not resumed and (not existed or overwrite)
@@ -372,6 +389,9 @@ class CheckpointStore:
         if not self._created or self._records:
             return False
         with _manifest_lock(self.directory):
+            # the disk, not memory: a signal can land between a part's record and ``_records``
+            if read_progress(self.shard_dir)[0] or any(self.shard_dir.glob("part-*.parquet")):
+                return False
             others = [
                 p for p in self.directory.iterdir()
                 if p.is_dir() and _SHARD_DIR_RE.match(p.name) and p.name != self.name
@@ -388,8 +408,7 @@ class CheckpointStore:
         fingerprint: str,
         fields: dict,
         overwrite: bool,
-        also: Collection[str],
-        same_job: Callable[[dict], bool] | None,
+        comparable: Callable[[dict], dict] | None,
     ) -> tuple[dict, bool, list[str]]:
         cleaned: list[str] = []
         try:
@@ -398,8 +417,7 @@ class CheckpointStore:
             if not overwrite:
                 raise
             manifest = None  # damaged: --overwrite discards it below with everything else
-        accepted = {fingerprint, *also}
-        same = manifest is not None and _is_same_job(manifest, accepted, same_job)
+        same = manifest is not None and is_same_job(manifest, fingerprint, fields, comparable)
         same = same and manifest.get("num_shards") == self.n
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
@@ -429,7 +447,7 @@ class CheckpointStore:
             }
             atomic_write_json(self.directory / MANIFEST, manifest)
             return manifest, False, cleaned
-        _check_same_job(self.directory, manifest, accepted, fields, self.n, same_job)
+        _check_same_job(self.directory, manifest, fingerprint, fields, self.n, comparable)
         return manifest, True, cleaned
 
     def _recover(self) -> list[str]:

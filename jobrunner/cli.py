@@ -126,6 +126,12 @@ def run(input_path: Path, **flags) -> None:
         sys.exit(EXIT_FAULT)
     except (ConfigError, FingerprintMismatch, CheckpointError) as err:
         raise _ConfigError(str(err)) from None
+    except OSError as err:  # a full disk, a read-only folder: durable parts stay as they are
+        where = f" ({err.filename})" if err.filename else ""
+        raise _ConfigError(
+            f"{err.strerror or err}{where}; finished rows are saved: fix it and run the same "
+            "command again"
+        ) from None
     except (Interrupted, StoppedNow) as err:
         reporter.close()
         from_file = spec.overwrite and input_path.suffix.lower() == ".toml"  # overwrite = true?

@@ -48,7 +48,7 @@ from jobrunner.writers import (
     decode_kept,
     fsync_dir,
     kept_type,
-    read_output_metadata,
+    merged_metadata,
     remove_orphan_temps,
     results_schema,
     temp_path_for,
@@ -347,13 +347,8 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
 def _merged_output(path: Path, fingerprint: str | None = None) -> bool:
     """Whether ``path`` is a Parquet file jobrunner merged (it carries jobrunner's metadata);
     with ``fingerprint``, merged by the job of that fingerprint."""
-    if not path.is_file():  # a folder; a FIFO or device, whose reading could block
-        return False
-    try:
-        metadata = read_output_metadata(path)
-    except Exception:  # not Parquet, unreadable
-        return False
-    if not isinstance(metadata, dict):
+    metadata = merged_metadata(path)
+    if metadata is None:
         return False
     return fingerprint is None or metadata.get("fingerprint") == fingerprint
 

@@ -572,7 +572,8 @@ def _path_ref(
     if "\x00" in value:
         problems.append(f"image path {_clip(value)} contains a NUL byte, which no file name has")
         return None
-    if any(len(part) > 255 for part in value.replace(os.sep, "/").split("/")):
+    too_long = len(value) > 4096  # PATH_MAX; base64 text's "/" leave it short parts
+    if too_long or any(len(part) > 255 for part in value.replace(os.sep, "/").split("/")):
         problems.append(  # no file name is that long (base64 text has "/" too, so: any part)
             f"image {_clip(value)} is not a file path: a part of it is longer than any file "
             "name can be (base64 text?); give a file path, or the bytes in a Parquet binary "

@@ -42,7 +42,16 @@ from typing import Any
 
 from ._blas import single_threaded_numpy_blas
 from .batching import JOIN_AT, PlanStats, joining, plan_batches
-from .checkpoint import MANIFEST, CheckpointStore, describe_changes, read_json, shard_rows
+from .checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointStore,
+    describe_changes,
+    is_same_job,
+    read_json,
+    read_manifest,
+    shard_rows,
+)
 from .merge import IncompleteJob, merge
 from .progress import Reporter
 from .readers import (
@@ -60,14 +69,8 @@ from .readers import (
     iter_rows,
     load_image,
 )
-from .spec import (
-    JobSpec,
-    comparable_fields,
-    fingerprint_fields,
-    fingerprints,
-    input_identity,
-)
-from .writers import ParquetOutputMetadata, PartWriter, read_output_metadata, write_summary
+from .spec import JobSpec, comparable_fields, fingerprint, fingerprint_fields, input_identity
+from .writers import ParquetOutputMetadata, PartWriter, merged_metadata, write_summary
 
 PREFETCH_BATCHES = 2
 DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and none is given
@@ -237,16 +240,12 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError(str(err)) from None
     model_dir, identity = model_identity(spec.model)
     _check_context(spec, model_dir)
-    fields = fingerprint_fields(spec, identity, input_identity(spec.input))
-    print_, accepted = fingerprints(spec, identity, spec.input)
-    mine = comparable_fields(fields)
-
-    def same_job(stored: dict) -> bool:  # fields another fingerprint version recorded
-        return comparable_fields(stored) == mine
-
+    source = input_identity(spec.input)
+    fields = fingerprint_fields(spec, identity, source)
+    print_ = fingerprint(spec, identity, source)
     store = CheckpointStore(spec.parts_dir, spec.shard)
     if not spec.overwrite and spec.output.exists():
-        _check_output(spec, accepted, fields, same_job)
+        _check_output(spec, print_, fields)
         if not (spec.parts_dir / MANIFEST).exists():  # this job's output, checkpoint removed
             reporter.event(f"nothing to do: {spec.output} is this job's finished output")
             return RunResult(total, 0, 0, 0, True, nothing_to_do=True)
@@ -254,7 +253,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
     with _StopFlag() as stop, store.lock():
         info = store.open_or_create(
-            spec.to_dict(), print_, fields, spec.overwrite, total, accepted - {print_}, same_job
+            spec.to_dict(), print_, fields, spec.overwrite, total, comparable_fields
         )
         if spec.overwrite:  # an output merged from the discarded checkpoint is stale
             _discard_output(spec.output)
@@ -847,40 +846,33 @@ def _check_context(spec: JobSpec, model_dir: Path) -> None:
         )
 
 
-def _check_output(
-    spec: JobSpec, accepted: set[str], fields: dict[str, Any], same_job: Callable[[dict], bool]
-) -> None:
-    """Refuse to go on towards replacing a file at the output that this job did not merge
-    (its metadata holds none of the job's fingerprints ``accepted``, nor fields ``same_job``
-    accepts): without --overwrite, a run never replaces a file it did not write, checkpoint
-    or not."""
-    metadata = _output_metadata(spec.output)
-    stored = (metadata or {}).get("fingerprint_fields")
-    if metadata is not None and (
-        metadata.get("fingerprint") in accepted or (isinstance(stored, dict) and same_job(stored))
-    ):
-        return
+def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:
+    """Refuse to go on towards replacing a file at the output that this job did not merge:
+    without --overwrite, a run never replaces a file it did not write, checkpoint or not.
+
+    With a checkpoint, the file must be what it merged (the rule ``merge`` and ``status``
+    apply: its fingerprint is the manifest's; ``open_or_create`` then checks the manifest is
+    this job's); without one, the file's own metadata must be this job's (``is_same_job``)."""
+    metadata = merged_metadata(spec.output)
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        manifest = None  # damaged: open_or_create says so
+    if metadata is not None:
+        if manifest is not None and metadata.get("fingerprint") == manifest.get("fingerprint"):
+            return
+        if manifest is None and is_same_job(metadata, print_, fields, comparable_fields):
+            return
     why = "it is not a file that jobrunner wrote"
     if metadata is not None:
-        changes = describe_changes(metadata.get("fingerprint_fields") or {}, fields)
+        stored = metadata.get("fingerprint_fields") or {}
+        changes = describe_changes(stored, fields, comparable_fields) if stored else []
         why = "it was written by another job" + (f" ({'; '.join(changes)})" if changes else "")
     raise ConfigError(
         f"{spec.output} already exists and {why}; move it away or delete it (a finished "
         "checkpoint of this job then merges its output again), pass --overwrite to replace it "
         "(every row runs again), or choose another --output"
     )
-
-
-def _output_metadata(output: Path) -> dict[str, Any] | None:
-    """jobrunner's metadata of the file at ``output``; None for anything else (a FIFO or a
-    device is not opened: reading it could block)."""
-    if not output.is_file():
-        return None
-    try:
-        metadata = read_output_metadata(output)
-    except Exception:  # not Parquet, unreadable
-        return None
-    return metadata if isinstance(metadata, dict) else None
 
 
 def _discard_output(output: Path) -> None:

@@ -486,14 +486,17 @@ def template_fields(template: str) -> tuple[str, ...]:
 
 _MAX_WIDTH = 100_000
 # width and precision in a standard format spec: [[fill]align][sign][z][#][0][width][,_][.prec]
-_WIDTHS = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?")
+_WIDTHS = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?", re.DOTALL)
 
 
 def _too_wide(format_spec: str) -> bool:
     """Whether ``format_spec`` asks for a width or precision above ``_MAX_WIDTH`` (formatting
     even one value with it would take that much memory: ``{a:>1000000000}`` is a gigabyte)."""
-    match = _WIDTHS.match(format_spec)
-    return match is not None and any(int(n or 0) > _MAX_WIDTH for n in match.groups())
+    match = _WIDTHS.match(format_spec)  # DOTALL: the fill may be any character, "\n" too
+    # digits counted before int(): a long run of them is past Python's int() limit too
+    return match is not None and any(
+        len((n or "").lstrip("0")) > 6 or int(n or 0) > _MAX_WIDTH for n in match.groups()
+    )
 
 
 def _formattable(format_spec: str, converted: bool) -> bool:
@@ -649,14 +652,13 @@ def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
 # Fingerprint
 
 
-def input_identity(path: str | Path, legacy: bool = False) -> dict[str, Any]:
+def input_identity(path: str | Path) -> dict[str, Any]:
     """What identifies the input file's content: real path, size and a content sample, and the
     modification time where the sample is not the whole file.
 
     The sample is the SHA-256 of the whole file up to 2 MiB, else of its first and last MiB, so
     a rewrite is noticed without reading a large dataset. A file hashed whole needs no mtime:
     touching it or writing the same bytes again changes nothing, so its job still resumes.
-    ``legacy``: with the mtime whatever the size, as fingerprints recorded it until 2026-11-24.
     """
     real = Path(path).resolve()
     stat = real.stat()
@@ -669,16 +671,13 @@ def input_identity(path: str | Path, legacy: bool = False) -> dict[str, Any]:
             fh.seek(-_SAMPLE_BYTES, os.SEEK_END)
             digest.update(fh.read(_SAMPLE_BYTES))
     identity = {"path": str(real), "size": stat.st_size}
-    if legacy or stat.st_size > 2 * _SAMPLE_BYTES:
+    if stat.st_size > 2 * _SAMPLE_BYTES:
         identity["mtime_ns"] = stat.st_mtime_ns
     return identity | {"sample_sha256": digest.hexdigest()}
 
 
 def fingerprint_fields(
-    spec: JobSpec,
-    model_identity: Mapping[str, Any],
-    input_identity: Mapping[str, Any],
-    legacy: bool = False,
+    spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The JSON-able values the fingerprint hashes (store them to report what changed).
 
@@ -686,14 +685,7 @@ def fingerprint_fields(
         model_identity: e.g. ``{"id": ..., "revision": ..., "weights_sha256": ...}`` plus any
             model default the spec leaves open (the effective ``num_crops``, ``dtype``).
         input_identity: from ``input_identity(spec.input)``.
-        legacy: the fields as recorded until 2026-11-24 (a crop count or dtype spelt out
-            recorded as given; pass ``input_identity(..., legacy=True)`` with it).
     """
-    defaults = (
-        (None, None)
-        if legacy
-        else (model_identity.get("default_num_crops"), model_identity.get("default_dtype"))
-    )
     greedy = spec.temperature == 0.0
     fields = {
         "version": FINGERPRINT_VERSION,
@@ -714,8 +706,8 @@ def fingerprint_fields(
         "top_k": None if greedy else spec.top_k,
         "seed": None if greedy else spec.seed,
         # a value spelt out that is the model's default is the same job as one left open
-        "num_crops": _unless_default(spec.num_crops, defaults[0]),
-        "dtype": _unless_default(spec.dtype, defaults[1]),
+        "num_crops": _unless_default(spec.num_crops, model_identity.get("default_num_crops")),
+        "dtype": _unless_default(spec.dtype, model_identity.get("default_dtype")),
         "quantize": spec.quantize,
     }
     if spec.max_tokens_column is not None:  # absent otherwise: older fingerprints still match
@@ -745,24 +737,10 @@ def comparable_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fingerprints(
-    spec: JobSpec, model_identity: Mapping[str, Any], input_path: str | Path
-) -> tuple[str, set[str]]:
-    """The job's fingerprint, and every fingerprint the same job has had (itself included):
-    the one recorded until 2026-11-24 too, so that jobs checkpointed or merged then resume or
-    stay finished."""
-    current = fingerprint(spec, model_identity, input_identity(input_path))
-    legacy = fingerprint(spec, model_identity, input_identity(input_path, legacy=True), True)
-    return current, {current, legacy}
-
-
 def fingerprint(
-    spec: JobSpec,
-    model_identity: Mapping[str, Any],
-    input_identity: Mapping[str, Any],
-    legacy: bool = False,
+    spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
 ) -> str:
     """SHA-256 (hex) of ``fingerprint_fields``; equal fingerprints mean equal outputs."""
-    fields = fingerprint_fields(spec, model_identity, input_identity, legacy)
+    fields = fingerprint_fields(spec, model_identity, input_identity)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -432,3 +432,16 @@ def read_output_metadata(path: Path) -> dict[str, Any] | None:
     """The ``jobrunner`` metadata of a Parquet file written by `merge`, or None."""
     raw = (pq.read_schema(path).metadata or {}).get(OUTPUT_METADATA_KEY)
     return json.loads(raw) if raw else None
+
+
+def merged_metadata(path: Path) -> dict[str, Any] | None:
+    """``read_output_metadata`` of ``path`` if it is a file that jobrunner merged; None for
+    anything else, never an error (a folder, a file that is not Parquet or has no such
+    metadata; a FIFO or device is not opened, as reading it could block)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        metadata = read_output_metadata(path)
+    except Exception:  # not Parquet, unreadable
+        return None
+    return metadata if isinstance(metadata, dict) else None

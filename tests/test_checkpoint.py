@@ -665,3 +665,23 @@ def test_status_of_running_then_finished_job(tmp_path):
     assert report["rows_done"] == 10 and report["eta_seconds"] is None
     merge(directory, out)
     assert status(directory, out)["output_exists"]
+
+
+def test_abandon_new_removes_only_a_new_job_that_recorded_nothing(tmp_path):
+    directory = tmp_path / "parts"
+    store, lock, info = open_store(directory)
+    assert info.created
+    assert store.abandon_new()
+    assert not (directory / "manifest.json").exists() and not shard_dir(directory).exists()
+    lock.release()
+    # a part recorded on disk (a signal came before the store noted it in memory): kept
+    store, lock, _ = open_store(directory)
+    store.write_part(table_of([0, 1]))
+    store._records.clear()
+    assert not store.abandon_new()
+    assert (directory / "manifest.json").exists() and progress_lines(directory)
+    lock.release()
+    # a resumed job is never abandoned
+    store, lock, info = open_store(directory)
+    assert not info.created and not store.abandon_new()
+    lock.release()

@@ -547,31 +547,6 @@ def test_status_of_partial_and_finished_jobs(tmp_path, dataset, tiny_model_dir, 
     assert f"{SHARD}: {ROWS}/{ROWS} rows, 0 errors, complete" in text, text
 
 
-def test_a_checkpoint_fingerprinted_the_old_way_resumes(tmp_path, dataset, tiny_model_dir, greedy):
-    """A checkpoint made before 2026-11-24 holds the fingerprint with the input's mtime: the
-    same command resumes it (here: merges it) instead of refusing a different job."""
-    from jobrunner.runner import model_identity
-    from jobrunner.spec import JobSpec, fingerprint, input_identity
-
-    output = tmp_path / "out.parquet"
-    copy_checkpoint(greedy[0], output)
-    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))  # spec as recorded
-    assert code == 0, text
-    manifest_path = parts_dir(output) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    spec = JobSpec.from_dict(manifest["spec"])
-    _, identity = model_identity(spec.model)
-    legacy = fingerprint(spec, identity, input_identity(spec.input, legacy=True), legacy=True)
-    assert legacy != manifest["fingerprint"]
-    manifest_path.write_text(json.dumps({**manifest, "fingerprint": legacy}))
-    output.unlink()
-    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
-    assert code == 0 and "different job" not in text, text
-    assert_same_output(output, greedy[1])
-    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))  # merged the old way
-    assert code == 0 and "nothing to do" in text, text
-
-
 def test_a_checkpoint_whose_fields_an_older_fingerprint_recorded_resumes(
     tmp_path, dataset, tiny_model_dir, greedy
 ):

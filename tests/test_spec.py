@@ -183,6 +183,8 @@ BAD_VALUES = [
     ("prompt", "{a!r:d}"),
     ("prompt", "{a:>1000000000}"),  # a gigabyte per value: refused before formatting one
     ("prompt", "{a:.2000000f}"),
+    ("prompt", "{a:\n>1000000000}"),  # a newline as the fill
+    ("prompt", "{a:>" + "9" * 5000 + "}"),  # past int()'s digit limit
     ("prompt", "  "),
     ("id_column", ""),
     ("max_tokens_column", ""),
@@ -466,21 +468,20 @@ def test_touching_an_input_hashed_whole_is_the_same_job_but_not_a_large_one(
     assert input_identity(big)["mtime_ns"] != before["mtime_ns"]
 
 
-def test_jobs_fingerprinted_before_2026_11_24_are_still_accepted(data: Path) -> None:
-    """Until then the input's mtime was always hashed and spelt-out defaults kept as given;
-    ``fingerprints`` accepts that form too, so such checkpoints resume (and outputs merged
-    then stay this job's)."""
-    from jobrunner.spec import fingerprints
+def test_fields_recorded_by_the_older_fingerprint_compare_as_the_same_job(data: Path) -> None:
+    """Until 2026-11-24 the input's mtime was always recorded and spelt-out defaults kept as
+    given; ``comparable_fields`` sees such fields as this job's, and no other job's."""
+    from jobrunner.spec import comparable_fields
 
-    model = {**MODEL, "default_num_crops": 4}
-    spec = spec_for(data, num_crops=4)
-    current, accepted = fingerprints(spec, model, data)
-    assert current == fingerprint(spec, model, input_identity(data))
-    legacy = fingerprint(spec, model, input_identity(data, legacy=True), legacy=True)
-    assert accepted == {current, legacy} and len(accepted) == 2
-    assert (
-        "mtime_ns"
-        in fingerprint_fields(spec, model, input_identity(data, legacy=True), legacy=True)["input"]
+    model = {**MODEL, "default_num_crops": 4, "default_dtype": "float32"}
+    now = fingerprint_fields(spec_for(data), model, input_identity(data))
+    old = {**now, "num_crops": 4, "dtype": "float32", "input": {**now["input"], "mtime_ns": 1}}
+    assert comparable_fields(old) == comparable_fields(now)
+    for other in ({**old, "num_crops": 16}, {**old, "max_tokens": 7}):
+        assert comparable_fields(other) != comparable_fields(now)
+    big = {**now["input"], "size": 3 << 20}  # sampled, not hashed whole: its mtime counts
+    assert comparable_fields({**now, "input": {**big, "mtime_ns": 1}}) != comparable_fields(
+        {**now, "input": {**big, "mtime_ns": 2}}
     )
 
 
