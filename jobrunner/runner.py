@@ -355,18 +355,19 @@ class _Session:
             queue: deque[list[tuple[Row, Future]]] = deque()
             planned = _chain(batches, queue, lambda b: self._submit(pool, b))
             try:
-                self._decode(planned, stop)
-            except GenerationFault as fault:
-                self._stop(queue, fault)
-            except StoppedNow:  # at once: the pool's exit need not prepare the rows queued
-                for pending in queue:
+                try:
+                    self._decode(planned, stop)
+                except GenerationFault as fault:
+                    self._stop(queue, fault)
+                if stop.signum is not None:
+                    self._stop(queue, Interrupted(stop.signum))
+                if self.read_error is not None:  # every row read before the damage is done
+                    self._stop(queue, BadInput(f"{self.read_error}; {_SAVED}"))
+            except StoppedNow:  # at once (even inside _stop's flush): the pool's exit need
+                for pending in queue:  # not prepare the rows queued
                     for _, future in pending:
                         future.cancel()
                 raise
-            if stop.signum is not None:
-                self._stop(queue, Interrupted(stop.signum))
-            if self.read_error is not None:  # every row read before the damage is done
-                self._stop(queue, BadInput(f"{self.read_error}; {_SAVED}"))
         self._record_failures()  # fewer than fault_limit at the end: the rows' own
         self.writer.flush()
         self.reporter.close()
