@@ -84,6 +84,9 @@ class Row:
     error: str | None = None
     max_tokens: int | None = None  # the row's own limit (``max_tokens_column``); None: the job's
     limit_given: bool = False  # the row had a value in ``max_tokens_column``, valid or not
+    # of the id column and ``keep_columns``, those the row had a value in (for the warnings
+    # on misspelt names: a JSONL row may leave any of them out)
+    columns_given: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +378,10 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
             _check_text(value, f"kept column '{name}'", problems)
     limit = _max_tokens(record, options, problems)
     given = options.max_tokens_column is not None and _has_value(record, options.max_tokens_column)
-    return Row(index, row_id, image, prompt, extra, "; ".join(problems) or None, limit, given)
+    named = (options.id_column, *options.keep_columns)
+    columns = frozenset(name for name in named if _has_value(record, name))
+    error = "; ".join(problems) or None
+    return Row(index, row_id, image, prompt, extra, error, limit, given, columns)
 
 
 _LIMIT_PROBLEM = "max tokens column"

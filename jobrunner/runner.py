@@ -308,6 +308,7 @@ class _Session:
         self.fault_limit = max(16, 2 * spec.batch_size)
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
+        self.columns_seen: set[str] = set()  # of the id and kept columns (``Row.columns_given``)
         # memory's bound on a batch: fits(rows, longest, room)
         self.fits: Callable[[int, int, int | None], bool] | None = None
         self.running: dict[int, tuple[Row, Any]] = {}  # the rows in the batch, by index
@@ -375,6 +376,8 @@ class _Session:
             self.reporter.warning(warning)
         if warning := self._image_column_warning():
             self.reporter.warning(warning)
+        for warning in self._named_column_warnings():
+            self.reporter.warning(warning)
         if warning := self._limit_column_warning():
             self.reporter.warning(warning)
 
@@ -427,6 +430,24 @@ class _Session:
             "image_column); every row ran as text only. Check the column name."
         )
 
+    def _named_column_warnings(self) -> list[str]:
+        """An --id-column (other than the default) or a kept column no row had a value in: a
+        misspelt name, most likely, which JSONL rows cannot reveal (they may leave any out)."""
+        if not self.rows_read:
+            return []
+        spec, unseen = self.spec, []
+        if spec.id_column != ReadOptions.id_column and spec.id_column not in self.columns_seen:
+            unseen.append((spec.id_column, "--id-column / id_column", "ids are row numbers"))
+        for column in spec.keep_columns:
+            if column not in self.columns_seen:
+                what = "its output column is all null"
+                unseen.append((column, "--keep-columns / keep_columns", what))
+        return [
+            f"warning: no row had a value in column '{column}' (from {flag}), so {what}. Check "
+            "the column name."
+            for column, flag, what in unseen
+        ]
+
     def _limit_column_warning(self) -> str | None:
         """Rows may leave out their limit, so a misspelt --max-tokens-column in JSONL makes
         every row take --max-tokens without an error; say so when no row had the column."""
@@ -474,6 +495,7 @@ class _Session:
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None
             self.rows_with_limit += row.limit_given
+            self.columns_seen |= row.columns_given
             if self.store.is_done(row.index):
                 continue
             limit = token_limit(row.max_tokens, self.spec.max_tokens)

@@ -490,6 +490,25 @@ def test_duplicate_ids_warn_once_and_keep_every_row(tiny_model_dir, tmp_path):
     assert [r["id"] for r in read(output)] == ["same"] * 3
 
 
+def test_misspelt_id_or_kept_column_warns(tiny_model_dir, tmp_path):
+    """JSONL rows may leave out any column, so a misspelt --id-column or --keep-columns name is
+    no error; the run ends with a warning for each name no row had."""
+    source = tmp_path / "rows.jsonl"
+    rows = [{"key": f"k{i}", "note": f"n{i}", "prompt": "Hi."} for i in range(3)]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for extra, warned in (
+        (["--id-column", "keys", "--keep-columns", "notes"], True),
+        (["--id-column", "key", "--keep-columns", "note"], False),
+    ):
+        output = tmp_path / f"out{warned}.parquet"
+        code, text = run_to(source, tiny_model_dir, output, "--max-tokens", "2", *extra)
+        assert code == 0, text
+        assert ("no row had a value in column 'keys' (from --id-column" in text) == warned
+        assert ("so ids are row numbers" in text) == warned
+        assert ("no row had a value in column 'notes' (from --keep-columns" in text) == warned
+    assert [r["id"] for r in read(output)] == ["k0", "k1", "k2"]
+
+
 def test_run_warnings_are_shown_after_many_row_errors_even_when_quiet(tiny_model_dir, tmp_path):
     """The row errors shown one by one are capped (MAX_ROW_ERRORS); warnings about the whole
     run come after them and must not be swallowed by that cap."""
