@@ -374,11 +374,7 @@ class _Session:
         self.reporter.close()
         if warning := self.ids.warning():
             self.reporter.warning(warning)
-        if warning := self._image_column_warning():
-            self.reporter.warning(warning)
-        for warning in self._named_column_warnings():
-            self.reporter.warning(warning)
-        if warning := self._limit_column_warning():
+        for warning in self._column_warnings():
             self.reporter.warning(warning)
 
     def _memory_fits(self, memory: int | None) -> Callable[[int, int, int | None], bool] | None:
@@ -419,46 +415,40 @@ class _Session:
             )
         return fits
 
-    def _image_column_warning(self) -> str | None:
-        """A JSONL row may leave out its image, so a misspelt --image-column makes every row
-        text-only without an error; say so when the column was named and no row had it."""
-        column = self.spec.image_column
-        if column == ReadOptions.image_column or self.rows_with_image or not self.rows_read:
-            return None
-        return (
-            f"warning: no row had an image in column '{column}' (from --image-column / "
-            "image_column); every row ran as text only. Check the column name."
-        )
-
-    def _named_column_warnings(self) -> list[str]:
-        """An --id-column (other than the default) or a kept column no row had a value in: a
-        misspelt name, most likely, which JSONL rows cannot reveal (they may leave any out)."""
+    def _column_warnings(self) -> list[str]:
+        """Columns named but with a value in no row: misspelt names, most likely, which JSONL
+        rows cannot reveal (a row may leave any column out). The image column (every row then
+        ran text only), an --id-column other than the default, kept columns, and the limit
+        column (every row then took --max-tokens)."""
+        spec = self.spec
         if not self.rows_read:
             return []
-        spec, unseen = self.spec, []
+        warnings = []
+        if spec.image_column != ReadOptions.image_column and not self.rows_with_image:
+            warnings.append(
+                f"warning: no row had an image in column '{spec.image_column}' (from "
+                "--image-column / image_column); every row ran as text only. Check the column "
+                "name."
+            )
+        unseen = []
         if spec.id_column != ReadOptions.id_column and spec.id_column not in self.columns_seen:
             unseen.append((spec.id_column, "--id-column / id_column", "ids are row numbers"))
         for column in spec.keep_columns:
             if column not in self.columns_seen:
                 what = "its output column is all null"
                 unseen.append((column, "--keep-columns / keep_columns", what))
-        return [
+        warnings += [
             f"warning: no row had a value in column '{column}' (from {flag}), so {what}. Check "
             "the column name."
             for column, flag, what in unseen
         ]
-
-    def _limit_column_warning(self) -> str | None:
-        """Rows may leave out their limit, so a misspelt --max-tokens-column in JSONL makes
-        every row take --max-tokens without an error; say so when no row had the column."""
-        column = self.spec.max_tokens_column
-        if column is None or self.rows_with_limit or not self.rows_read:
-            return None
-        return (
-            f"warning: no row had a value in column '{column}' (from --max-tokens-column / "
-            f"max_tokens_column), so every row took --max-tokens {self.spec.max_tokens}; if rows "
-            "were meant to have limits, check the column's name."
-        )
+        if spec.max_tokens_column is not None and not self.rows_with_limit:
+            warnings.append(
+                f"warning: no row had a value in column '{spec.max_tokens_column}' (from "
+                f"--max-tokens-column / max_tokens_column), so every row took --max-tokens "
+                f"{spec.max_tokens}; if rows were meant to have limits, check the column's name."
+            )
+        return warnings
 
     def _stop(self, queue: deque, reason: Exception) -> None:
         """Save what is done, drop the batches not started, and end the run with ``reason``."""
