@@ -268,8 +268,11 @@ def _running_shards(directory: Path, except_name: str) -> list[str]:
     ]
 
 
-def _has_shard_dirs(directory: Path) -> bool:
-    return any(p.is_dir() and _SHARD_DIR_RE.match(p.name) for p in directory.iterdir())
+def _has_shard_dirs(directory: Path, except_name: str | None = None) -> bool:
+    return any(
+        p.is_dir() and _SHARD_DIR_RE.match(p.name) and p.name != except_name
+        for p in directory.iterdir()
+    )
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -392,10 +395,7 @@ class CheckpointStore:
             # the disk, not memory: a signal can land between a part's record and ``_records``
             if read_progress(self.shard_dir)[0] or any(self.shard_dir.glob("part-*.parquet")):
                 return False
-            others = [
-                p for p in self.directory.iterdir()
-                if p.is_dir() and _SHARD_DIR_RE.match(p.name) and p.name != self.name
-            ]  # fmt: skip
+            others = _has_shard_dirs(self.directory, except_name=self.name)
             if others or _running_shards(self.directory, self.name):
                 return False
             _wipe(self.directory)

@@ -652,6 +652,11 @@ def _check_other(values: dict[str, Any]) -> list[tuple[str, str]]:
 # Fingerprint
 
 
+def _hashed_whole(size: int) -> bool:
+    """Whether ``input_identity`` hashes a file of ``size`` bytes whole (not head and tail)."""
+    return size <= 2 * _SAMPLE_BYTES
+
+
 def input_identity(path: str | Path) -> dict[str, Any]:
     """What identifies the input file's content: real path, size and a content sample, and the
     modification time where the sample is not the whole file.
@@ -664,14 +669,14 @@ def input_identity(path: str | Path) -> dict[str, Any]:
     stat = real.stat()
     digest = hashlib.sha256()
     with real.open("rb") as fh:
-        if stat.st_size <= 2 * _SAMPLE_BYTES:
+        if _hashed_whole(stat.st_size):
             digest.update(fh.read())
         else:
             digest.update(fh.read(_SAMPLE_BYTES))
             fh.seek(-_SAMPLE_BYTES, os.SEEK_END)
             digest.update(fh.read(_SAMPLE_BYTES))
     identity = {"path": str(real), "size": stat.st_size}
-    if stat.st_size > 2 * _SAMPLE_BYTES:
+    if not _hashed_whole(stat.st_size):
         identity["mtime_ns"] = stat.st_mtime_ns
     return identity | {"sample_sha256": digest.hexdigest()}
 
@@ -728,12 +733,12 @@ def comparable_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(dict(fields), default=str))
     source = out.get("input") if isinstance(out.get("input"), dict) else {}
     size = source.get("size")
-    if isinstance(size, int) and size <= 2 * _SAMPLE_BYTES:
+    if isinstance(size, int) and _hashed_whole(size):
         source.pop("mtime_ns", None)
     model = out.get("model_identity") if isinstance(out.get("model_identity"), dict) else {}
     for key, default in (("num_crops", "default_num_crops"), ("dtype", "default_dtype")):
-        if out.get(key) is not None and out.get(key) == model.get(default):
-            out[key] = None
+        if key in out:
+            out[key] = _unless_default(out[key], model.get(default))
     return out
 
 
