@@ -394,13 +394,18 @@ def show(output: Path, limit: int) -> None:
     import pyarrow.parquet as pq
 
     columns = ["id", "finish_reason", "output_tokens", "output", "error"]
+    wanted = f"a Parquet file with the columns {', '.join(columns)}"
     try:
+        names = pq.read_schema(output).names
+        missing = [name for name in columns if name not in names]
+        if missing:
+            raise _ConfigError(
+                f"{output} is not a jobrunner result file ({wanted}): it has no "
+                f"{', '.join(missing)} (its columns: {', '.join(names) or 'none'})"
+            )
         table = pq.read_table(output, columns=columns)
     except (pa.ArrowException, OSError) as err:
-        raise _ConfigError(
-            f"{output} is not a jobrunner result file (a Parquet file with the columns "
-            f"{', '.join(columns)}): {err}"
-        ) from None
+        raise _ConfigError(f"{output} is not a jobrunner result file ({wanted}): {err}") from None
     rows = table.slice(0, limit).to_pylist()
     width = max([len(str(r["id"])) for r in rows] + [2])
     click.echo(f"{'id':<{width}}  {'finish':<6}  {'tokens':>6}  output")

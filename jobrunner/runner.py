@@ -70,7 +70,13 @@ from .readers import (
     load_image,
 )
 from .spec import JobSpec, comparable_fields, fingerprint, fingerprint_fields, input_identity
-from .writers import ParquetOutputMetadata, PartWriter, merged_metadata, write_summary
+from .writers import (
+    ParquetOutputMetadata,
+    PartWriter,
+    error_rows,
+    merged_metadata,
+    write_summary,
+)
 
 PREFETCH_BATCHES = 2
 DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and none is given
@@ -82,6 +88,10 @@ FAILING_HELD = 1024  # failing rows held undecided at most; then they are record
 # the program or the machine (a bug, out of memory): it stops the run instead of becoming an
 # error record for every row, which a re-run after the fix would then skip as done.
 ROW_ERRORS = (ImageError, ValueError, OSError, UnicodeError)
+_NO_CHAT_TAGS = (
+    "; with --no-chat the prompt is sent as it is, so it must hold <|image_1|> where a row's "
+    "image goes (and none in a text-only row)"
+)
 # Small model files that change outputs besides the weights: hashed whole for the fingerprint.
 MODEL_FILES = (
     "config.json",
@@ -248,7 +258,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         _check_output(spec, print_, fields)
         if not (spec.parts_dir / MANIFEST).exists():  # this job's output, checkpoint removed
             reporter.event(f"nothing to do: {spec.output} is this job's finished output")
-            return RunResult(total, 0, 0, 0, True, nothing_to_do=True)
+            owed = shard_rows(total, store.k, store.n)
+            errors = error_rows(spec.output)
+            return RunResult(total, owed, 0, errors, True, nothing_to_do=True)
     # Signals are caught from here on, so one that arrives while the model loads still ends the
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
     with _StopFlag() as stop, store.lock():
@@ -503,12 +515,16 @@ class _Session:
         that with ``limit`` new tokens would not fit in the model's context, or whose KV cache
         alone would not fit in memory (allocating it could kill the process)."""
         from model.generate import kv_bytes_per_token, kv_positions, static_shapes
+        from model.processing import ImageTagError
 
         if row.error:
             return 0, row.error
         try:
             size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
             length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
+        except ImageTagError as err:
+            hint = "" if self.spec.chat else _NO_CHAT_TAGS
+            return 0, f"{err}{hint}"
         except ROW_ERRORS as err:
             return 0, str(err)
         context = self.model.config.max_position_embeddings

@@ -434,6 +434,12 @@ def read_output_metadata(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def error_rows(path: Path) -> int:
+    """How many rows of the result file ``path`` are error records."""
+    reasons = pq.read_table(path, columns=["finish_reason"]).column("finish_reason")
+    return reasons.to_pylist().count("error")
+
+
 def merged_metadata(path: Path) -> dict[str, Any] | None:
     """``read_output_metadata`` of ``path`` if it is a file that jobrunner merged; None for
     anything else, never an error (a folder, a file that is not Parquet or has no such

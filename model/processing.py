@@ -367,6 +367,10 @@ class Processor:
         return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)
 
 
+class ImageTagError(ValueError):
+    """The prompt's image tags do not match its images."""
+
+
 def _check_image_tags(tags: list[int], num_images: int) -> None:
     """Tags must be <|image_1|> ... <|image_n|>, in order, each once, n == number of images.
 
@@ -374,7 +378,7 @@ def _check_image_tags(tags: list[int], num_images: int) -> None:
     give a slot block another image's features.
     """
     if len(tags) != num_images:
-        raise ValueError(
+        raise ImageTagError(
             f"the prompt has {len(tags)} image tag(s) but {num_images} image(s) were given"
         )
     expected = list(range(1, num_images + 1))
@@ -385,4 +389,4 @@ def _check_image_tags(tags: list[int], num_images: int) -> None:
             if num_images == 1
             else f"image tags must be <|image_1|> ... <|image_{num_images}|> in order, each once"
         )
-        raise ValueError(f"{wanted}; found {found}")
+        raise ImageTagError(f"{wanted}; found {found}")

@@ -732,5 +732,68 @@ def test_show_refuses_files_that_are_not_results(tmp_path, dataset):
         assert result.exit_code == 2, result.output
         assert "is not a jobrunner result file" in result.output
         assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["show", str(stranger)])
+    assert "it has no id, finish_reason, output_tokens, output, error (its columns: x)" in (
+        result.output
+    )
     result = CliRunner().invoke(main, ["show", str(stranger), "--limit", "-1"])
     assert result.exit_code == 2 and "--limit" in result.output
+
+
+def test_no_chat_sends_prompts_as_they_are_and_untagged_image_rows_get_a_hint(
+    tiny_model_dir, tmp_path
+):
+    write_image(tmp_path / "a.png", 64, 40, seed=3)
+    prompts = ["<|image_1|>\nCaption:", "Caption:", "Once upon a time"]
+    rows = [
+        {"id": "tagged", "image": "a.png", "prompt": prompts[0]},
+        {"id": "untagged", "image": "a.png", "prompt": prompts[1]},
+        {"id": "text", "prompt": prompts[2]},
+    ]
+    source = tmp_path / "raw.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, text = run_to(source, tiny_model_dir, tmp_path / "raw.parquet", "--no-chat",
+                        "--max-tokens", str(MAX_TOKENS))  # fmt: skip
+    assert code == 1, text
+    tagged, untagged, plain = read(tmp_path / "raw.parquet")
+    model, processor = load(str(tiny_model_dir))
+    image = Image.open(tmp_path / "a.png")
+    direct = generate_batch(
+        model,
+        processor,
+        [
+            processor.prepare(prompts[0], image, chat=False),
+            processor.prepare(prompts[2], None, chat=False),
+        ],
+        GenerationParams(MAX_TOKENS),
+    )
+    assert [tagged["output"], plain["output"]] == [r.text for r in direct]
+    assert untagged["finish_reason"] == "error"
+    assert "with --no-chat the prompt is sent as it is" in untagged["error"]
+    assert "<|image_1|>" in untagged["error"]
+    # with the chat template, the tag is the template's: the same row runs
+    code, text = run_to(source, tiny_model_dir, tmp_path / "chat.parquet", "--max-tokens", "2")
+    chat = read(tmp_path / "chat.parquet")
+    assert chat[1]["finish_reason"] == "length" and chat[0]["finish_reason"] == "error"
+    assert "--no-chat" not in chat[0]["error"]
+
+
+def test_a_finished_job_run_again_reports_its_rows_and_errors(tiny_model_dir, tmp_path):
+    from jobrunner.runner import run_job
+    from jobrunner.spec import build_spec
+
+    source = tmp_path / "mixed.jsonl"
+    lines = [{"prompt": "Hi"}, {"prompt": "Hi", "image": "missing.png"}, {"prompt": "Yo"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    output = tmp_path / "mixed.parquet"
+    spec = build_spec(
+        {}, {"input": source, "model": str(tiny_model_dir), "output": output, "max_tokens": 2}
+    )
+    first = run_job(spec)
+    assert (first.rows_run, first.errors, first.nothing_to_do) == (3, 1, False)
+    again = run_job(spec)  # with its checkpoint
+    assert (again.rows_total, again.rows_done_before, again.errors) == (3, 3, 1)
+    shutil.rmtree(tmp_path / "mixed.parquet.parts")
+    again = run_job(spec)  # its finished output alone
+    assert again.nothing_to_do and again.rows_run == 0
+    assert (again.rows_total, again.rows_done_before, again.errors) == (3, 3, 1)
