@@ -383,20 +383,25 @@ class CheckpointStore:
         )
 
     def abandon_new(self) -> bool:
-        """Undo ``open_or_create`` of a new job that recorded nothing (its run failed before
-        any row, as when the model does not load): remove the manifest and this shard's folder,
-        so that the corrected command starts afresh instead of being refused as another job.
-        Nothing is removed if the job was not new, a row was recorded, or another shard of it
-        holds its lock or has a folder. Returns whether it removed them."""
+        """Undo ``open_or_create`` for a run that recorded nothing (it failed before any row, as
+        when the model does not load): remove this shard's folder and, once no shard of the job
+        has a folder or holds its lock, the manifest too, so that the corrected command starts
+        afresh instead of being refused as another job. The shards of a new job that all fail
+        so leave nothing, whichever of them created the manifest. Nothing is removed if this
+        shard holds a recorded row or is complete. Returns whether the manifest was removed."""
         self._require()
-        if not self._created or self._records:
+        if self._records:
             return False
         with _manifest_lock(self.directory):
             # the disk, not memory: a signal can land between a part's record and ``_records``
-            if read_progress(self.shard_dir)[0] or any(self.shard_dir.glob("part-*.parquet")):
+            if (
+                read_progress(self.shard_dir)[0]
+                or any(self.shard_dir.glob("part-*.parquet"))
+                or (self.shard_dir / COMPLETE).exists()
+            ):
                 return False
-            others = _has_shard_dirs(self.directory, except_name=self.name)
-            if others or _running_shards(self.directory, self.name):
+            _wipe(self.directory, only_shard=self.name)
+            if _has_shard_dirs(self.directory) or _running_shards(self.directory, self.name):
                 return False
             _wipe(self.directory)
         self._opened = self._created = False

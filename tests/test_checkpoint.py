@@ -685,3 +685,42 @@ def test_abandon_new_removes_only_a_new_job_that_recorded_nothing(tmp_path):
     store, lock, info = open_store(directory)
     assert not info.created and not store.abandon_new()
     lock.release()
+
+
+def test_the_shards_of_a_new_job_that_all_fail_leave_nothing(tmp_path):
+    directory = tmp_path / "parts"
+    first, first_lock, info = open_store(directory, (0, 2))
+    second, second_lock, joined = open_store(directory, (1, 2))
+    assert info.created and not joined.created
+    # the creator fails first, while the other still runs: its own folder goes, the job stays
+    assert not first.abandon_new()
+    assert not shard_dir(directory, 0, 2).exists()
+    assert (directory / "manifest.json").exists()
+    first_lock.release()
+    # the last to fail, though it did not create the job, removes it
+    assert second.abandon_new()
+    assert not (directory / "manifest.json").exists()
+    assert not any(p.is_dir() for p in directory.iterdir())
+    second_lock.release()
+
+
+def test_a_failing_shard_keeps_the_work_of_the_others(tmp_path):
+    directory = tmp_path / "parts"
+    done, done_lock, _ = open_store(directory, (0, 2), total=4)
+    done.write_part(table_of([0, 2]))
+    done.mark_complete(4)
+    done_lock.release()
+    failing, failing_lock, _ = open_store(directory, (1, 2), total=4)
+    assert not failing.abandon_new()
+    assert (directory / "manifest.json").exists()
+    assert not shard_dir(directory, 1, 2).exists() and progress_lines(directory, 0, 2)
+    failing_lock.release()
+    # a shard that owed no rows is complete without any: it is kept too
+    directory = tmp_path / "small"
+    empty, empty_lock, _ = open_store(directory, (1, 2), total=1)
+    empty.mark_complete(1)
+    empty_lock.release()
+    empty, empty_lock, info = open_store(directory, (1, 2), total=1)
+    assert info.complete and not empty.abandon_new()
+    assert (directory / "manifest.json").exists() and shard_dir(directory, 1, 2).exists()
+    empty_lock.release()
