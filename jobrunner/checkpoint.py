@@ -276,11 +276,13 @@ def _has_shard_dirs(directory: Path, except_name: str | None = None) -> bool:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file's content, or None if it is missing or not whole (never trusted half)."""
+    """A JSON object file's content, or None if it is missing, not whole (never trusted half)
+    or holds something other than an object."""
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+    return content if isinstance(content, dict) else None
 
 
 # --- the store of one shard --------------------------------------------------------------------

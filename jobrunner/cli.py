@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -146,6 +147,16 @@ def run(input_path: Path, **flags) -> None:
         click.echo(f"jobrunner: interrupted by {err}; {saved}", err=True)
         click.echo(f"jobrunner: resume with: {command}", err=True)
         sys.exit(128 + err.signum)
+    except Exception as err:  # a bug, or the machine's (out of memory): no row's fault
+        reporter.close()
+        traceback.print_exc()
+        click.echo(
+            f"jobrunner: stopped by an unexpected error ({type(err).__name__}: {err}); rows "
+            "in saved parts are kept, the rows since the last part run again: fix it and run "
+            "the same command again",
+            err=True,
+        )
+        sys.exit(EXIT_FAULT)
     if not spec.quiet and result.summary and not result.nothing_to_do:
         s = result.summary
         click.echo(

@@ -281,9 +281,10 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         if info.rows_done < owed:
             try:
                 session.run(model_dir, stop)
-            except (ConfigError, Interrupted, StoppedNow):
-                # the model did not load, or a signal came first: a new job that recorded
-                # nothing leaves nothing, so a corrected command is not refused as another job
+            except (Exception, StoppedNow):
+                # the model did not load, a signal came first, the machine failed: a new job
+                # that recorded nothing leaves nothing, so a corrected command (a lower
+                # precision, say) is not refused as another job
                 with contextlib.suppress(OSError):
                     store.abandon_new()
                 raise
@@ -682,6 +683,7 @@ class _Session:
             decoder.clear()
         for row, prepared in pending:
             self._outcome(row, prepared, self._generate([(row, prepared)])[0])
+            self.writer.maybe_flush()  # a batch's rows alone can take long: keep the interval
         self.reporter.update(self.rows_run, self.generated, self.errors)
 
     def _outcome(self, row: Row, prepared, result) -> None:
@@ -799,7 +801,7 @@ class _Session:
             summary |= counts
             earlier = read_json(path) if self.rows_run == 0 else None
             # a session that only merged keeps the figures of the run that made the rows
-            write_summary(path, earlier | counts if isinstance(earlier, dict) else summary)
+            write_summary(path, summary if earlier is None else earlier | counts)
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
         except IncompleteJob as err:  # other shards still running: the last one merges
             self.reporter.event(f"shard done; not merged yet: {err}")

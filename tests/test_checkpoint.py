@@ -454,6 +454,22 @@ def test_mark_complete_requires_every_row(tmp_path):
     lock.release()
 
 
+@pytest.mark.parametrize("content", ["[]", "7", '"done"', "null", '{"rows": '])
+def test_a_completion_marker_that_is_no_json_object_is_no_marker(tmp_path, content):
+    directory = tmp_path / "parts"
+    run_shard(directory, (0, 1), total=4, every_rows=2)
+    (shard_dir(directory) / "complete.json").write_text(content)
+    assert not all_shards_complete(directory)
+    assert status(directory)["shards"][0]["complete"] is False
+    with pytest.raises(IncompleteJob):
+        merge(directory, tmp_path / "out.parquet")
+    store, lock, info = open_store(directory, total=4)
+    assert not info.complete and info.rows_done == 4
+    store.mark_complete(4)
+    assert store.is_complete()
+    lock.release()
+
+
 def test_damaged_part_of_complete_shard_reopens_incomplete(tmp_path):
     directory = tmp_path / "parts"
     run_shard(directory, (0, 1), total=6, every_rows=3)

@@ -797,3 +797,28 @@ def test_a_finished_job_run_again_reports_its_rows_and_errors(tiny_model_dir, tm
     again = run_job(spec)  # its finished output alone
     assert again.nothing_to_do and again.rows_run == 0
     assert (again.rows_total, again.rows_done_before, again.errors) == (3, 3, 1)
+
+
+def test_rows_of_a_failed_batch_run_alone_are_checkpointed_as_they_go(
+    tiny_model_dir, dataset, tmp_path, monkeypatch
+):
+    """A batch whose decoding fails runs its rows one by one; the checkpoint interval still
+    holds while they do (a crash then loses one interval, not the whole batch)."""
+    from jobrunner.parts import read_progress
+    from model.generate import Decoder
+
+    real_step = Decoder.step
+
+    def step(self, drop=True):
+        if self.active > 1:
+            raise RuntimeError("out of memory")
+        return real_step(self, drop)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    output = tmp_path / "out.parquet"
+    flags = ("--max-tokens", "2", "--batch-size", "8", "--checkpoint-every", "1")
+    code, text = run_to(dataset, tiny_model_dir, output, *flags)
+    assert code == 0, text
+    records, _ = read_progress(tmp_path / "out.parquet.parts" / "shard-00000-of-00001")
+    assert [record.rows for record in records] == [1] * 8
+    assert [r["row_index"] for r in read(output)] == list(range(8))

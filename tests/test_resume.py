@@ -785,7 +785,10 @@ def test_a_fault_in_preparing_rows_stops_the_run_and_marks_nothing_done(
     with monkeypatch.context() as patch:
         patch.setattr(Processor, "estimate_tokens", lambda *a, **k: (_ for _ in ()).throw(fault))
         result = CliRunner().invoke(main, [*args, "--max-tokens", "2", "--quiet"])
-    assert result.exception is fault  # the run stops (a traceback), no row recorded
+    # the run stops (exit 4, with the traceback), no row recorded
+    assert result.exit_code == 4 and "stopped by an unexpected error (AttributeError" in (
+        result.output
+    )
     assert not output.exists()
     code, text = cli(*args, "--max-tokens", "2", "--quiet")  # fixed: every row runs
     assert code == 0, text
@@ -842,8 +845,10 @@ def test_generation_failing_for_every_row_stops_and_records_none(
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
     assert code == 4, text
     assert "generation failed for 16 rows in a row" in text and "device lost" in text
-    assert status_json(output)["rows_done"] == 0 and not output.exists()
-    code, text = cli(*args, "--max-tokens", "2", "--quiet")  # fixed: every row runs
+    # it recorded nothing, so it left nothing: a fix that changes the job is no other job
+    assert not (tmp_path / "out.parquet.parts" / "manifest.json").exists()
+    assert not output.exists()
+    code, text = cli(*args, "--max-tokens", "3", "--quiet")  # fixed: every row runs
     assert code == 0, text
     assert [r["finish_reason"] for r in rows(output)] == ["length"] * 20
 
@@ -882,7 +887,7 @@ def test_a_fault_over_a_few_images_with_many_prompts_each_stops_the_run(
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
         assert code == 4, text
         assert "generation failed for 16 rows in a row, over 4 images" in text, text
-        assert status_json(output)["rows_done"] == 0
+        assert not (tmp_path / "out.parquet.parts" / "manifest.json").exists()
         patch.setattr(runner, "FAILING_HELD", 3)  # then the rows are recorded, 3 at a time
         code, text = cli(*args, "--max-tokens", "2", "--quiet")
         assert code == 1, text
@@ -915,3 +920,39 @@ def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_colum
     assert "resuming: 1 of 4 rows already done" in text, text
     assert code == 0 and "no row had an image" not in text, text
     assert [r["id"] for r in rows(output)] == ["pic", "t0", "t1", "t2"]
+
+
+def test_an_unexpected_error_stops_the_run_with_exit_4_and_keeps_saved_rows(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A failure that is no row's (a bug, memory) is not 'some rows are error records' (1):
+    the run stops with exit 4, saved rows kept, and the same command resumes; a new job that
+    saved nothing leaves no checkpoint."""
+    from model.processing import Processor
+
+    lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(6)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    args += ["--max-tokens", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet"]
+    real = Processor.prepare
+
+    def prepare(self, prompt, image, chat=True):
+        if prompt == failing:
+            raise MemoryError("simulated")
+        return real(self, prompt, image, chat)
+
+    monkeypatch.setattr(Processor, "prepare", prepare)
+    failing = "Say 0."  # before any row: nothing is left behind
+    code, text = cli(*args)
+    assert code == 4, text
+    assert "stopped by an unexpected error (MemoryError: simulated)" in text
+    assert "run the same command again" in text
+    assert not (tmp_path / "out.parquet.parts" / "manifest.json").exists()
+    failing = "Say 4."  # later: the rows saved before it are kept
+    code, text = cli(*args)
+    assert code == 4, text
+    saved = status_json(output)["rows_done"]
+    assert 2 <= saved < 6
+    failing = None
+    code, text = cli(*args)
+    assert code == 0, text
+    assert [r["id"] for r in rows(output)] == [f"r{i}" for i in range(6)]
