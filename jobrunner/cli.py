@@ -23,16 +23,6 @@ class _ConfigError(click.ClickException):
     exit_code = EXIT_CONFIG
 
 
-def _shard(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        k, n = (int(part) for part in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"expected K/N such as 0/4, got {value!r}") from None
-    return k, n
-
-
 def _run_options(func):
     options = [
         click.option("--model", help="Model directory or Hugging Face hub id."),
@@ -75,13 +65,21 @@ def _run_options(func):
             help="Keep the rows of one image side by side when sorting (default) / plain sort.",
         ),
         click.option("--max-image-pixels", type=int),
-        click.option("--no-chat", is_flag=True, default=None, help="Send prompts as they are."),
+        click.option(
+            "--chat/--no-chat",
+            default=None,
+            help="Wrap prompts in the chat template (default) / send them as they are.",
+        ),
         click.option(
             "--overwrite/--no-overwrite",
             default=None,
             help="Start over / resume (overrides `overwrite` in a job file).",
         ),
-        click.option("--quiet", is_flag=True, default=None, help="No progress output."),
+        click.option(
+            "--quiet/--no-quiet",
+            default=None,
+            help="No progress output / progress output (overrides `quiet` in a job file).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -94,14 +92,22 @@ def main() -> None:
     """Caption and question image datasets with Phi-3-Vision on MLX."""
     from ._blas import prepare_process
 
-    disabled = os.environ.get("JOBRUNNER_BLAS", "").strip().lower() == "none"
-    if prepare_process() is None and sys.platform.startswith("linux") and not disabled:
+    override = os.environ.get("JOBRUNNER_BLAS", "").strip()
+    try:
+        loaded = prepare_process()
+    except OSError as err:  # only a path named in JOBRUNNER_BLAS raises
+        raise _ConfigError(
+            f"JOBRUNNER_BLAS={override} cannot be loaded ({err}); point it to an OpenBLAS "
+            "library (libopenblas.so.0), or unset it to search the usual places"
+        ) from None
+    if loaded is None and sys.platform.startswith("linux") and override.lower() != "none":
         import mlx.core as mx
 
         if mx.default_device() == mx.cpu:
             click.echo(
                 "jobrunner: warning: OpenBLAS not found, so MLX uses its slow reference BLAS on "
-                "the CPU (install it: apt-get install libopenblas0-pthread)",
+                "the CPU (install it: apt-get install libopenblas0-pthread; JOBRUNNER_BLAS=none "
+                "runs without it and without this warning)",
                 err=True,
             )
 
@@ -167,6 +173,9 @@ def run(input_path: Path, **flags) -> None:
         )
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
         sys.exit(EXIT_OK)
+    if spec.quiet and result.errors:  # quiet shows a few row errors: say how many there are
+        where = "the output" if result.merged else "this shard's saved rows"
+        click.echo(f"jobrunner: error records in {where}: {result.errors}", err=True)
     sys.exit(EXIT_ROW_ERRORS if result.errors else EXIT_OK)
 
 
@@ -200,7 +209,7 @@ def _build_spec(input_path: Path, flags: dict):
         "num_crops": flags["num_crops"],
         "dtype": flags["dtype"],
         "quantize": None if flags["quantize"] is None else int(flags["quantize"]),
-        "shard": _shard(flags["shard"]),
+        "shard": flags["shard"],
         "image_root": flags["image_root"],
         "checkpoint_dir": flags["checkpoint_dir"],
         **_checkpoint_every(flags["checkpoint_every"]),
@@ -208,7 +217,7 @@ def _build_spec(input_path: Path, flags: dict):
         "sort_window": flags["sort_window"],
         "group_images": flags["group_images"],
         "max_image_pixels": flags["max_image_pixels"],
-        "chat": None if flags["no_chat"] is None else not flags["no_chat"],
+        "chat": flags["chat"],
         "overwrite": flags["overwrite"],
         "quiet": flags["quiet"],
     }

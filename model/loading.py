@@ -50,8 +50,9 @@ def resolve_model_path(path_or_hub_id: str, revision: str | None = None) -> Path
     except Exception as err:  # the hub client raises many kinds; all mean "not available"
         where = "the local cache (HF_HUB_OFFLINE is set)" if offline else "the cache or the hub"
         raise ModelLoadError(
-            f"model {path_or_hub_id!r} is not a local directory and could not be loaded from "
-            f"{where}: {type(err).__name__}"
+            f"model {path_or_hub_id!r} is not a local directory (a relative path is taken from "
+            "the current folder, or from the job file's folder in a job file) and could not be "
+            f"loaded from {where} as a hub id: {type(err).__name__}"
         ) from None
 
 

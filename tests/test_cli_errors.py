@@ -199,3 +199,31 @@ def test_a_model_that_does_not_load_leaves_no_job_behind(data, tiny_model_dir, t
     result = invoke("run", data, "--model", tiny_model_dir, "--output", output, "--max-tokens", "2")
     assert result.exit_code == 0, result.output
     assert pq.read_table(output).num_rows == 4
+
+
+def test_a_blas_library_that_cannot_be_loaded_is_a_configuration_error(monkeypatch, tmp_path):
+    from jobrunner import _blas
+
+    monkeypatch.setattr(_blas, "_loaded", [])  # as in a fresh process
+    monkeypatch.setenv("JOBRUNNER_BLAS", "/no/such/libopenblas.so.0")
+    result = invoke("status", tmp_path / "out.parquet")
+    assert result.exit_code == 2, result.output
+    assert "JOBRUNNER_BLAS=/no/such/libopenblas.so.0 cannot be loaded" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_shard_out_of_range_is_named_as_given(data, no_run):
+    result = invoke("run", data, "--model", "org/model", "--shard", "2/2")
+    assert result.exit_code == 2
+    assert "got '2/2'" in result.output and "(2, 2)" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "chat", "quiet"),
+    [([], False, True), (["--chat"], True, True), (["--no-quiet"], False, False)],
+)
+def test_flags_turn_back_the_job_files_booleans(data, monkeypatch, flags, chat, quiet):
+    job = data.with_name("booleans.toml")
+    job.write_text('input = "data.jsonl"\nmodel = "org/model"\nchat = false\nquiet = true\n')
+    spec = spec_of_command(monkeypatch, shlex.join(["jobrunner", "run", str(job), *flags]))
+    assert (spec.chat, spec.quiet) == (chat, quiet)

@@ -99,7 +99,7 @@ def test_missing_directory_and_uncached_hub_id(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelLoadError, match="not a local directory") as err:
         load("microsoft/Phi-3.5-vision-instruct")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "from the job file's folder" in str(err.value)
 
 
 def test_weights_identity_changes_with_weights(tiny_model_dir, tiny_model_dir_mlx, tmp_path):
