@@ -277,7 +277,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             return RunResult(total, info.rows_done, 0, info.errors, True, nothing_to_do=True)
         if info.rows_done:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
-        session = _Session(spec, store, reporter, owed, info.rows_done)
+        session = _Session(spec, store, reporter, owed, info.rows_done, total)
         if info.rows_done < owed:
             try:
                 session.run(model_dir, stop)
@@ -288,6 +288,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
                 with contextlib.suppress(OSError):
                     store.abandon_new()
                 raise
+        _check_unchanged(spec.input, source)
         store.mark_complete(total)
         return session.finish(total, identity)
 
@@ -295,9 +296,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
 class _Session:
     """One run of the loop over the rows this shard still owes."""
 
-    def __init__(self, spec, store, reporter, owed, done_before):
+    def __init__(self, spec, store, reporter, owed, done_before, total):
         self.spec, self.store, self.reporter = spec, store, reporter
-        self.owed, self.done_before = owed, done_before
+        self.owed, self.done_before, self.total = owed, done_before, total
         self.writer = PartWriter(
             store,
             spec.keep_columns,
@@ -491,6 +492,12 @@ class _Session:
                 self.read_error = err
                 return
             if row is None:
+                return
+            if row.index >= self.total:  # rows appended since they were counted
+                self.read_error = InputReadError(
+                    f"{self.spec.input} changed while the job ran: it has more rows than the "
+                    f"{self.total} counted at the start"
+                )
                 return
             if not self.spec.owns_row(row.index):
                 continue
@@ -915,6 +922,22 @@ _SAVED = (
     "the rows before it are done and saved (see jobrunner status); repair or re-create the "
     "file and run again (with --overwrite, as a changed input is another job)"
 )
+
+
+def _check_unchanged(path: Path, source: dict[str, Any]) -> None:
+    """Raise ``BadInput`` if the input is not the file the job started on (rewritten, grown or
+    cut while the job ran): its rows would not be the rows that were counted and fingerprinted."""
+    try:
+        now = input_identity(path)
+    except OSError as err:
+        raise BadInput(f"{path} cannot be read any more ({err}); {_SAVED}") from None
+    if now == source:
+        return
+    if now.get("size") != source.get("size"):
+        what = f"size {source.get('size')} → {now.get('size')} bytes"
+    else:
+        what = "same size, other content or modification time"
+    raise BadInput(f"{path} changed while the job ran ({what}); {_SAVED}")
 
 
 def _describe(err: BaseException | None) -> str:

@@ -956,3 +956,42 @@ def test_an_unexpected_error_stops_the_run_with_exit_4_and_keeps_saved_rows(
     code, text = cli(*args)
     assert code == 0, text
     assert [r["id"] for r in rows(output)] == [f"r{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("change", ["append", "truncate"])
+def test_an_input_changed_while_the_job_runs_stops_it_with_a_clear_message(
+    tmp_path, tiny_model_dir, monkeypatch, change
+):
+    """Rows appended to (or cut from) the input while a job runs are not the rows it counted
+    and fingerprinted: the run stops with exit 2 and says so, the rows done are saved, and it
+    never marks rows past the count (which had wedged the job: 'shard 0/1 has 10 of 8 rows')."""
+    from model.generate import Decoder
+
+    lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(8)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    source = tmp_path / "rows.jsonl"
+    real_step = Decoder.step
+    changed = []
+
+    def step(self, drop=True):
+        if not changed:
+            changed.append(True)
+            if change == "append":
+                with source.open("a") as fh:
+                    fh.writelines(json.dumps({"prompt": f"More {i}."}) + "\n" for i in range(4))
+            else:
+                source.write_text(source.read_text().split("\n", 2)[2])
+        return real_step(self, drop)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    code, text = cli(*args, "--max-tokens", "2", "--batch-size", "2", "--sort-window", "1",
+                     "--checkpoint-every", "1", "--quiet")  # fmt: skip
+    assert code == 2, text
+    assert f"{source} changed while the job ran" in text, text
+    assert "run again (with --overwrite" in text
+    done = status_json(output)["rows_done"]
+    assert 0 < done <= 8 and not output.exists()
+    monkeypatch.undo()
+    code, text = cli(*args, "--max-tokens", "2", "--overwrite", "--quiet")  # the new file's job
+    assert code == 0, text
+    assert len(rows(output)) == (12 if change == "append" else 6)
