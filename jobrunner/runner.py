@@ -43,7 +43,6 @@ from typing import Any
 from ._blas import single_threaded_numpy_blas
 from .batching import JOIN_AT, PlanStats, joining, plan_batches
 from .checkpoint import (
-    MANIFEST,
     CheckpointError,
     CheckpointStore,
     describe_changes,
@@ -256,7 +255,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     store = CheckpointStore(spec.parts_dir, spec.shard)
     if not spec.overwrite and spec.output.exists():
         _check_output(spec, print_, fields)
-        if not (spec.parts_dir / MANIFEST).exists():  # this job's output, checkpoint removed
+        if _finished_before(spec, print_, fields, store.n):
             reporter.event(f"nothing to do: {spec.output} is this job's finished output")
             owed = shard_rows(total, store.k, store.n)
             errors = error_rows(spec.output)
@@ -911,6 +910,20 @@ def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:
         "checkpoint of this job then merges its output again), pass --overwrite to replace it "
         "(every row runs again), or choose another --output"
     )
+
+
+def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:
+    """Whether the output, this job's (``_check_output``), was finished in a way this run's
+    checkpoint would not say: its checkpoint folder was removed, or the job ran in another
+    number of shards (all of which finished, since the output was merged)."""
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        return False  # damaged: open_or_create says so
+    if manifest is None:
+        return True
+    other_split = manifest.get("num_shards") != shards
+    return other_split and is_same_job(manifest, print_, fields, comparable_fields)
 
 
 def _discard_output(output: Path) -> None:

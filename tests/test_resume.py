@@ -995,3 +995,19 @@ def test_an_input_changed_while_the_job_runs_stops_it_with_a_clear_message(
     code, text = cli(*args, "--max-tokens", "2", "--overwrite", "--quiet")  # the new file's job
     assert code == 0, text
     assert len(rows(output)) == (12 if change == "append" else 6)
+
+
+def test_a_finished_sharded_job_run_again_unsharded_is_nothing_to_do(tmp_path, tiny_model_dir):
+    lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(5)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    args += ["--max-tokens", "2"]
+    for shard in ("0/2", "1/2"):
+        code, text = cli(*args, "--shard", shard, "--quiet")
+        assert code == 0, text
+    before = output.read_bytes()
+    for again in ([], ["--shard", "1/3"]):  # the same job in another split: it is finished
+        code, text = cli(*args, *again)
+        assert code == 0 and "nothing to do" in text, text
+        assert output.read_bytes() == before
+    code, text = cli(*args, "--max-tokens", "3")  # another job: refused as before
+    assert code == 2 and "max_tokens: 2 → 3" in text, text
