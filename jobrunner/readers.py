@@ -206,6 +206,7 @@ def _missing_parquet_columns(schema, options: ReadOptions) -> list[str]:
     ):
         if column not in have and column != default:
             problems.append(f"no column '{column}' (from {flag}); columns are {names}")
+    problems += _wrong_column_types(types, options)
     if options.prompt_template is None and options.prompt_column not in have:
         problems.append(
             f"no prompt column '{options.prompt_column}' and no --prompt template; "
@@ -226,6 +227,42 @@ def _missing_parquet_columns(schema, options: ReadOptions) -> list[str]:
             "of whole numbers"
         )
     return problems
+
+
+def _wrong_column_types(types: Mapping[str, Any], options: ReadOptions) -> list[str]:
+    """The id, image and prompt columns of a type no row could use: refused before the run,
+    since every row would otherwise become an error record that a re-run skips."""
+    import pyarrow.types as pt
+
+    def text(t) -> bool:
+        t = t.value_type if pt.is_dictionary(t) else t
+        views = getattr(pt, "is_string_view", lambda _: False)(t)
+        return pt.is_string(t) or pt.is_large_string(t) or pt.is_null(t) or views
+
+    def binary(t) -> bool:
+        views = getattr(pt, "is_binary_view", lambda _: False)(t)
+        return pt.is_binary(t) or pt.is_large_binary(t) or pt.is_fixed_size_binary(t) or views
+
+    def image(t) -> bool:
+        fields = {field.name for field in t} if pt.is_struct(t) else set()
+        return text(t) or binary(t) or bool(fields & {"bytes", "path"})
+
+    def identifier(t) -> bool:
+        return text(t) or pt.is_integer(t) or pt.is_floating(t)
+
+    checks = (
+        ("id", "--id-column", options.id_column, identifier, "strings or whole numbers"),
+        ("image", "--image-column", options.image_column, image,
+         "paths (strings), bytes or {bytes, path} structs"),
+    )  # fmt: skip
+    if options.prompt_template is None:
+        checks += (("prompt", "--prompt-column", options.prompt_column, text, "text"),)
+    return [
+        f"the {what} column '{column}' holds {types[column]}, not {wanted}; name another "
+        f"column with {flag}, or convert it"
+        for what, flag, column, fits, wanted in checks
+        if column in types and not fits(types[column])
+    ]
 
 
 def _numeric(arrow_type) -> bool:
@@ -482,6 +519,10 @@ def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -
         return value  # the writer stores a lone surrogate as its escape, \\udXXX
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, float) and math.isnan(value):  # pandas' missing number
+        return str(index)
+    if isinstance(value, float) and value.is_integer():  # integers with gaps, as pandas stores them
+        return str(int(value))
     kind = type(value).__name__
     problems.append(f"id column '{options.id_column}' must be a string or integer, got {kind}")
     return str(index)

@@ -265,11 +265,18 @@ def test_parquet_bytes_column(tmp_path: Path) -> None:
     assert load_image(row.image, LIMIT).size == (5, 4)
 
 
-def test_parquet_wrong_column_types_are_error_rows(tmp_path: Path) -> None:
+def test_parquet_wrong_column_types_are_refused_up_front(tmp_path: Path) -> None:
+    """A column type no row could use is a configuration error: every row would otherwise be
+    an error record, which a re-run after the fix skips. Read anyway, each row is an error."""
     source = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({"image": [1, 2], "prompt": [3, 4]}), source)
-    check_input(source)  # types are per-row problems, not configuration problems
-    rows = rows_of(source)
+    pq.write_table(pa.table({"image": [1, 2], "prompt": [3, 4], "id": [[1], [2]]}), source)
+    with pytest.raises(ReaderConfigError) as refused:
+        check_input(source)
+    message = str(refused.value)
+    assert "the image column 'image' holds int64, not paths (strings), bytes or" in message
+    assert "the prompt column 'prompt' holds int64, not text; name another column with" in message
+    assert "the id column 'id' holds list<element: int64>, not strings or whole numbers" in message
+    rows = rows_of(source, id_column="x")
     assert len(rows) == 2
     assert all("image column 'image'" in r.error and "prompt column" in r.error for r in rows)
 
@@ -651,3 +658,15 @@ def test_duplicate_id_tracker() -> None:
     assert flags == [False, False, True, False, True, True]
     assert tracker.duplicates == 3 and tracker.first_duplicate == "a"
     assert "3 row(s)" in tracker.warning() and "'a'" in tracker.warning()
+
+
+def test_parquet_whole_float_ids_are_integers(tmp_path: Path) -> None:
+    """pandas stores integer ids with gaps as floats: 7.0 is the id 7, NaN and null are
+    missing (the row number); a fraction is still an error."""
+    ids = pa.array([7.0, None, float("nan"), 12.0, 2.5])
+    source = parquet_with(tmp_path, id=ids, prompt=["p"] * 5)
+    check_input(source)
+    rows = rows_of(source)
+    assert [r.id for r in rows] == ["7", "1", "2", "12", "4"]
+    assert [r.error is None for r in rows] == [True] * 4 + [False]
+    assert "must be a string or integer, got float" in rows[4].error
