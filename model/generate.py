@@ -22,6 +22,7 @@ import hashlib
 import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -251,15 +252,67 @@ def kv_bytes_per_token(model: Model) -> int:
 
 
 def device_memory_bytes() -> int | None:
-    """The GPU's memory when the device reports it, else the machine's physical memory."""
+    """The GPU's memory when the device reports it, else the memory this process may use: the
+    machine's physical memory, or less where a container (cgroup) or ``ulimit -v`` caps it."""
     if mx.default_device() != mx.cpu:
         size = mx.device_info().get("memory_size")
         if size:
             return int(size)
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
+        physical = None
+    limits = [physical, cgroup_memory_limit(), _address_space_limit()]
+    known = [limit for limit in limits if limit]
+    return min(known) if known else None
+
+
+# a cgroup v1 "no limit" is the largest page-aligned int64, not a word
+_UNLIMITED = 1 << 62
+
+
+def cgroup_memory_limit(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """The smallest memory limit on this process's cgroup and its ancestors (v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``), or None where there is none or it cannot be read. Inside a
+    container the cgroup path is the host's; the container's own limit is then at the root."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
         return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = base / path.strip("/")
+        levels = [folder, *folder.parents] if folder.is_relative_to(base) else [base]
+        limits += [_limit_in(level / name) for level in levels if level.is_relative_to(base)]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
+
+
+def _limit_in(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) >= _UNLIMITED:  # "max" (v2) or v1's huge number
+        return None
+    return int(text)
+
+
+def _address_space_limit() -> int | None:
+    """``ulimit -v`` (RLIMIT_AS), which caps every allocation, or None."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def weight_bytes(model: Model) -> int:

@@ -537,3 +537,37 @@ def test_prefix_cache_takes_an_eighth_of_the_memory_beside_the_weights():
     assert PrefixCache.for_memory(40 * gib, 16 * gib).max_bytes == 3 * gib
     assert PrefixCache.for_memory(24 * gib, 17 * gib).max_bytes == gib  # at least 1 GiB
     assert PrefixCache.for_memory(None).max_bytes == gib
+
+
+def test_memory_limits_of_a_container_are_read_from_its_cgroup(tmp_path, monkeypatch):
+    """On a big machine, a container's limit is the memory that sizes batches and caches."""
+    import resource
+
+    from model import generate
+
+    def cgroup(lines: str, files: dict[str, str]) -> int | None:
+        root = tmp_path / f"cg{len(list(tmp_path.iterdir()))}"
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        (root / "self").write_text(lines)
+        return generate.cgroup_memory_limit(root / "self", root)
+
+    # v2: the smallest memory.max on the way up; "max" is none
+    v2 = {"memory.max": "max\n", "pod/memory.max": "8589934592\n", "pod/job/memory.max": "max\n"}
+    assert cgroup("0::/pod/job\n", v2) == 8 << 30
+    # v1: the memory controller's line; the unlimited sentinel is none
+    v1 = {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+          "memory/a/memory.limit_in_bytes": "4294967296\n"}  # fmt: skip
+    assert cgroup("4:memory:/a\n3:cpu:/\n0::/\n", v1) == 4 << 30
+    # in a container the path is the host's: the limit at the root counts
+    assert cgroup("0::/host/path\n", {"memory.max": "1073741824\n"}) == 1 << 30
+    assert cgroup("0::/\n", {"memory.max": "max\n"}) is None
+    assert generate.cgroup_memory_limit(tmp_path / "missing", tmp_path) is None
+    # the figure that sizes batches takes the smallest of the machine, cgroup and ulimit -v
+    if mx.default_device() != mx.cpu:
+        return  # a GPU's own memory sizes them there
+    monkeypatch.setattr(generate, "cgroup_memory_limit", lambda: 3 << 30)
+    assert generate.device_memory_bytes() == 3 << 30
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (2 << 30, resource.RLIM_INFINITY))
+    assert generate.device_memory_bytes() == 2 << 30
