@@ -6,7 +6,8 @@ head_dim]``. Storage grows in blocks of ``step`` positions (or is reserved up fr
 O(length) copy that growing by concatenation costs. All rows share one offset: rows are
 left-padded, so position ``offset`` is the next slot of every row. A ``static`` cache hands
 attention its whole buffer (the unwritten slots are masked as future positions), so the shapes
-attention sees change once per block instead of once per step.
+attention sees change once per block instead of once per step. A growing cache hands over its
+keys in whole ``KEY_BLOCK``s, so that a row's attention is the same bits in any batch (below).
 
 ``ImageFeatureCache`` keeps the projected features of recently seen images by content hash
 (``ImageInput.key``), so rows that share an image (several prompts per image) encode it once.
@@ -19,6 +20,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import mlx.core as mx
+
+# Attention sees keys in whole multiples of this many positions, the slots past the last
+# written one masked (they hold zeros). A matmul's last few columns can take another code path
+# in the BLAS (OpenBLAS computes a trailing 1-3 columns apart), so a key's score would depend
+# on how many keys follow it: on its batch's padding. In whole blocks every key is computed
+# the same way wherever it sits, and a row gives the same bits alone as in any batch.
+KEY_BLOCK = 16
 
 
 class KVCache:
@@ -41,10 +49,10 @@ class KVCache:
         return -(-max(needed, self.reserved) // self.step) * self.step
 
     def visible(self, end: int) -> int:
-        """Keys attention sees once positions up to ``end`` are written: ``end``, or for a
-        static cache the whole buffer, as it will be then."""
+        """Keys attention sees once positions up to ``end`` are written: ``end`` in whole
+        ``KEY_BLOCK``s, or for a static cache the whole buffer, as it will be then."""
         if not self.static:
-            return end
+            return -(-end // KEY_BLOCK) * KEY_BLOCK
         return self.capacity if end <= self.capacity else self._size_for(end)
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int, batch: int = 0) -> None:
@@ -77,7 +85,8 @@ class KVCache:
         self.offset = end
         if self.static:
             return self.keys, self.values
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        seen = self.visible(end)
+        return self.keys[..., :seen, :], self.values[..., :seen, :]
 
     def write_row(self, row: int, batch: int, keys: mx.array, values: mx.array) -> None:
         """Place one row's prompt keys/values ``[1, H, L, D]`` so they end at this cache's

@@ -201,7 +201,8 @@ def attention(
         causal: ``mask`` hides every key after a query's own position. On the CPU, each block
             of queries then skips the keys after the last key the block could see if the
             queries were the last ``L`` positions. Keys past the queries' positions (a static
-            cache's unwritten slots) stay correct, since the mask hides them, but cost work.
+            cache's unwritten slots, a growing cache's up to its next ``KEY_BLOCK``) stay
+            correct, since the mask hides them, but cost work.
     """
     if not _fast(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -127,7 +127,8 @@ def test_cached_decoding_equals_full_recompute(loaded, mixed_batch, static):
 
 def test_static_cache_shows_attention_what_it_returns():
     """``visible`` (the mask's width) always equals the keys ``update_and_fetch`` hands over:
-    while the buffer holds, when it grows by a block, and after a later, larger reservation."""
+    while the buffer holds, when it grows by a block, and after a later, larger reservation;
+    a growing cache hands over whole ``KEY_BLOCK``s."""
 
     def write(cache, n):
         kv = mx.ones((2, 1, n, 4))
@@ -143,9 +144,11 @@ def test_static_cache_shows_attention_what_it_returns():
     assert write(static, 1) == (256, 256, 256)
     assert write(static, 300) == (768, 768, 768)  # grown: room for the reservation
     assert write(static, 1) == (768, 768, 768)
-    growing = KVCache()
-    assert write(growing, 5) == (5, 5, 5)
-    assert write(growing, 300) == (305, 305, 305)
+    growing = KVCache()  # in whole KEY_BLOCKs (16), the unwritten slots zeros
+    assert write(growing, 5) == (16, 16, 16)
+    assert write(growing, 300) == (320, 320, 320)
+    assert write(growing, 15) == (320, 320, 320)
+    assert float(growing.keys[..., 320:, :].abs().sum()) == 0.0
 
 
 @pytest.mark.parametrize("row_prefill", [True, False], ids=["row-prefill", "batch-prefill"])
@@ -571,3 +574,69 @@ def test_memory_limits_of_a_container_are_read_from_its_cgroup(tmp_path, monkeyp
     assert generate.device_memory_bytes() == 3 << 30
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (2 << 30, resource.RLIM_INFINITY))
     assert generate.device_memory_bytes() == 2 << 30
+
+
+def _rows_computed_alike(model, rows: int = 16) -> bool:
+    """Whether this BLAS computes one row of each of the decoder's matmuls the same whatever
+    the number of rows beside it. OpenBLAS picks small-matrix and matrix-vector kernels by
+    shape, so it does not for narrow layers (the tiny model's); it does for wide ones."""
+    rng = np.random.default_rng(0)
+    layer = model.model.layers[0]
+    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj]
+    for linear in [*linears, layer.mlp.down_proj, model.lm_head]:
+        x = mx.array(rng.standard_normal((rows, 1, linear.weight.shape[1])), mx.float32)
+        first = np.array(linear(x)[0])
+        if any(not np.array_equal(np.array(linear(x[:m])[0]), first) for m in range(1, rows)):
+            return False
+    return True
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="a GPU picks kernels by shape")
+def test_a_row_decodes_the_same_bits_alone_as_in_any_batch(tmp_path, monkeypatch):
+    """Every logit a row produces, at every step, is the same alone as in a batch of rows of
+    other lengths that leave and join it: attention sees keys in whole blocks (``KEY_BLOCK``),
+    so no key's score depends on how many keys its batch's padding puts after it. On a model
+    of real width, where the BLAS computes a matmul row alike whatever the rows beside it."""
+    from model import generate
+    from model.tiny import make_tiny_model
+
+    wide = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16}
+    model_dir = make_tiny_model(tmp_path, num_hidden_layers=2, vocab_size=4096, **wide)
+    model, processor = load(str(model_dir))
+    if not _rows_computed_alike(model):
+        pytest.skip("this BLAS computes a matmul row by the number of rows")
+    rows = [
+        processor.prepare(prompt, None if size is None else picture(*size, seed=i))
+        for i, (prompt, size) in enumerate(MIXED_ROWS)
+    ]
+    limits = [3, 7, 1, 6, None, 2, 5]
+    rows = [replace(row, max_tokens=k) for row, k in zip(rows, limits, strict=True)]
+    seeds = [row_seed(11, f"row-{i}") for i in range(len(rows))]
+    params = GenerationParams(max_tokens=7)
+    seen: dict[str, dict[tuple[int, int], np.ndarray]] = {"alone": {}, "batched": {}}
+    real_sample = generate.sample
+
+    def recording(logits, params, seeds, steps):
+        keys = zip(np.array(seeds).tolist(), np.array(steps).tolist(), strict=True)
+        for row, key in enumerate(keys):
+            record.setdefault(key, np.array(logits[row]))
+        return real_sample(logits, params, seeds, steps)
+
+    monkeypatch.setattr(generate, "sample", recording)
+    record = seen["alone"]
+    for row, seed in zip(rows, seeds, strict=True):
+        generate_batch(model, processor, [row], params, [seed])
+    record = seen["batched"]
+    decoder = Decoder(model, processor, params)
+    waiting, joined = list(range(len(rows))), 0
+    while waiting or decoder.active:
+        if decoder.active < 3 and waiting:
+            joined += bool(decoder.active)
+            take = waiting[: 3 - decoder.active]
+            del waiting[: len(take)]
+            decoder.add([(i, rows[i], seeds[i]) for i in take])
+        decoder.step()
+    assert joined >= 2
+    assert len(seen["alone"]) == sum(min(k or 7, 7) for k in limits)  # every step of every row
+    for key, alone in seen["alone"].items():
+        assert np.array_equal(alone, seen["batched"][key]), key
