@@ -8,7 +8,9 @@ Merge: refuses (`IncompleteJob`, naming each missing or unfinished shard) until 
 completion record; then checks that the parts cover input rows ``0..total-1`` exactly once and
 writes them in input order, one window of rows at a time, to a temp file that is fsynced and
 renamed over the output. Several shards finishing at once may each merge; each write is atomic
-and they all write the same rows, so the result does not depend on who wins.
+and they all write the same rows, so the result does not depend on who wins. Kept columns get
+one type from what all parts record (`jobrunner.writers`: the input's Arrow type, or one picked
+from the kinds of JSON values), never from one part alone.
 
 Status: reads only (never locks, never cleans), so it is safe while shards are running.
 """
@@ -41,6 +43,7 @@ from jobrunner.checkpoint import (
     shard_name,
     shard_rows,
 )
+from jobrunner.legacy_kept import json_to_arrow
 from jobrunner.writers import (
     INDEX_COLUMN,
     OUTPUT_METADATA_KEY,
@@ -49,6 +52,7 @@ from jobrunner.writers import (
     fsync_dir,
     kept_type,
     merged_metadata,
+    part_kept_types,
     remove_orphan_temps,
     results_schema,
     temp_path_for,
@@ -98,6 +102,20 @@ class _Part:
     min_index: int
 
 
+@dataclass
+class _Kept:
+    """What all parts say of the kept columns: the kinds of the values stored as JSON text, and
+    the one Arrow type of each typed column (Parquet input; see `jobrunner.writers`)."""
+
+    kinds: dict[str, set[str]]
+    types: dict[str, pa.DataType]
+
+    def output_type(self, name: str) -> pa.DataType:
+        if name in self.types:
+            return self.types[name]
+        return kept_type(self.kinds.get(name, ())) or pa.string()
+
+
 def all_shards_complete(directory: Path) -> bool:
     """Whether every shard of the checkpoint has a valid completion record (cheap: no hashing)."""
     manifest = read_manifest(Path(directory))
@@ -142,9 +160,9 @@ def _merge_total(directory: Path, manifest: dict, n: int, total_rows: int | None
     return totals.pop()
 
 
-def _collect_parts(directory: Path, n: int, total: int) -> tuple[list[_Part], dict, list[str]]:
-    """Verified parts of every shard, kinds of kept values, kept column names."""
-    parts, kinds, indices, layouts = [], {}, [], set()
+def _collect_parts(directory: Path, n: int, total: int) -> tuple[list[_Part], _Kept, list[str]]:
+    """Verified parts of every shard, what they say of kept columns, kept column names."""
+    parts, kinds, types, indices, layouts = [], {}, {}, [], set()
     for k in range(n):
         shard_dir = directory / shard_name(k, n)
         scan = scan_shard(shard_dir, k, n)
@@ -158,11 +176,25 @@ def _collect_parts(directory: Path, n: int, total: int) -> tuple[list[_Part], di
         layouts |= scan.layouts
         for name, values in scan.kinds.items():
             kinds.setdefault(name, set()).update(values)
+        for name, values in scan.kept_types.items():
+            types.setdefault(name, set()).update(values)
     if len(layouts) > 1:
         raise CheckpointError(f"parts in {directory} have different columns: {sorted(layouts)}")
     check_coverage(np.concatenate(indices) if indices else np.zeros(0, np.int64), total)
-    names = next(iter(layouts), ())
-    return parts, kinds, [c for c in names if c not in RESERVED_COLUMNS]
+    keep = [c for c in next(iter(layouts), ()) if c not in RESERVED_COLUMNS]
+    return parts, _Kept(kinds, _one_type_each(directory, types)), keep
+
+
+def _one_type_each(directory: Path, types: dict[str, set[pa.DataType]]) -> dict[str, pa.DataType]:
+    """The type of each typed kept column; parts of one job agree (they read one input)."""
+    for name, found in types.items():
+        if len(found) > 1:
+            raise CheckpointError(
+                f"parts in {directory} hold kept column '{name}' as different types "
+                f"({', '.join(sorted(map(str, found)))}): the input changed while the job ran; "
+                "run it again with --overwrite"
+            )
+    return {name: found.pop() for name, found in types.items()}
 
 
 def check_coverage(index: np.ndarray, total: int) -> None:
@@ -180,22 +212,37 @@ def check_coverage(index: np.ndarray, total: int) -> None:
     raise CheckpointError(f"parts do not cover input rows 0..{total - 1} exactly once: {text}")
 
 
-def _load_part(part: _Part, schema: pa.Schema, kinds: dict) -> pa.Table:
+def _load_part(part: _Part, schema: pa.Schema, kept: _Kept) -> pa.Table:
     table = pq.read_table(part.path)
+    typed = part_kept_types(table.schema)  # already of the output's type
     columns = [
-        decode_kept(table[f.name].combine_chunks(), kinds.get(f.name, ()))
-        if f.name not in RESERVED_COLUMNS
-        else table[f.name]
+        table[f.name]
+        if f.name in RESERVED_COLUMNS or f.name in typed
+        else _from_json_text(table[f.name].combine_chunks(), f, kept, part)
         for f in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _from_json_text(texts: pa.Array, field: pa.Field, kept: _Kept, part: _Part) -> pa.Array:
+    """A kept column that a part stores as JSON text, as the output's column."""
+    if field.name not in kept.types:
+        return decode_kept(texts, kept.kinds.get(field.name, ()))
+    try:  # a part written before kept Parquet columns were typed, in a job resumed since
+        return json_to_arrow(texts, field.type)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{part.path} was written by an earlier jobrunner, and its kept column "
+            f"'{field.name}' does not read as {field.type} ({exc}); run the job again with "
+            "--overwrite"
+        ) from None
 
 
 def _write_in_order(
     parts: list[_Part],
     total: int,
     schema: pa.Schema,
-    kinds: dict,
+    kept: _Kept,
     writer: pq.ParquetWriter,
     rows_per_group: int,
 ) -> None:
@@ -208,7 +255,7 @@ def _write_in_order(
     for start in range(0, total, rows_per_group):
         end = min(start + rows_per_group, total)
         while pending and pending[0].min_index < end:
-            active.append(_load_part(pending.pop(0), schema, kinds))
+            active.append(_load_part(pending.pop(0), schema, kept))
         taken, active_next = [], []
         for table in active:
             cut = int(np.searchsorted(table.column(INDEX_COLUMN).to_numpy(), end))
@@ -262,8 +309,8 @@ def merge(
             "it, then merge again"
         )
     total = _merge_total(directory, manifest, n, total_rows)
-    parts, kinds, keep = _collect_parts(directory, n, total)
-    schema = results_schema(keep, {c: kept_type(kinds.get(c, ())) or pa.string() for c in keep})
+    parts, kept, keep = _collect_parts(directory, n, total)
+    schema = results_schema(keep, {c: kept.output_type(c) for c in keep})
     meta = {
         "spec": manifest.get("spec"),
         "fingerprint": manifest.get("fingerprint"),
@@ -271,21 +318,21 @@ def merge(
         **jsonable(dict(metadata or {})),
     }
     file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    _atomic_parquet(output_path, file_schema, parts, total, kinds, rows_per_group)
+    _atomic_parquet(output_path, file_schema, parts, total, kept, rows_per_group)
     errors = sum(_scan_errors(directory, k, n) for k in range(n))
     size = output_path.stat().st_size
     return MergeInfo(path=output_path, rows=total, errors=errors, parts=len(parts), bytes=size)
 
 
 def _atomic_parquet(
-    path: Path, schema: pa.Schema, parts: list[_Part], total: int, kinds: dict, rows_per_group: int
+    path: Path, schema: pa.Schema, parts: list[_Part], total: int, kept: _Kept, rows_per_group: int
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphan_temps(path)  # an earlier merge killed midway
     tmp = temp_path_for(path)
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
-            _write_in_order(parts, total, schema.remove_metadata(), kinds, writer, rows_per_group)
+            _write_in_order(parts, total, schema.remove_metadata(), kept, writer, rows_per_group)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

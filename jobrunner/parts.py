@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobrunner.writers import INDEX_COLUMN, fsync_dir, part_kinds
+from jobrunner.writers import INDEX_COLUMN, fsync_dir, part_kept_types, part_kinds
 
 PROGRESS = "progress.jsonl"
 _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
@@ -103,6 +103,7 @@ class ShardScan:
     records: list[PartRecord] = field(default_factory=list)
     indices: list[np.ndarray] = field(default_factory=list)
     kinds: dict[str, set[str]] = field(default_factory=dict)
+    kept_types: dict[str, set[pa.DataType]] = field(default_factory=dict)  # typed kept columns
     layouts: set[tuple[str, ...]] = field(default_factory=set)
     dropped: list[str] = field(default_factory=list)
     torn: bool = False
@@ -139,6 +140,8 @@ def scan_shard(shard_dir: Path, k: int, n: int, seen: set[int] | None = None) ->
         scan.layouts.add(tuple(schema.names))
         for name, values in part_kinds(schema).items():
             scan.kinds.setdefault(name, set()).update(values)
+        for name, arrow_type in part_kept_types(schema).items():
+            scan.kept_types.setdefault(name, set()).add(arrow_type)
     return scan
 
 

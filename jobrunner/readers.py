@@ -8,12 +8,17 @@
 - **Bad rows are data, not exceptions.** Invalid JSON, a non-object line, wrong value types, a
   missing template field, text that is not valid Unicode (a lone surrogate such as JSON's
   ``"\\ud800"``, in the id, prompt, template fields or kept columns), a Parquet value Python cannot
-  hold (a timestamp past year 9999) or an image path outside ``image_root`` give a ``Row`` with
+  hold (a timestamp past year 9999) in a column the row is made from (not a kept column: those
+  stay Arrow values) or an image path outside ``image_root`` give a ``Row`` with
   ``error`` set. Configuration problems found before the first row (``check_input``: missing
   file or column, a Parquet limit column that does not hold numbers, JSONL that is not UTF-8)
   raise ``ReaderConfigError``; a Parquet file that is damaged partway (a corrupt data page)
   raises ``InputReadError`` when the reader gets there, after yielding every row before the
   damage.
+- **Kept columns** (``keep_columns``) land in ``Row.extra``. From JSONL they are the values
+  ``json.loads`` gave; from Parquet they are Arrow scalars of the types ``kept_column_types``
+  names (the input's, a dictionary column decoded to its values), never converted to Python,
+  so the writer copies them exactly (nanoseconds, decimals, unsigned and nested types).
 - **Images** are referenced, not decoded: a path (relative paths resolve against the dataset
   file's folder; absolute paths are kept), raw bytes, or the Hugging Face ``datasets`` struct
   ``{bytes, path}`` (bytes win when present). ``image_size`` reads only the header;
@@ -33,13 +38,16 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
 from jobrunner.spec import INPUT_SUFFIXES, JobSpec, template_fields
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _PARQUET_BATCH_ROWS = 256
 
@@ -74,7 +82,8 @@ class ImageRef:
 @dataclasses.dataclass(slots=True)
 class Row:
     """One input row. ``error`` set means the row is an error record (its other fields may be
-    partial); ``extra`` holds the ``keep_columns`` values (``None`` where absent)."""
+    partial); ``extra`` holds the ``keep_columns`` values (``None`` where absent): Arrow
+    scalars for Parquet input, JSON values for JSONL (see the module docstring)."""
 
     index: int
     id: str
@@ -273,6 +282,24 @@ def _numeric(arrow_type) -> bool:
     )
 
 
+def kept_column_types(path: str | Path, keep_columns: Sequence[str]) -> dict[str, pa.DataType]:
+    """The Arrow type each kept column of a Parquet input has in ``Row.extra`` and the output:
+    the input's type, a dictionary's value type (rows are decoded one by one, and which rows
+    shared a dictionary should not show in the output). JSONL input: {} (typed from its values
+    by `jobrunner.writers`). Call ``check_input`` first."""
+    path = Path(path)
+    if path.suffix.lower() != ".parquet" or not keep_columns:
+        return {}
+    schema = _parquet_schema(path)
+    return {name: _decoded_type(schema.field(name).type) for name in keep_columns}
+
+
+def _decoded_type(arrow_type: pa.DataType) -> pa.DataType:
+    import pyarrow.types as pt
+
+    return arrow_type.value_type if pt.is_dictionary(arrow_type) else arrow_type
+
+
 def count_rows(path: str | Path) -> int:
     """Rows in the input, counted like ``iter_rows`` indexes them (Parquet: from metadata)."""
     path = Path(path)
@@ -341,22 +368,24 @@ class _MaySurrogate(dict):
     """A JSONL record whose line holds a surrogate escape."""
 
 
+class _ParquetRecord(dict):
+    """A Parquet row: Python values of the columns that make the row (id, image, prompt,
+    template fields, limit), and ``kept``, the kept columns as Arrow scalars."""
+
+    def __init__(self, values: Mapping[str, Any], kept: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.kept = kept
+
+
 def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping, str | None]]:
     """Records row group by row group, so a damaged one is named (``InputReadError``)."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    prompt_column = [options.prompt_column] if options.prompt_template is None else []
-    wanted = [
-        options.id_column,
-        options.image_column,
-        *prompt_column,
-        *options.template_fields,
-        *options.keep_columns,
-        *filter(None, [options.max_tokens_column]),
-    ]
     have = set(parquet.schema_arrow.names)
-    columns = [name for name in dict.fromkeys(wanted) if name in have]
+    python = [name for name in _row_columns(options) if name in have]
+    kept = [name for name in options.keep_columns if name in have]
+    columns = list(dict.fromkeys([*python, *kept]))
     if not columns:  # nothing to read: one empty record per row
         for group in range(parquet.num_row_groups):
             for _ in range(parquet.metadata.row_group(group).num_rows):
@@ -379,11 +408,42 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping
             if batch is None:
                 break
             read += batch.num_rows
-            yield from _batch_records(batch)
+            yield from _batch_records(batch, python, kept)
         start += size
 
 
-def _batch_records(batch) -> Iterator[tuple[dict[str, Any], str | None]]:
+def _row_columns(options: ReadOptions) -> list[str]:
+    """The columns a row's own fields are made from (read as Python values), in order."""
+    prompt_column = [options.prompt_column] if options.prompt_template is None else []
+    wanted = [
+        options.id_column,
+        options.image_column,
+        *prompt_column,
+        *options.template_fields,
+        *filter(None, [options.max_tokens_column]),
+    ]
+    return list(dict.fromkeys(wanted))
+
+
+def _batch_records(
+    batch, python: list[str], kept: list[str]
+) -> Iterator[tuple[_ParquetRecord, str | None]]:
+    """Records of a record batch: ``python`` columns as Python values (``_python_records``),
+    ``kept`` columns as Arrow scalars. A kept column needs no Python value, so a value Python
+    cannot hold there is copied as it is instead of making its row an error."""
+    import pyarrow.types as pt
+
+    arrays = {name: batch.column(name) for name in kept}
+    arrays = {
+        name: array.dictionary_decode() if pt.is_dictionary(array.type) else array
+        for name, array in arrays.items()
+    }
+    records = _python_records(batch.select(python))
+    for i, (values, problem) in enumerate(records):
+        yield _ParquetRecord(values, {name: array[i] for name, array in arrays.items()}), problem
+
+
+def _python_records(batch) -> Iterator[tuple[dict[str, Any], str | None]]:
     """A record batch as dicts; a value Python cannot hold (a timestamp past year 9999, ...)
     becomes None, with a problem for its row, instead of failing the batch."""
     try:
@@ -409,7 +469,10 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     row_id = _row_id(record.get(options.id_column), index, options, problems)
     image = _image_ref(record.get(options.image_column), options, base_dir, problems)
     prompt = _prompt(record, options, problems)
-    extra = {name: record.get(name) for name in options.keep_columns}
+    if isinstance(record, _ParquetRecord):
+        extra = {name: record.kept.get(name) for name in options.keep_columns}
+    else:
+        extra = {name: record.get(name) for name in options.keep_columns}
     if isinstance(record, _MaySurrogate):  # walking every kept value of every row costs
         for name, value in extra.items():
             _check_text(value, f"kept column '{name}'", problems)
@@ -421,11 +484,22 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     return Row(index, row_id, image, prompt, extra, error, limit, given, columns)
 
 
+def _scalar_has_value(scalar: pa.Scalar) -> bool:
+    import pyarrow.types as pt
+
+    if not scalar.is_valid:
+        return False
+    # NaN counts as no value, as for Python values: pandas writes a float column's nulls so
+    return not (pt.is_floating(scalar.type) and math.isnan(scalar.as_py()))
+
+
 _LIMIT_PROBLEM = "max tokens column"
 
 
 def _has_value(record: Mapping[str, Any], column: str) -> bool:
     """Whether ``record`` holds a value in ``column`` (not missing, null or NaN)."""
+    if isinstance(record, _ParquetRecord) and column in record.kept:
+        return _scalar_has_value(record.kept[column])
     value = record.get(column)
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 

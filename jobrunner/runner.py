@@ -66,6 +66,7 @@ from .readers import (
     count_rows,
     image_size,
     iter_rows,
+    kept_column_types,
     load_image,
 )
 from .spec import JobSpec, comparable_fields, fingerprint, fingerprint_fields, input_identity
@@ -303,6 +304,8 @@ class _Session:
             spec.keep_columns,
             every_rows=spec.checkpoint_every_rows or None,
             every_seconds=spec.checkpoint_every_seconds or None,
+            # Parquet input: from the input's schema, so no part's rows decide a column's type
+            kept_types=kept_column_types(spec.input, spec.keep_columns),
         )
         self.stats = PlanStats()
         # the planner's budget once the model is in, and the KV positions memory held it to

@@ -9,11 +9,30 @@ Output columns, in order: ``id`` (string), ``output`` (string, null on error), `
 ``output_tokens`` (int32), then the kept input columns, then ``row_index`` (int64, the input row
 index; kept in the final file because it is the join key back to the input).
 
-Kept columns: part files store each kept value as JSON text, together with the set of value kinds
-seen (schema metadata). The merge picks one type per column from the kinds of *all* parts, so the
-final type never depends on where part boundaries fell (a resumed job equals an uninterrupted one):
-only bools → bool, only ints → int64, ints and/or floats → float64, only strings → string, all null
-→ string; anything else (lists, dicts, bytes, dates, mixed kinds) stays JSON text.
+Kept columns (``--keep-columns``) reach the output in one of two ways, fixed before the run so
+that the final type never depends on where part boundaries fell (a resumed job equals an
+uninterrupted one):
+
+- *Typed* (Parquet input): the column keeps the Arrow type of the input file's schema, passed in
+  as ``kept_types``. The reader hands over each value as an Arrow scalar and `arrow_kept` copies
+  it into the part as it is, never through Python, so decimals keep their precision and scale,
+  timestamps their unit, time zone and nanoseconds, and unsigned, narrow and nested types
+  (lists, structs, maps) stay what they were. A dictionary-encoded column is decoded to its
+  value type (the dictionaries of row groups differ, and the output should not depend on which
+  rows shared one). Part metadata lists these columns (``jobrunner.kept_arrow``); the merge
+  keeps their type.
+- *From JSON values* (JSONL input): part files store each kept value as JSON text (object keys
+  in the input's order), together with the set of value kinds seen (``jobrunner.kept_kinds``).
+  The merge picks one type per column from the kinds of *all* parts: only bools → bool, only
+  ints → int64, ints and/or floats → float64, only strings → string, all null → string;
+  anything else (lists, objects, mixed kinds) stays JSON text: each value, a string included,
+  as its JSON text (``"a"`` with its quotes), so that every value of the column parses as JSON
+  and a string is never confused with a number or a list.
+
+Parts written before kept Parquet columns were typed (no ``jobrunner.kept_arrow``) hold JSON
+text and kinds for them too. Where other parts of the job hold the column typed (a job resumed
+across that change), the merge reads the old parts' text back as that type
+(`jobrunner.legacy_kept`); where no part does, the column is typed from the kinds, as then.
 
 Text that is not valid Unicode (a lone surrogate, from a JSON ``"\\ud800"`` escape) cannot be
 stored in Parquet: every string written is passed through `storable_text`, which writes such a
@@ -58,6 +77,7 @@ INDEX_COLUMN = "row_index"
 RESERVED_COLUMNS = frozenset([f.name for f in RESULT_FIELDS] + [INDEX_COLUMN])
 FINISH_REASONS = frozenset({"stop", "length", "error"})
 KINDS_METADATA_KEY = b"jobrunner.kept_kinds"
+ARROW_METADATA_KEY = b"jobrunner.kept_arrow"
 OUTPUT_METADATA_KEY = b"jobrunner"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -87,9 +107,12 @@ def results_schema(
     return pa.schema([*RESULT_FIELDS, *kept, pa.field(INDEX_COLUMN, pa.int64())])
 
 
-def part_schema(keep_columns: Sequence[str] = ()) -> pa.Schema:
-    """Schema of a part file: kept columns hold JSON text (see module docstring)."""
-    return results_schema(keep_columns)
+def part_schema(
+    keep_columns: Sequence[str] = (), kept_types: Mapping[str, pa.DataType] | None = None
+) -> pa.Schema:
+    """Schema of a part file: typed kept columns have their type, the others hold JSON text
+    (see module docstring)."""
+    return results_schema(keep_columns, kept_types)
 
 
 # --- kept values -------------------------------------------------------------------------------
@@ -148,10 +171,10 @@ def _plain(value: Any) -> Any:
 
 
 def encode_kept(value: Any) -> str | None:
-    """JSON text of a kept value (None stays None)."""
+    """JSON text of a kept value (None stays None); object keys keep their order."""
     if value is None:
         return None
-    return json.dumps(value, default=_json_default, ensure_ascii=False, sort_keys=True)
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
 
 
 def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
@@ -163,6 +186,27 @@ def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
     if target == pa.string():  # the JSON text "\\ud800" decodes to a lone surrogate again
         values = [storable_text(v) for v in values]
     return pa.array(values, type=target)
+
+
+def arrow_kept(values: Sequence[Any], arrow_type: pa.DataType) -> pa.Array:
+    """A typed kept column: the reader's Arrow scalars copied as they are, None as null.
+
+    Copying scalars (not ``as_py`` values) is what keeps nanoseconds, decimals past a float's
+    precision and nested types exact. A value that is no scalar (a caller's Python value) is
+    converted by pyarrow to ``arrow_type``.
+    """
+    if not values:
+        return pa.array([], arrow_type)
+    # pa.repeat builds from any scalar, where pa.array fails on some (a null list scalar)
+    return pa.concat_arrays([pa.repeat(_kept_scalar(v, arrow_type), 1) for v in values])
+
+
+def _kept_scalar(value: Any, arrow_type: pa.DataType) -> pa.Scalar:
+    if not isinstance(value, pa.Scalar):
+        return pa.scalar(value, arrow_type)
+    if value.type != arrow_type:  # a dictionary value not yet decoded, say
+        return value.cast(arrow_type)
+    return value
 
 
 # --- records → tables --------------------------------------------------------------------------
@@ -187,7 +231,9 @@ def _record_index(record: Mapping[str, Any]) -> int:
 
 
 def records_to_table(
-    records: Sequence[Mapping[str, Any]], keep_columns: Sequence[str] = ()
+    records: Sequence[Mapping[str, Any]],
+    keep_columns: Sequence[str] = (),
+    kept_types: Mapping[str, pa.DataType] | None = None,
 ) -> pa.Table:
     """Build a part table from result records.
 
@@ -196,14 +242,18 @@ def records_to_table(
             ``error``, ``prompt_tokens``, ``output_tokens``; kept columns either as top-level keys
             or inside an ``extra`` mapping (missing → null).
         keep_columns: names of the kept input columns.
+        kept_types: the Arrow type of each typed kept column (Parquet input: the input's);
+            their values are Arrow scalars or None. Other kept columns are stored as JSON text.
 
     Returns:
-        A table with `part_schema(keep_columns)` and the kinds of kept values in its metadata.
+        A table with `part_schema(keep_columns, kept_types)`; its metadata lists the typed kept
+        columns and the kinds of the others' values.
     """
     keep = check_keep_columns(keep_columns)
+    kept_types = {name: kept_types[name] for name in keep if name in (kept_types or {})}
     for record in records:
         _check_record(record)
-    columns: dict[str, list[Any]] = {
+    columns: dict[str, Any] = {
         "id": [None if r.get("id") is None else storable_text(str(r["id"])) for r in records],
         "output": [storable_text(r.get("output")) for r in records],
         "finish_reason": [r["finish_reason"] for r in records],
@@ -211,14 +261,33 @@ def records_to_table(
         "prompt_tokens": [int(r.get("prompt_tokens") or 0) for r in records],
         "output_tokens": [int(r.get("output_tokens") or 0) for r in records],
     }
-    kinds: dict[str, list[str]] = {}
+    metadata = _add_kept_columns(columns, records, keep, kept_types)
+    columns[INDEX_COLUMN] = [_record_index(r) for r in records]
+    schema = part_schema(keep, kept_types).with_metadata(metadata)
+    return pa.table(columns, schema=schema)
+
+
+def _add_kept_columns(
+    columns: dict[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    keep: list[str],
+    kept_types: Mapping[str, pa.DataType],
+) -> dict[bytes, bytes]:
+    """Add the kept columns to ``columns``, typed or as JSON text; return the part metadata
+    that says which is which (typed columns) and what the JSON holds (kinds)."""
+    kinds = {}
     for name in keep:
-        values = [_plain(_kept_value(r, name)) for r in records]
+        values = [_kept_value(r, name) for r in records]
+        if name in kept_types:
+            columns[name] = arrow_kept(values, kept_types[name])
+            continue
+        values = [_plain(v) for v in values]
         kinds[name] = sorted({value_kind(v) for v in values})
         columns[name] = [storable_text(encode_kept(v)) for v in values]
-    columns[INDEX_COLUMN] = [_record_index(r) for r in records]
-    schema = part_schema(keep).with_metadata({KINDS_METADATA_KEY: json.dumps(kinds).encode()})
-    return pa.table(columns, schema=schema)
+    metadata = {KINDS_METADATA_KEY: json.dumps(kinds).encode()}
+    if kept_types:  # parts of JSONL jobs stay as they were
+        metadata[ARROW_METADATA_KEY] = json.dumps(list(kept_types)).encode()
+    return metadata
 
 
 def storable_text(text: str | None) -> str | None:
@@ -241,6 +310,13 @@ def part_kinds(schema: pa.Schema) -> dict[str, list[str]]:
     return json.loads(raw) if raw else {}
 
 
+def part_kept_types(schema: pa.Schema) -> dict[str, pa.DataType]:
+    """The typed kept columns of a part file and their types; a part written before kept
+    columns were typed has none (its kept columns are JSON text)."""
+    raw = (schema.metadata or {}).get(ARROW_METADATA_KEY)
+    return {name: schema.field(name).type for name in (json.loads(raw) if raw else [])}
+
+
 # --- buffered part writer ----------------------------------------------------------------------
 
 
@@ -250,6 +326,7 @@ class PartWriter:
     A part is written when `maybe_flush` finds ``every_rows`` records pending or ``every_seconds``
     elapsed since the last flush (either bound may be None), and always on `flush`. Call
     `maybe_flush` between steps of the run and `flush` before exiting, also on SIGINT/SIGTERM.
+    ``kept_types``: the typed kept columns (see `records_to_table`).
     """
 
     def __init__(
@@ -259,6 +336,7 @@ class PartWriter:
         every_rows: int | None = 1000,
         every_seconds: float | None = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        kept_types: Mapping[str, pa.DataType] | None = None,
     ) -> None:
         if every_rows is not None and every_rows < 1:
             raise ValueError(f"every_rows must be >= 1 or None, got {every_rows}")
@@ -266,6 +344,7 @@ class PartWriter:
             raise ValueError(f"every_seconds must be >= 0 or None, got {every_seconds}")
         self.store = store
         self.keep_columns = check_keep_columns(keep_columns)
+        self.kept_types = dict(kept_types or {})
         self.every_rows = every_rows
         self.every_seconds = every_seconds
         self._clock = clock
@@ -306,7 +385,7 @@ class PartWriter:
         self._last_flush = self._clock()
         if not self._pending:
             return 0
-        table = records_to_table(self._pending, self.keep_columns)
+        table = records_to_table(self._pending, self.keep_columns, self.kept_types)
         self.store.write_part(table)
         rows = len(self._pending)
         self.rows_written += rows

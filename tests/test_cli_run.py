@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import io
 import json
 import os
@@ -824,3 +826,168 @@ def test_rows_of_a_failed_batch_run_alone_are_checkpointed_as_they_go(
     records, _ = read_progress(tmp_path / "out.parquet.parts" / "shard-00000-of-00001")
     assert [record.rows for record in records] == [1] * 8
     assert [r["row_index"] for r in read(output)] == list(range(8))
+
+
+# --- kept columns --------------------------------------------------------------------------------
+
+
+def kept_columns_table() -> pa.Table:
+    """Six text-only rows and a column of each type a user may keep, nulls included (row 3 is
+    null everywhere), with values that a trip through Python or JSON would change."""
+    ts = [1_704_110_401_000_000_001, -1, 0, None, 86_400_000_000_000, 7]
+    point = pa.struct([("x", pa.int32()), ("tags", pa.list_(pa.string()))])
+    return pa.table(
+        {
+            "prompt": [f"Describe item {i}." for i in range(6)],
+            "price": pa.array(
+                [decimal.Decimal("0.50"), decimal.Decimal("-" + "9" * 30 + ".25"), 0, None, 1, 2],
+                pa.decimal128(38, 2),
+            ),
+            "big": pa.array(["1" * 60, "-2", "0", None, "3", "4"]).cast(pa.decimal256(70, 0)),
+            "at": pa.array(ts, pa.timestamp("ns", "Europe/Paris")),
+            "day": pa.array([dt.date(2024, 1, 1), dt.date(1, 1, 1), None, None, None, None]),
+            "small": pa.array([-128, 127, 0, None, 1, 2], pa.int8()),
+            "ratio": pa.array([0.1, -2.5, 0, None, 1e30, 3], pa.float32()),
+            "flag": [True, False, True, None, False, True],
+            "count": pa.array([2**64 - 1, 0, 1, None, 2**63, 5], pa.uint64()),
+            "blob": [b"\x00\xff", b"", b"ab", None, b"\x80", b"z"],
+            "nums": pa.array([[1, None], [], [3], None, [5], [6]], pa.list_(pa.int16())),
+            "point": pa.array(
+                [{"x": 1, "tags": ["a"]}, {"x": None, "tags": []}, None, None, None, None], point
+            ),
+            "attrs": pa.array(
+                [[("z", 1), ("a", 2)], [], [("k", 3)], None, [], []],
+                pa.map_(pa.string(), pa.int64()),
+            ),
+            "label": pa.array(["cat", "dog", "cat", None, "eel", "dog"]).dictionary_encode(),
+        }
+    )
+
+
+def run_keeping(source: Path, model_dir: Path, output: Path, *flags: str) -> pa.Table:
+    keep = ",".join(c for c in pq.read_schema(source).names if c != "prompt")
+    code, text = run_to(
+        source, model_dir, output, "--max-tokens", "2", "--keep-columns", keep, *flags
+    )
+    assert code == 0, text
+    return pq.read_table(output)
+
+
+def parts_written(output: Path) -> int:
+    from jobrunner.parts import read_progress
+
+    records, _ = read_progress(output.with_name(output.name + ".parts") / "shard-00000-of-00001")
+    return len(records)
+
+
+def assert_kept_as_given(output: pa.Table, source: Path) -> None:
+    """Each kept column has the input's type and values (a dictionary: its values' type)."""
+    given = pq.read_table(source)
+    for name in given.column_names[1:]:
+        expected = given[name]
+        if pa.types.is_dictionary(expected.type):
+            expected = expected.cast(expected.type.value_type)
+        assert output.schema.field(name).type == expected.type, name
+        assert output[name].equals(expected), name
+
+
+def test_kept_parquet_columns_keep_their_type_and_values_whatever_the_parts(
+    tiny_model_dir, tmp_path
+):
+    source = tmp_path / "data.parquet"
+    pq.write_table(kept_columns_table(), source, row_group_size=4)  # two dictionaries
+    flags = ("--checkpoint-every", "1", "--batch-size", "1")  # rows end one at a time
+    one = run_keeping(source, tiny_model_dir, tmp_path / "one.parquet", *flags)
+    assert parts_written(tmp_path / "one.parquet") == 6
+    assert_kept_as_given(one, source)
+    every = run_keeping(
+        source, tiny_model_dir, tmp_path / "all.parquet", "--checkpoint-every", "1000,1h"
+    )
+    assert parts_written(tmp_path / "all.parquet") == 1
+    assert every.equals(one)  # parts of one row or of every row: the same file
+
+
+def as_written_before_typed_kept_columns(shard_dir: Path, line: bytes) -> bytes:
+    """Rewrite the part of a progress line as jobrunner wrote parts before kept Parquet columns
+    kept their type (each value the JSON text of its Python value, object keys sorted, and the
+    kinds of the values in the metadata); return the line that records it now."""
+    import dataclasses
+    import hashlib
+
+    from jobrunner import writers
+    from jobrunner.parts import PartRecord
+
+    record = PartRecord.from_line(line)
+    path = shard_dir / record.part
+    table = pq.read_table(path)
+    kinds = {}
+    for name in writers.part_kept_types(table.schema):
+        values = table[name].to_pylist()
+        kinds[name] = sorted({writers.value_kind(v) for v in values})
+        texts = [
+            None if v is None else json.dumps(v, default=writers._json_default, sort_keys=True)
+            for v in values
+        ]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(texts))
+    metadata = {writers.KINDS_METADATA_KEY: json.dumps(kinds).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    data = path.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    return dataclasses.replace(record, bytes=len(data), sha256=sha256).to_line()
+
+
+def test_a_job_resumed_over_parts_of_the_old_format_merges_to_the_same_file(
+    tiny_model_dir, tmp_path
+):
+    """A job checkpointed by the jobrunner that stored kept Parquet values as JSON text,
+    resumed by this one at another checkpoint interval, merges to the file an uninterrupted
+    run gives: the old parts' values are read back as the input's types."""
+    from jobrunner.parts import PartRecord
+
+    pytest.importorskip("pandas")  # pyarrow gives nanoseconds to Python as pandas values
+    source = tmp_path / "data.parquet"
+    pq.write_table(kept_columns_table(), source)
+    flags = ("--checkpoint-every", "1", "--batch-size", "1")  # a part a row
+    reference = run_keeping(source, tiny_model_dir, tmp_path / "ref.parquet", *flags)
+    output = tmp_path / "out.parquet"
+    shutil.copytree(tmp_path / "ref.parquet.parts", tmp_path / "out.parquet.parts")
+    shard_dir = tmp_path / "out.parquet.parts" / "shard-00000-of-00001"
+    lines = (shard_dir / "progress.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 6
+    kept = 3  # as if killed after three parts
+    old = [as_written_before_typed_kept_columns(shard_dir, line) for line in lines[:kept]]
+    (shard_dir / "progress.jsonl").write_bytes(b"".join(old))
+    (shard_dir / "complete.json").unlink()
+    for line in lines[kept:]:
+        (shard_dir / PartRecord.from_line(line).part).unlink()
+    resumed = run_keeping(source, tiny_model_dir, output, "--checkpoint-every", "1000,1h")
+    assert (shard_dir / "progress.jsonl").read_bytes().count(b"\n") == kept + 1  # the rest
+    assert resumed.equals(reference)
+    assert_kept_as_given(resumed, source)
+
+
+def test_kept_jsonl_columns_keep_key_order_and_mixed_columns_are_json_text(
+    tiny_model_dir, tmp_path
+):
+    source = tmp_path / "data.jsonl"
+    notes = [{"z": 1, "a": {"y": [2, "b"], "b": None}}, None, {"m": "ü"}]
+    tags = [1, "a", [1, "x"]]
+    rows = [
+        {"prompt": f"Describe {i}.", "note": note, "tag": tag, "n": i, "s": f"s{i}"}
+        for i, (note, tag) in enumerate(zip(notes, tags, strict=True))
+    ]
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    output = tmp_path / "out.parquet"
+    code, text = run_to(
+        source, tiny_model_dir, output, "--max-tokens", "2", "--keep-columns", "note,tag,n,s"
+    )
+    assert code == 0, text
+    table = pq.read_table(output)
+    assert table.schema.field("n").type == pa.int64()
+    assert table["s"].to_pylist() == ["s0", "s1", "s2"]
+    # objects: JSON text with the input's key order, so json.loads gives the input's value
+    assert table["note"].to_pylist() == ['{"z": 1, "a": {"y": [2, "b"], "b": null}}', None,
+                                         '{"m": "ü"}']  # fmt: skip
+    # mixed kinds: every value as JSON text, a string with its quotes (README, Output)
+    assert table["tag"].to_pylist() == ["1", '"a"', '[1, "x"]']
+    assert [json.loads(t) for t in table["tag"].to_pylist()] == tags

@@ -28,6 +28,7 @@ from jobrunner.readers import (
     count_rows,
     image_size,
     iter_rows,
+    kept_column_types,
     load_image,
 )
 
@@ -220,7 +221,8 @@ def test_parquet_streams_by_record_batch(tmp_path: Path) -> None:
     assert [r.id for r in rows] == [str(i) for i in range(10, 20)]
     assert rows[0].image == ImageRef(path=str(tmp_path / "imgs" / "a.png"))
     assert rows[9].image is None
-    assert [r.extra["note"] for r in rows] == [f"n{i}" for i in range(10)]
+    # kept Parquet values are Arrow scalars, copied to the output without Python in between
+    assert [r.extra["note"] for r in rows] == [pa.scalar(f"n{i}") for i in range(10)]
     assert count_rows(source) == 10
 
 
@@ -230,12 +232,28 @@ def test_parquet_value_python_cannot_hold_is_an_error_row(tmp_path: Path) -> Non
     source = tmp_path / "rows.parquet"
     ts = pa.array([0, 300_000_000_000_000, None], pa.timestamp("ms"))
     pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["p"] * 3, "ts": ts}), source)
-    rows = rows_of(source, keep_columns=("ts",))
+    rows = rows_of(source, prompt_template="at {ts}", keep_columns=("ts",))
     assert [r.id for r in rows] == ["a", "b", "c"]
-    assert rows[0].error is None and rows[2].error is None
-    assert rows[0].extra["ts"].year == 1970
+    assert rows[0].error is None and rows[0].prompt == "at 1970-01-01 00:00:00"
     assert rows[1].error.startswith("column 'ts' holds a value Python cannot represent")
-    assert rows[1].extra["ts"] is None and rows[1].prompt == "p"
+    assert rows[2].error == "prompt template field 'ts' is null in this row"
+    # kept, the value needs no Python: it is carried as it is, error row or not
+    assert [r.extra["ts"] for r in rows] == [ts[0], ts[1], ts[2]]
+
+
+def test_parquet_kept_values_are_arrow_scalars_of_the_input_type(tmp_path: Path) -> None:
+    source = tmp_path / "rows.parquet"
+    far = pa.array([300_000_000_000_000, None], pa.timestamp("ms", "UTC"))  # year 11476
+    label = pa.array(["cat", None]).dictionary_encode()
+    pq.write_table(pa.table({"prompt": ["p", "p"], "far": far, "label": label}), source)
+    keep = ("far", "label")
+    rows = rows_of(source, keep_columns=keep)
+    assert [r.error for r in rows] == [None, None]  # a kept value Python cannot hold: no error
+    assert [r.extra["far"] for r in rows] == [far[0], far[1]]
+    assert [r.extra["label"] for r in rows] == [pa.scalar("cat"), pa.scalar(None, pa.string())]
+    assert rows[0].columns_given == {"far", "label"} and rows[1].columns_given == frozenset()
+    assert kept_column_types(source, keep) == {"far": far.type, "label": pa.string()}
+    assert kept_column_types(tmp_path / "rows.jsonl", keep) == {}
 
 
 def test_damaged_parquet_page_names_where_after_the_rows_before(tmp_path: Path) -> None:

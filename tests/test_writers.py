@@ -1,6 +1,7 @@
 """Records → tables, the part writer's flush policy, atomic JSON files, output metadata."""
 
 import datetime as dt
+import decimal
 import json
 import os
 from pathlib import Path
@@ -9,11 +10,13 @@ import pyarrow as pa
 import pytest
 
 from jobrunner import writers
+from jobrunner.legacy_kept import json_to_arrow
 from jobrunner.writers import (
     ParquetOutputMetadata,
     PartWriter,
     decode_kept,
     kept_type,
+    part_kept_types,
     part_kinds,
     records_to_table,
     results_schema,
@@ -131,7 +134,73 @@ def test_kept_values_round_trip():
     odd = [b"\x00\x01", dt.date(2024, 5, 1), {"b": 1, "a": [1, 2]}]
     table = records_to_table([record(i, v=v) for i, v in enumerate(odd)], ["v"])
     decoded = decode_kept(table.column("v").combine_chunks(), part_kinds(table.schema)["v"])
-    assert decoded.to_pylist() == ['"AAE="', '"2024-05-01"', '{"a": [1, 2], "b": 1}']
+    # JSON text, a string with its quotes; object keys in the order they came in
+    assert decoded.to_pylist() == ['"AAE="', '"2024-05-01"', '{"b": 1, "a": [1, 2]}']
+
+
+def typed_columns() -> dict[str, pa.Array]:
+    """A column of each kind a Parquet input may hold, each with a null, values that a trip
+    through Python or JSON would change (nanoseconds, decimals past a float, uint64 past int64)."""
+    struct = pa.struct([("z", pa.int32()), ("a", pa.list_(pa.string()))])
+    return {
+        "dec": pa.array([decimal.Decimal("0.50"), None, decimal.Decimal("-" + "1" * 30 + ".25")],
+                        pa.decimal128(38, 2)),
+        "dec256": pa.array([decimal.Decimal("9" * 60), None, 0], pa.decimal256(70, 0)),
+        "ts": pa.array([1_704_110_401_000_000_001, None, -1], pa.timestamp("ns", "Asia/Tokyo")),
+        "naive": pa.array([1, None, 2], pa.timestamp("ms")),
+        "day": pa.array([dt.date(2024, 1, 1), None, dt.date(1, 1, 1)], pa.date32()),
+        "clock": pa.array([1, None, 86_399_999_999], pa.time64("us")),
+        "wait": pa.array([86_401_000_000_001, None, -1], pa.duration("ns")),
+        "i8": pa.array([-128, None, 127], pa.int8()),
+        "f32": pa.array([0.1, None, -2.5], pa.float32()),
+        "flag": pa.array([True, None, False]),
+        "u64": pa.array([2**64 - 1, None, 0], pa.uint64()),
+        "raw": pa.array([b"\x00\xff", None, b""]),
+        "nums": pa.array([[1, None], None, []], pa.list_(pa.int16())),
+        "pair": pa.array([[1, 2], None, [3, 4]], pa.list_(pa.int32(), 2)),
+        "obj": pa.array([{"z": 1, "a": ["x", None]}, None, {"z": None, "a": []}], struct),
+        "map": pa.array([[("k", 1), ("a", 2)], None, []], pa.map_(pa.string(), pa.int64())),
+        "text": pa.array(["x", None, ""], pa.large_string()),
+    }  # fmt: skip
+
+
+def test_typed_kept_columns_are_copied_exactly():
+    columns = typed_columns()
+    types = {name: array.type for name, array in columns.items()}
+    records = [record(i, extra={n: a[i] for n, a in columns.items()}) for i in range(3)]
+    records[1]["extra"] = {}  # a row without values (a JSONL-style miss): nulls of the type
+    table = records_to_table(records, list(columns), types)
+    assert part_kept_types(table.schema) == types
+    assert part_kinds(table.schema) == {}
+    for name, array in columns.items():
+        assert table.column(name).combine_chunks().equals(array), name
+    # a Python value where a scalar is expected is converted; a dictionary scalar decoded
+    label = pa.array(["cat"]).dictionary_encode()[0]
+    table = records_to_table([record(0, n=5, label=label)], ["n", "label"],
+                             {"n": pa.uint8(), "label": pa.string()})  # fmt: skip
+    assert table.schema.field("n").type == pa.uint8() and table.column("n").to_pylist() == [5]
+    assert table.column("label").to_pylist() == ["cat"]
+
+
+def old_json_text(array: pa.Array) -> pa.Array:
+    """A kept column as parts held it before kept Parquet columns were typed: the JSON text of
+    each value's Python value, object keys sorted."""
+    return pa.array(
+        [
+            None if v is None else json.dumps(v, default=writers._json_default, sort_keys=True)
+            for v in array.to_pylist()
+        ],
+        pa.string(),
+    )
+
+
+def test_old_json_text_parts_read_back_as_the_arrow_type():
+    pytest.importorskip("pandas")  # pyarrow gives nanoseconds to Python as pandas values
+    for name, array in typed_columns().items():
+        assert json_to_arrow(old_json_text(array), array.type).equals(array), name
+    texts = pa.array(['"2024-01-01"', '"not a date"'])
+    with pytest.raises(ValueError, match="not a date"):
+        json_to_arrow(texts, pa.date32())
 
 
 def test_text_that_is_not_valid_unicode_is_stored_escaped():
