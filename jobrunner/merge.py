@@ -43,13 +43,13 @@ from jobrunner.checkpoint import (
     shard_name,
     shard_rows,
 )
-from jobrunner.legacy_kept import json_to_arrow
 from jobrunner.writers import (
     INDEX_COLUMN,
     OUTPUT_METADATA_KEY,
     RESERVED_COLUMNS,
     decode_kept,
     fsync_dir,
+    kept_json_text,
     kept_type,
     merged_metadata,
     part_kept_types,
@@ -182,7 +182,12 @@ def _collect_parts(directory: Path, n: int, total: int) -> tuple[list[_Part], _K
         raise CheckpointError(f"parts in {directory} have different columns: {sorted(layouts)}")
     check_coverage(np.concatenate(indices) if indices else np.zeros(0, np.int64), total)
     keep = [c for c in next(iter(layouts), ()) if c not in RESERVED_COLUMNS]
-    return parts, _Kept(kinds, _one_type_each(directory, types)), keep
+    kept = _Kept(kinds, _one_type_each(directory, types))
+    for name in set(kept.types) & set(kinds):  # parts of both formats: see _as_json_text
+        del kept.types[name]
+        for part in parts:
+            kinds[name] |= _json_kinds(part, name)
+    return parts, kept, keep
 
 
 def _one_type_each(directory: Path, types: dict[str, set[pa.DataType]]) -> dict[str, pa.DataType]:
@@ -214,28 +219,42 @@ def check_coverage(index: np.ndarray, total: int) -> None:
 
 def _load_part(part: _Part, schema: pa.Schema, kept: _Kept) -> pa.Table:
     table = pq.read_table(part.path)
-    typed = part_kept_types(table.schema)  # already of the output's type
-    columns = [
-        table[f.name]
-        if f.name in RESERVED_COLUMNS or f.name in typed
-        else _from_json_text(table[f.name].combine_chunks(), f, kept, part)
-        for f in schema
-    ]
+    typed = part_kept_types(table.schema)
+    columns = []
+    for f in schema:
+        column = table[f.name]
+        if f.name in RESERVED_COLUMNS or f.name in kept.types:
+            columns.append(column)  # typed in every part: the output's type already
+            continue
+        texts = _as_json_text(column) if f.name in typed else column.combine_chunks()
+        columns.append(decode_kept(texts, kept.kinds.get(f.name, ())))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _from_json_text(texts: pa.Array, field: pa.Field, kept: _Kept, part: _Part) -> pa.Array:
-    """A kept column that a part stores as JSON text, as the output's column."""
-    if field.name not in kept.types:
-        return decode_kept(texts, kept.kinds.get(field.name, ()))
-    try:  # a part written before kept Parquet columns were typed, in a job resumed since
-        return json_to_arrow(texts, field.type)
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{part.path} was written by an earlier jobrunner, and its kept column "
-            f"'{field.name}' does not read as {field.type} ({exc}); run the job again with "
-            "--overwrite"
-        ) from None
+def _as_json_text(column: pa.ChunkedArray) -> pa.Array:
+    """A typed kept column as parts held it before kept Parquet columns were typed (the JSON
+    text of each value's Python value). A job checkpointed by that jobrunner and resumed by
+    this one has parts of both formats: it merges as the version that started it would have."""
+    return pa.array(kept_json_text(_python_values(column))[0], pa.string())
+
+
+def _json_kinds(part: _Part, name: str) -> set[str]:
+    """The kinds of the values of a typed kept column of ``part`` (none if it holds JSON)."""
+    if name not in part_kept_types(pq.read_schema(part.path)):
+        return set()
+    return kept_json_text(_python_values(pq.read_table(part.path, columns=[name])[name]))[1]
+
+
+def _python_values(column: pa.ChunkedArray) -> list:
+    """The column's values in Python; one Python cannot hold (nanoseconds without pandas, a
+    year past 9999) as None, as that version stored it."""
+    values = []
+    for scalar in column:
+        try:
+            values.append(scalar.as_py())
+        except (ValueError, OverflowError, pa.ArrowException):
+            values.append(None)
+    return values
 
 
 def _write_in_order(

@@ -30,9 +30,9 @@ uninterrupted one):
   and a string is never confused with a number or a list.
 
 Parts written before kept Parquet columns were typed (no ``jobrunner.kept_arrow``) hold JSON
-text and kinds for them too. Where other parts of the job hold the column typed (a job resumed
-across that change), the merge reads the old parts' text back as that type
-(`jobrunner.legacy_kept`); where no part does, the column is typed from the kinds, as then.
+text and kinds for them too. A job resumed across that change merges as the version that started
+it would have: a column that any part holds as JSON text is typed from the kinds of all parts'
+values, the typed parts' values written as their JSON text first (`jobrunner.merge`).
 
 Text that is not valid Unicode (a lone surrogate, from a JSON ``"\\ud800"`` escape) cannot be
 stored in Parquet: every string written is passed through `storable_text`, which writes such a
@@ -188,6 +188,12 @@ def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
     return pa.array(values, type=target)
 
 
+def kept_json_text(values: Sequence[Any]) -> tuple[list[str | None], set[str]]:
+    """Kept values as parts store an untyped column: each value's JSON text, and their kinds."""
+    plain = [_plain(value) for value in values]
+    return [storable_text(encode_kept(value)) for value in plain], {value_kind(v) for v in plain}
+
+
 def arrow_kept(values: Sequence[Any], arrow_type: pa.DataType) -> pa.Array:
     """A typed kept column: the reader's Arrow scalars copied as they are, None as null.
 
@@ -281,9 +287,8 @@ def _add_kept_columns(
         if name in kept_types:
             columns[name] = arrow_kept(values, kept_types[name])
             continue
-        values = [_plain(v) for v in values]
-        kinds[name] = sorted({value_kind(v) for v in values})
-        columns[name] = [storable_text(encode_kept(v)) for v in values]
+        columns[name], found = kept_json_text(values)
+        kinds[name] = sorted(found)
     metadata = {KINDS_METADATA_KEY: json.dumps(kinds).encode()}
     if kept_types:  # parts of JSONL jobs stay as they were
         metadata[ARROW_METADATA_KEY] = json.dumps(list(kept_types)).encode()

@@ -936,34 +936,37 @@ def as_written_before_typed_kept_columns(shard_dir: Path, line: bytes) -> bytes:
     return dataclasses.replace(record, bytes=len(data), sha256=sha256).to_line()
 
 
-def test_a_job_resumed_over_parts_of_the_old_format_merges_to_the_same_file(
+def test_a_job_resumed_over_parts_of_the_old_format_merges_as_that_version_would(
     tiny_model_dir, tmp_path
 ):
-    """A job checkpointed by the jobrunner that stored kept Parquet values as JSON text,
-    resumed by this one at another checkpoint interval, merges to the file an uninterrupted
-    run gives: the old parts' values are read back as the input's types."""
+    """A job checkpointed by the jobrunner that stored kept Parquet values as JSON text and
+    resumed by this one (another checkpoint interval) merges, every row once, to the file that
+    version gives: its kept columns typed from the JSON values, as then."""
     from jobrunner.parts import PartRecord
 
     pytest.importorskip("pandas")  # pyarrow gives nanoseconds to Python as pandas values
     source = tmp_path / "data.parquet"
     pq.write_table(kept_columns_table(), source)
     flags = ("--checkpoint-every", "1", "--batch-size", "1")  # a part a row
-    reference = run_keeping(source, tiny_model_dir, tmp_path / "ref.parquet", *flags)
-    output = tmp_path / "out.parquet"
-    shutil.copytree(tmp_path / "ref.parquet.parts", tmp_path / "out.parquet.parts")
-    shard_dir = tmp_path / "out.parquet.parts" / "shard-00000-of-00001"
-    lines = (shard_dir / "progress.jsonl").read_bytes().splitlines(keepends=True)
-    assert len(lines) == 6
-    kept = 3  # as if killed after three parts
-    old = [as_written_before_typed_kept_columns(shard_dir, line) for line in lines[:kept]]
-    (shard_dir / "progress.jsonl").write_bytes(b"".join(old))
-    (shard_dir / "complete.json").unlink()
-    for line in lines[kept:]:
-        (shard_dir / PartRecord.from_line(line).part).unlink()
-    resumed = run_keeping(source, tiny_model_dir, output, "--checkpoint-every", "1000,1h")
-    assert (shard_dir / "progress.jsonl").read_bytes().count(b"\n") == kept + 1  # the rest
-    assert resumed.equals(reference)
-    assert_kept_as_given(resumed, source)
+    typed = run_keeping(source, tiny_model_dir, tmp_path / "ref.parquet", *flags)
+    results = {}
+    for name, kept in (("old", 6), ("resumed", 3)):  # all parts old; three, then killed
+        output = tmp_path / f"{name}.parquet"
+        shutil.copytree(tmp_path / "ref.parquet.parts", tmp_path / f"{name}.parquet.parts")
+        shard_dir = tmp_path / f"{name}.parquet.parts" / "shard-00000-of-00001"
+        lines = (shard_dir / "progress.jsonl").read_bytes().splitlines(keepends=True)
+        old = [as_written_before_typed_kept_columns(shard_dir, line) for line in lines[:kept]]
+        (shard_dir / "progress.jsonl").write_bytes(b"".join(old))
+        (shard_dir / "complete.json").unlink()
+        for line in lines[kept:]:
+            (shard_dir / PartRecord.from_line(line).part).unlink()
+        results[name] = run_keeping(source, tiny_model_dir, output, "--checkpoint-every", "1h")
+    assert results["resumed"].equals(results["old"])
+    assert results["old"].schema.field("price").type == pa.string()  # JSON text, as then
+    assert results["old"].schema.field("small").type == pa.int64()
+    assert results["old"]["row_index"].to_pylist() == list(range(6))
+    result_columns = ["id", "output", "finish_reason", "row_index"]
+    assert results["old"].select(result_columns).equals(typed.select(result_columns))
 
 
 def test_kept_jsonl_columns_keep_key_order_and_mixed_columns_are_json_text(

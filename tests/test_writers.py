@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 
 from jobrunner import writers
-from jobrunner.legacy_kept import json_to_arrow
 from jobrunner.writers import (
     ParquetOutputMetadata,
     PartWriter,
@@ -180,27 +179,6 @@ def test_typed_kept_columns_are_copied_exactly():
                              {"n": pa.uint8(), "label": pa.string()})  # fmt: skip
     assert table.schema.field("n").type == pa.uint8() and table.column("n").to_pylist() == [5]
     assert table.column("label").to_pylist() == ["cat"]
-
-
-def old_json_text(array: pa.Array) -> pa.Array:
-    """A kept column as parts held it before kept Parquet columns were typed: the JSON text of
-    each value's Python value, object keys sorted."""
-    return pa.array(
-        [
-            None if v is None else json.dumps(v, default=writers._json_default, sort_keys=True)
-            for v in array.to_pylist()
-        ],
-        pa.string(),
-    )
-
-
-def test_old_json_text_parts_read_back_as_the_arrow_type():
-    pytest.importorskip("pandas")  # pyarrow gives nanoseconds to Python as pandas values
-    for name, array in typed_columns().items():
-        assert json_to_arrow(old_json_text(array), array.type).equals(array), name
-    texts = pa.array(['"2024-01-01"', '"not a date"'])
-    with pytest.raises(ValueError, match="not a date"):
-        json_to_arrow(texts, pa.date32())
 
 
 def test_text_that_is_not_valid_unicode_is_stored_escaped():
