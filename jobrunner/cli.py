@@ -337,6 +337,11 @@ def _resume_hint(target: Path, info: dict) -> str:
 
 def _format_status(output: Path, info: dict, resume: str = "") -> str:
     lines = [f"{output}: {_job_state(info, resume)}"]
+    if change := info.get("input_changed"):
+        lines.append(
+            f"  the input changed since the job started ({change}): a run of it is refused as "
+            "another job; --overwrite runs every row again"
+        )
     if info.get("exists"):
         lines.append("  " + _progress_line("all", info, info.get("total_rows")))
     for shard in info.get("shards", []):

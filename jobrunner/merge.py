@@ -43,6 +43,7 @@ from jobrunner.checkpoint import (
     shard_name,
     shard_rows,
 )
+from jobrunner.spec import input_change
 from jobrunner.writers import (
     INDEX_COLUMN,
     OUTPUT_METADATA_KEY,
@@ -425,9 +426,10 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     Returns:
         ``exists``, ``num_shards``, ``total_rows``, ``rows_done``, ``errors``, ``running``,
         ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists``,
-        ``started_with_overwrite`` and ``shards`` (one dict per shard with the same fields plus
-        ``lock`` info when running). Without a checkpoint, ``complete`` says whether the output
-        is a file jobrunner merged.
+        ``started_with_overwrite``, ``input_changed`` (what changed in the input file since
+        the job started, in words, or None) and ``shards`` (one dict per shard with the same
+        fields plus ``lock`` info when running). Without a checkpoint, ``complete`` says
+        whether the output is a file jobrunner merged.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -440,16 +442,28 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     if manifest is None:
         # only the output is left: complete if it is a file that jobrunner merged
         merged = result["output_exists"] and _merged_output(Path(output_path))
-        return {**result, "shards": [], "complete": merged, "running": False}
+        fields = (merged_metadata(Path(output_path)) or {}) if merged else {}
+        recorded = (fields.get("fingerprint_fields") or {}).get("input")
+        changed = input_change(recorded) if isinstance(recorded, dict) else None
+        return {
+            **result,
+            "shards": [],
+            "complete": merged,
+            "running": False,
+            "input_changed": changed,
+        }
     n, total = manifest["num_shards"], manifest.get("total_rows")
     shards = [_shard_status(directory, k, n, total) for k in range(n)]
     rates = [s["rows_per_second"] for s in shards if s["rows_per_second"]]
     etas = [s["eta_seconds"] for s in shards if s["eta_seconds"] is not None]
     fingerprint = manifest.get("fingerprint")
     ours = result["output_exists"] and _merged_output(Path(output_path), fingerprint)
+    recorded = (manifest.get("fingerprint_fields") or {}).get("input")
     return {
         **result,
         "output_is_this_jobs": ours,
+        # a run now is refused as another job (status cannot tell apart other changes: flags)
+        "input_changed": input_change(recorded) if isinstance(recorded, dict) else None,
         "started_with_overwrite": bool((manifest.get("spec") or {}).get("overwrite")),
         "fingerprint": manifest.get("fingerprint"),
         "num_shards": n,

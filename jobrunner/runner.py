@@ -69,7 +69,14 @@ from .readers import (
     kept_column_types,
     load_image,
 )
-from .spec import JobSpec, comparable_fields, fingerprint, fingerprint_fields, input_identity
+from .spec import (
+    JobSpec,
+    comparable_fields,
+    fingerprint,
+    fingerprint_fields,
+    input_change,
+    input_identity,
+)
 from .writers import (
     ParquetOutputMetadata,
     PartWriter,
@@ -943,17 +950,8 @@ _SAVED = (
 def _check_unchanged(path: Path, source: dict[str, Any]) -> None:
     """Raise ``BadInput`` if the input is not the file the job started on (rewritten, grown or
     cut while the job ran): its rows would not be the rows that were counted and fingerprinted."""
-    try:
-        now = input_identity(path)
-    except OSError as err:
-        raise BadInput(f"{path} cannot be read any more ({err}); {_SAVED}") from None
-    if now == source:
-        return
-    if now.get("size") != source.get("size"):
-        what = f"size {source.get('size')} → {now.get('size')} bytes"
-    else:
-        what = "same size, other content or modification time"
-    raise BadInput(f"{path} changed while the job ran ({what}); {_SAVED}")
+    if change := input_change(source):
+        raise BadInput(f"{path} changed while the job ran ({change}); {_SAVED}")
 
 
 def _describe(err: BaseException | None) -> str:

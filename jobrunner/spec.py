@@ -681,6 +681,21 @@ def input_identity(path: str | Path) -> dict[str, Any]:
     return identity | {"sample_sha256": digest.hexdigest()}
 
 
+def input_change(recorded: Mapping[str, Any]) -> str | None:
+    """What changed, in words, in the input file since ``recorded`` (an ``input_identity``,
+    of any fingerprint version); None where nothing did."""
+    try:
+        now = input_identity(recorded.get("path", ""))
+    except OSError as err:
+        return f"it cannot be read any more ({err.strerror or err})"
+    before, after = (comparable_fields({"input": dict(x)})["input"] for x in (recorded, now))
+    if before == after:
+        return None
+    if before.get("size") != after.get("size"):
+        return f"size {before.get('size')} → {after.get('size')} bytes"
+    return "same size, other content or modification time"
+
+
 def fingerprint_fields(
     spec: JobSpec, model_identity: Mapping[str, Any], input_identity: Mapping[str, Any]
 ) -> dict[str, Any]:

@@ -1011,3 +1011,27 @@ def test_a_finished_sharded_job_run_again_unsharded_is_nothing_to_do(tmp_path, t
         assert output.read_bytes() == before
     code, text = cli(*args, "--max-tokens", "3")  # another job: refused as before
     assert code == 2 and "max_tokens: 2 → 3" in text, text
+
+
+def test_status_says_when_the_input_changed_since_the_job_started(tmp_path, tiny_model_dir):
+    """A finished job whose input grew is refused by `run` as another job: `status` says so
+    instead of only 'complete', with or without the checkpoint folder."""
+    lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(3)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 0, text
+    assert status_json(output)["input_changed"] is None
+    source = tmp_path / "rows.jsonl"
+    before = source.stat().st_size
+    with source.open("a") as fh:
+        fh.write(json.dumps({"prompt": "One more."}) + "\n")
+    after = source.stat().st_size
+    for checkpoint in (True, False):
+        if not checkpoint:
+            shutil.rmtree(tmp_path / "out.parquet.parts")
+        info = status_json(output)
+        assert info["complete"] and info["input_changed"] == f"size {before} → {after} bytes"
+        code, text = cli("status", str(output))
+        assert code == 0 and "the input changed since the job started" in text, text
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 2 and "input.size" in text, text
