@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import errno
 import io
 import json
 import math
@@ -63,6 +64,39 @@ class InputReadError(Exception):
 
 class ImageError(Exception):
     """An image that cannot be used; the message says which image and what is wrong."""
+
+
+class StorageError(ImageError):
+    """An image that could not be read for a reason of the storage rather than of the file: an
+    I/O error, a network share or FUSE mount that went away, or a file whose folder is gone
+    too (a drive not mounted). The same read may work once the storage is back."""
+
+
+# errno values of a read that failed in the storage (disk, network share, FUSE mount)
+_STORAGE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EIO",
+        "ESTALE",
+        "ENOTCONN",
+        "ETIMEDOUT",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ENODEV",
+        "ENOMEDIUM",
+        "EREMOTEIO",
+    )  # fmt: skip
+    if hasattr(errno, name)
+)
+
+
+def _cannot_read(path: str, exc: OSError) -> ImageError:
+    kind = StorageError if exc.errno in _STORAGE_ERRNOS else ImageError
+    return kind(f"cannot read image file {path}: {exc.strerror or exc}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -749,6 +783,10 @@ def load_image(ref: ImageRef, max_pixels: int) -> Image.Image:
         image = _open_header(fh, ref, max_pixels)
         try:
             image.load()
+        except OSError as exc:
+            if exc.errno in _STORAGE_ERRNOS:  # the read failed, not the decoder
+                raise _cannot_read(ref.describe(), exc) from None
+            raise ImageError(f"corrupt or truncated image {ref.describe()}: {exc}") from None
         except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, ...
             raise ImageError(f"corrupt or truncated image {ref.describe()}: {exc}") from None
     return image
@@ -763,9 +801,15 @@ def _open_source(ref: ImageRef) -> IO[bytes]:
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            raise StorageError(
+                f"image file not found, nor its folder {folder} (a drive or share not "
+                f"mounted?): {path}"
+            ) from None
         raise ImageError(f"image file not found: {path}") from None
     except OSError as exc:
-        raise ImageError(f"cannot read image file {path}: {exc.strerror}") from None
+        raise _cannot_read(path, exc) from None
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"image path is a folder, not a file: {path}")
     if not stat.S_ISREG(info.st_mode):  # a FIFO, a device: reading could block or never end
@@ -775,7 +819,7 @@ def _open_source(ref: ImageRef) -> IO[bytes]:
     try:
         return open(path, "rb")  # the caller closes it
     except OSError as exc:
-        raise ImageError(f"cannot read image file {path}: {exc.strerror}") from None
+        raise _cannot_read(path, exc) from None
 
 
 def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
@@ -789,6 +833,10 @@ def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
             f"image over the pixel limit of {max_pixels:,} (max_image_pixels), refused without "
             f"decoding: {ref.describe()} ({exc})"
         ) from None
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:  # the read failed, not the header
+            raise _cannot_read(ref.describe(), exc) from None
+        raise ImageError(f"cannot read image header of {ref.describe()}: {exc}") from None
     except Exception as exc:  # malformed headers raise many kinds of errors
         raise ImageError(f"cannot read image header of {ref.describe()}: {exc}") from None
     width, height = image.size

@@ -17,7 +17,9 @@ instead, so that it does not mark every row done as an error; so do generation f
 text-only row counts as an image of its own). The planner runs an image's prompts one after
 another, and the rows of one to three images failing are theirs, however many prompts they have
 (held until a row succeeds, at most ``FAILING_HELD`` at a time). So a fault of the machine that
-shows only on a dataset of one to three images records their rows as errors. SIGINT/SIGTERM let
+shows only on a dataset of one to three images records their rows as errors. Images the storage
+fails to read (``StorageError``: an I/O error, a share gone, a folder gone) are held the same
+way until an image is read, and as many of them stop the run (``StorageFault``). SIGINT/SIGTERM let
 the rows in the batch finish (no row joins it after the signal), flush what is done and end with
 ``Interrupted``. An input file damaged partway
 (a corrupt Parquet page) ends the run with ``BadInput`` (exit 2) after the rows read before the
@@ -61,6 +63,7 @@ from .readers import (
     ReaderConfigError,
     ReadOptions,
     Row,
+    StorageError,
     allow_pixels,
     check_input,
     count_rows,
@@ -124,6 +127,10 @@ class GenerationFault(Exception):
     """Generation failed for many rows in a row: a fault of the model or the machine (out of
     memory, a broken backend), not of the rows. The run stops; the rows done are saved, the
     failed ones are not recorded, so the same command runs them again once it is fixed."""
+
+
+class StorageFault(GenerationFault):
+    """Reading images failed in the storage for many rows in a row (exit code 4)."""
 
 
 class Interrupted(Exception):
@@ -329,6 +336,9 @@ class _Session:
         # succeeds (or the run ends); enough of them, over enough images, stop the run
         self.failing: list[tuple[Row, str, int]] = []
         self.fault_limit = max(16, 2 * spec.batch_size)
+        # rows whose image the storage failed to read (StorageError), since an image was read:
+        # recorded as errors once one is read, and enough of them stop the run the same way
+        self.unread: list[tuple[Row, str]] = []
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
         self.columns_seen: set[str] = set()  # of the id and kept columns (``Row.columns_given``)
@@ -393,6 +403,7 @@ class _Session:
                         future.cancel()
                 raise
         self._record_failures()  # fewer than fault_limit at the end: the rows' own
+        self._record_unread()
         self.writer.flush()
         self.reporter.close()
         if warning := self.ids.warning():
@@ -518,7 +529,13 @@ class _Session:
             if self.store.is_done(row.index):
                 continue
             limit = token_limit(row.max_tokens, self.spec.max_tokens)
-            length, problem = self._estimate(row, limit)
+            try:
+                length, problem = self._estimate(row, limit)
+            except StorageError as err:
+                self._unreadable(row, str(err))
+                continue
+            if row.image is not None:  # the storage gave its image (or a bad image): it works
+                self._record_unread()
             if problem is not None:
                 self._error(row, problem)
                 self.writer.maybe_flush()
@@ -539,6 +556,8 @@ class _Session:
         try:
             size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
             length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
+        except StorageError:
+            raise  # not the row's: _estimates holds it
         except ImageTagError as err:
             hint = "" if self.spec.chat else _NO_CHAT_TAGS
             return 0, f"{err}{hint}"
@@ -620,8 +639,13 @@ class _Session:
         for row, future in batch:
             try:
                 ready.append((row, future.result()))
+            except StorageError as err:
+                self._unreadable(row, str(err))
+                continue
             except ROW_ERRORS as err:
                 self._error(row, str(err))
+            if row.image is not None:
+                self._record_unread()
         if ready:
             self.stats.add([len(prepared.input_ids) for _, prepared in ready])
         if len(ready) < len(batch):
@@ -750,6 +774,28 @@ class _Session:
         for row, message, prompt_tokens in self.failing:
             self._error(row, message, prompt_tokens=prompt_tokens)
         self.failing = []
+
+    def _unreadable(self, row: Row, message: str) -> None:
+        """The storage failed to read the row's image: held until an image is read (then the
+        row's error), or, for ``fault_limit`` rows in a row over ``FAULT_IMAGES`` images, a
+        fault of the storage that stops the run without recording them."""
+        self.unread.append((row, message))
+        images = len({image_key(unread.image) for unread, _ in self.unread})
+        if len(self.unread) >= self.fault_limit and images >= FAULT_IMAGES:
+            raise StorageFault(
+                f"reading images failed for {len(self.unread)} rows in a row, over {images} "
+                f"images, the last with: {message}; stopped without recording them as errors, "
+                "since this looks like a fault of the storage (a disk, or a share that went "
+                "away): fix it and run the same command again (finished rows are saved)"
+            )
+        if len(self.unread) >= FAILING_HELD:
+            self._record_unread()
+
+    def _record_unread(self) -> None:
+        """Images read again (or the run's end): the held rows' failures are their own."""
+        for row, message in self.unread:
+            self._error(row, message)
+        self.unread = []
 
     def _failing_images(self) -> int:
         """Images among the failing rows; a text-only row counts as one of its own."""

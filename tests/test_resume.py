@@ -1035,3 +1035,83 @@ def test_status_says_when_the_input_changed_since_the_job_started(tmp_path, tiny
         assert code == 0 and "the input changed since the job started" in text, text
     code, text = cli(*args, "--max-tokens", "2", "--quiet")
     assert code == 2 and "input.size" in text, text
+
+
+def test_images_the_storage_fails_to_read_stop_the_run_instead_of_becoming_errors(
+    tmp_path, tiny_model_dir
+):
+    """A share that went away (here: the images' folder is gone) makes many rows in a row
+    unreadable: a fault of the storage, exit 4, nothing recorded, so the same command runs them
+    once it is back. A few such rows among readable ones are their own errors."""
+    folder = tmp_path / "share"
+    folder.mkdir()
+    lines = []
+    for i in range(20):
+        Image.new("RGB", (30, 20), (10 * i, 0, 0)).save(folder / f"{i}.png")
+        lines.append({"id": f"r{i}", "image": f"share/{i}.png", "prompt": "Describe."})
+    lines[2]["image"] = "gone/a.png"  # one row's own folder never existed: its error
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    args += ["--max-tokens", "2", "--batch-size", "8", "--quiet"]  # fault limit: 16 rows
+    folder.rename(tmp_path / "elsewhere")  # the share is not mounted
+    code, text = cli(*args)
+    assert code == 4, text
+    assert "reading images failed for 16 rows in a row" in text and "a drive or share" in text
+    assert not output.exists()  # nothing recorded: a new job leaves no checkpoint
+    assert not (tmp_path / "out.parquet.parts" / "manifest.json").exists()
+    (tmp_path / "elsewhere").rename(folder)  # back
+    code, text = cli(*args)
+    assert code == 1, text
+    results = rows(output)
+    assert [r["finish_reason"] for r in results] == ["length"] * 2 + ["error"] + ["length"] * 17
+    assert "image file not found, nor its folder" in results[2]["error"]
+
+
+def test_a_read_error_of_the_storage_is_told_apart_from_a_bad_file(tmp_path, monkeypatch):
+    import errno
+
+    from jobrunner import readers
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (4, 3)).save(image)
+    ref = readers.ImageRef(path=image)
+    real_open = open
+
+    def failing_open(path, *args, code=errno.ESTALE, **kwargs):
+        if str(path) == str(image):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(readers.StorageError, match="Stale file handle"):
+        readers.image_size(ref, 10**6)
+    monkeypatch.setattr("builtins.open", partial(failing_open, code=errno.EACCES))
+    with pytest.raises(readers.ImageError, match="Permission denied") as refused:
+        readers.image_size(ref, 10**6)
+    assert not isinstance(refused.value, readers.StorageError)
+    with pytest.raises(readers.StorageError, match="nor its folder"):
+        readers.image_size(readers.ImageRef(path=tmp_path / "gone" / "b.png"), 10**6)
+    with pytest.raises(readers.ImageError, match="image file not found: ") as missing:
+        readers.image_size(readers.ImageRef(path=tmp_path / "b.png"), 10**6)
+    assert not isinstance(missing.value, readers.StorageError)
+
+
+def test_images_that_fail_to_load_in_the_storage_after_their_header_stop_the_run(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """The share can go away between reading an image's header (planning) and its pixels
+    (preparing): the same fault, found later."""
+    from jobrunner import readers, runner
+
+    lines = []
+    for i in range(20):
+        Image.new("RGB", (30, 20), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        lines.append({"id": f"r{i}", "image": f"{i}.png", "prompt": "Describe."})
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+
+    def gone(ref, max_pixels):
+        raise readers.StorageError(f"cannot read image file {ref.path}: Input/output error")
+
+    monkeypatch.setattr(runner, "load_image", gone)
+    code, text = cli(*args, "--max-tokens", "2", "--batch-size", "8", "--quiet")
+    assert code == 4 and "reading images failed for 16 rows in a row, over 16 images" in text
+    assert not output.exists()
