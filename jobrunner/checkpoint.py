@@ -370,6 +370,11 @@ class CheckpointStore:
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
             self._created = not resumed and (not existed or overwrite)
+            # made under the lock, so abandon_new can tell from the folders alone whether
+            # another shard of the job has started
+            if not self.shard_dir.is_dir():
+                self.shard_dir.mkdir(parents=True)
+                fsync_dir(self.directory)
         self.total_rows = manifest.get("total_rows")
         cleaned += self._recover()
         self._opened = True
@@ -387,10 +392,11 @@ class CheckpointStore:
     def abandon_new(self) -> bool:
         """Undo ``open_or_create`` for a run that recorded nothing (it failed before any row, as
         when the model does not load): remove this shard's folder and, once no shard of the job
-        has a folder or holds its lock, the manifest too, so that the corrected command starts
-        afresh instead of being refused as another job. The shards of a new job that all fail
-        so leave nothing, whichever of them created the manifest. Nothing is removed if this
-        shard holds a recorded row or is complete. Returns whether the manifest was removed."""
+        has a folder (each makes its own in ``open_or_create``), the manifest too, so that the
+        corrected command starts afresh instead of being refused as another job. The shards of
+        a new job that all fail so leave nothing, whichever of them created the manifest.
+        Nothing is removed if this shard holds a recorded row or is complete. Returns whether
+        the manifest was removed."""
         self._require()
         if self._records:
             return False
@@ -403,7 +409,7 @@ class CheckpointStore:
             ):
                 return False
             _wipe(self.directory, only_shard=self.name)
-            if _has_shard_dirs(self.directory) or _running_shards(self.directory, self.name):
+            if _has_shard_dirs(self.directory):  # another shard started (open_or_create)
                 return False
             _wipe(self.directory)
         self._opened = self._created = False

@@ -236,7 +236,7 @@ def _as_json_text(column: pa.ChunkedArray) -> pa.Array:
     """A typed kept column as parts held it before kept Parquet columns were typed (the JSON
     text of each value's Python value). A job checkpointed by that jobrunner and resumed by
     this one has parts of both formats: it merges as the version that started it would have."""
-    return pa.array(kept_json_text(_python_values(column))[0], pa.string())
+    return pa.array(kept_json_text(_python_values(column), sort_keys=True)[0], pa.string())
 
 
 def _json_kinds(part: _Part, name: str) -> set[str]:

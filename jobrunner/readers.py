@@ -68,8 +68,9 @@ class ImageError(Exception):
 
 class StorageError(ImageError):
     """An image that could not be read for a reason of the storage rather than of the file: an
-    I/O error, a network share or FUSE mount that went away, or a file whose folder is gone
-    too (a drive not mounted). The same read may work once the storage is back."""
+    I/O error, a network share or FUSE mount that went away. The same read may work once the
+    storage is back. (A missing file is the row's: a folder deleted on purpose or a wrong path
+    would otherwise stop every run of the job.)"""
 
 
 # errno values of a read that failed in the storage (disk, network share, FUSE mount)
@@ -283,6 +284,7 @@ def _wrong_column_types(types: Mapping[str, Any], options: ReadOptions) -> list[
         return pt.is_string(t) or pt.is_large_string(t) or pt.is_null(t) or views
 
     def binary(t) -> bool:
+        t = t.value_type if pt.is_dictionary(t) else t
         views = getattr(pt, "is_binary_view", lambda _: False)(t)
         return pt.is_binary(t) or pt.is_large_binary(t) or pt.is_fixed_size_binary(t) or views
 
@@ -474,7 +476,21 @@ def _batch_records(
     }
     records = _python_records(batch.select(python))
     for i, (values, problem) in enumerate(records):
-        yield _ParquetRecord(values, {name: array[i] for name, array in arrays.items()}), problem
+        yield (
+            _ParquetRecord(values, {name: _own(array, i) for name, array in arrays.items()}),
+            problem,
+        )
+
+
+def _own(array, i: int):
+    """Row ``i`` of ``array`` as a scalar holding its own copy of the value. A scalar of a
+    string, binary or nested column refers to the whole record batch's buffers, and a shard
+    that keeps 1 row in N would hold N times its rows' data."""
+    import pyarrow.types as pt
+
+    if pt.is_primitive(array.type) or pt.is_decimal(array.type):  # the scalar holds its value
+        return array[i]
+    return array.take([i])[0]
 
 
 def _python_records(batch) -> Iterator[tuple[dict[str, Any], str | None]]:
@@ -801,12 +817,6 @@ def _open_source(ref: ImageRef) -> IO[bytes]:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        folder = os.path.dirname(path)
-        if folder and not os.path.isdir(folder):
-            raise StorageError(
-                f"image file not found, nor its folder {folder} (a drive or share not "
-                f"mounted?): {path}"
-            ) from None
         raise ImageError(f"image file not found: {path}") from None
     except OSError as exc:
         raise _cannot_read(path, exc) from None

@@ -18,7 +18,7 @@ text-only row counts as an image of its own). The planner runs an image's prompt
 another, and the rows of one to three images failing are theirs, however many prompts they have
 (held until a row succeeds, at most ``FAILING_HELD`` at a time). So a fault of the machine that
 shows only on a dataset of one to three images records their rows as errors. Images the storage
-fails to read (``StorageError``: an I/O error, a share gone, a folder gone) are held the same
+fails to read (``StorageError``: an I/O error, a share or mount gone) are held the same
 way until an image is read, and as many of them stop the run (``StorageFault``). SIGINT/SIGTERM let
 the rows in the batch finish (no row joins it after the signal), flush what is done and end with
 ``Interrupted``. An input file damaged partway
@@ -259,12 +259,13 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     allow_pixels(spec.max_image_pixels)
     try:
         check_input(spec.input, options)
+        # identified before the rows are counted: a change after that is found at the end
+        source = input_identity(spec.input)
         total = count_rows(spec.input)
     except ReaderConfigError as err:
         raise ConfigError(str(err)) from None
     model_dir, identity = model_identity(spec.model)
     _check_context(spec, model_dir)
-    source = input_identity(spec.input)
     fields = fingerprint_fields(spec, identity, source)
     print_ = fingerprint(spec, identity, source)
     store = CheckpointStore(spec.parts_dir, spec.shard)
@@ -534,8 +535,6 @@ class _Session:
             except StorageError as err:
                 self._unreadable(row, str(err))
                 continue
-            if row.image is not None:  # the storage gave its image (or a bad image): it works
-                self._record_unread()
             if problem is not None:
                 self._error(row, problem)
                 self.writer.maybe_flush()
@@ -555,9 +554,14 @@ class _Session:
             return 0, row.error
         try:
             size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
-            length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
         except StorageError:
             raise  # not the row's: _estimates holds it
+        except ROW_ERRORS as err:
+            return 0, str(err)
+        if size is not None:  # the storage works: rows it failed before are their own errors
+            self._record_unread()
+        try:
+            length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
         except ImageTagError as err:
             hint = "" if self.spec.chat else _NO_CHAT_TAGS
             return 0, f"{err}{hint}"
@@ -638,14 +642,15 @@ class _Session:
         ready = []
         for row, future in batch:
             try:
-                ready.append((row, future.result()))
+                prepared = future.result()
             except StorageError as err:
                 self._unreadable(row, str(err))
-                continue
             except ROW_ERRORS as err:
                 self._error(row, str(err))
-            if row.image is not None:
-                self._record_unread()
+            else:
+                ready.append((row, prepared))
+                if row.image is not None:  # its pixels were read: the storage works
+                    self._record_unread()
         if ready:
             self.stats.add([len(prepared.input_ids) for _, prepared in ready])
         if len(ready) < len(batch):
@@ -996,8 +1001,12 @@ _SAVED = (
 def _check_unchanged(path: Path, source: dict[str, Any]) -> None:
     """Raise ``BadInput`` if the input is not the file the job started on (rewritten, grown or
     cut while the job ran): its rows would not be the rows that were counted and fingerprinted."""
-    if change := input_change(source):
-        raise BadInput(f"{path} changed while the job ran ({change}); {_SAVED}")
+    if change := input_change(source, mtime=False):  # a touch alone changes no row
+        raise BadInput(
+            f"{path} changed while the job ran ({change}); the rows done so far are saved (see "
+            "jobrunner status), but they may not be this file's: once it no longer changes, "
+            "run the job again with --overwrite"
+        )
 
 
 def _describe(err: BaseException | None) -> str:

@@ -170,11 +170,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_kept(value: Any) -> str | None:
-    """JSON text of a kept value (None stays None); object keys keep their order."""
+def encode_kept(value: Any, sort_keys: bool = False) -> str | None:
+    """JSON text of a kept value (None stays None); object keys keep their order unless
+    ``sort_keys`` (as parts stored them before 2026-11-24)."""
     if value is None:
         return None
-    return json.dumps(value, default=_json_default, ensure_ascii=False)
+    return json.dumps(value, default=_json_default, ensure_ascii=False, sort_keys=sort_keys)
 
 
 def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
@@ -188,10 +189,14 @@ def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
     return pa.array(values, type=target)
 
 
-def kept_json_text(values: Sequence[Any]) -> tuple[list[str | None], set[str]]:
-    """Kept values as parts store an untyped column: each value's JSON text, and their kinds."""
+def kept_json_text(
+    values: Sequence[Any], sort_keys: bool = False
+) -> tuple[list[str | None], set[str]]:
+    """Kept values as parts store an untyped column: each value's JSON text (``encode_kept``),
+    and their kinds."""
     plain = [_plain(value) for value in values]
-    return [storable_text(encode_kept(value)) for value in plain], {value_kind(v) for v in plain}
+    texts = [storable_text(encode_kept(value, sort_keys)) for value in plain]
+    return texts, {value_kind(value) for value in plain}
 
 
 def arrow_kept(values: Sequence[Any], arrow_type: pa.DataType) -> pa.Array:

@@ -712,11 +712,12 @@ def test_the_shards_of_a_new_job_that_all_fail_leave_nothing(tmp_path):
     assert not first.abandon_new()
     assert not shard_dir(directory, 0, 2).exists()
     assert (directory / "manifest.json").exists()
-    first_lock.release()
-    # the last to fail, though it did not create the job, removes it
+    # the last to fail, though it did not create the job, removes it, even while the first
+    # still holds its lock (unwinding after its own abandon)
     assert second.abandon_new()
     assert not (directory / "manifest.json").exists()
     assert not any(p.is_dir() for p in directory.iterdir())
+    first_lock.release()
     second_lock.release()
 
 

@@ -853,7 +853,15 @@ def kept_columns_table() -> pa.Table:
             "blob": [b"\x00\xff", b"", b"ab", None, b"\x80", b"z"],
             "nums": pa.array([[1, None], [], [3], None, [5], [6]], pa.list_(pa.int16())),
             "point": pa.array(
-                [{"x": 1, "tags": ["a"]}, {"x": None, "tags": []}, None, None, None, None], point
+                [
+                    {"x": 1, "tags": ["a"]},
+                    {"x": None, "tags": []},
+                    None,
+                    None,
+                    {"x": 5, "tags": ["b"]},
+                    {"x": 6, "tags": []},
+                ],
+                point,
             ),
             "attrs": pa.array(
                 [[("z", 1), ("a", 2)], [], [("k", 3)], None, [], []],

@@ -688,3 +688,29 @@ def test_parquet_whole_float_ids_are_integers(tmp_path: Path) -> None:
     assert [r.id for r in rows] == ["7", "1", "2", "12", "4"]
     assert [r.error is None for r in rows] == [True] * 4 + [False]
     assert "must be a string or integer, got float" in rows[4].error
+
+
+def test_a_kept_value_does_not_hold_its_whole_record_batch(tmp_path: Path) -> None:
+    """Rows are held for planning (a sort window): a kept list or string must not keep the
+    256-row batch it was read from in memory (a shard keeping 1 row in N held N times its
+    rows' data)."""
+    import gc
+
+    source = tmp_path / "rows.parquet"
+    vectors = pa.array([[float(i)] * 10_000 for i in range(256)], pa.list_(pa.float32()))
+    texts = pa.array(["t" * 40_000 + str(i) for i in range(256)])
+    pq.write_table(pa.table({"prompt": ["p"] * 256, "v": vectors, "s": texts}), source)
+    gc.collect()
+    before = pa.total_allocated_bytes()
+    held = [row.extra for row in rows_of(source, keep_columns=("v", "s"))][::64]  # 4 rows
+    gc.collect()
+    grown = pa.total_allocated_bytes() - before
+    assert [extra["v"].as_py()[0] for extra in held] == [0.0, 64.0, 128.0, 192.0]
+    assert held[1]["s"].as_py() == "t" * 40_000 + "64"
+    assert grown < 4 * (40_000 + 10_000 * 4) + 2**20  # the 4 rows, not the 20 MB batch
+
+
+def test_dictionary_encoded_image_columns_are_accepted(tmp_path: Path) -> None:
+    for images in (pa.array([b"x", b"y"]), pa.array(["a.png", "b.png"])):
+        source = parquet_with(tmp_path, image=images.dictionary_encode(), prompt=["p", "q"])
+        check_input(source)
