@@ -64,6 +64,8 @@ from jobrunner.writers import INDEX_COLUMN, atomic_write_bytes, atomic_write_jso
 
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
+# written when a run finds its input changed while it ran: the saved rows may not be the file's
+INPUT_CHANGED = "input-changed.json"
 FORMAT_VERSION = 1
 _SHARD_DIR_RE = re.compile(r"^shard-\d{5,}-of-\d{5,}$")
 
@@ -245,6 +247,9 @@ def _wipe(directory: Path, only_shard: str | None = None) -> list[str]:
                 removed.append(f"{shard_dir.name}/{name}")
         with contextlib.suppress(OSError):
             shard_dir.rmdir()  # only if nothing foreign is left inside
+    if only_shard is None and (directory / INPUT_CHANGED).exists():
+        (directory / INPUT_CHANGED).unlink()
+        removed.append(INPUT_CHANGED)
     # the manifest last: a wipe cut short leaves a checkpoint that is still one
     if only_shard is None and (directory / MANIFEST).exists():
         (directory / MANIFEST).unlink()
@@ -273,6 +278,15 @@ def _has_shard_dirs(directory: Path, except_name: str | None = None) -> bool:
         p.is_dir() and _SHARD_DIR_RE.match(p.name) and p.name != except_name
         for p in directory.iterdir()
     )
+
+
+def input_changed(directory: Path) -> str | None:
+    """What a run of the job found changed in its input while it ran (``mark_input_changed``),
+    or None: the job's saved rows may then not be the file's."""
+    record = read_json(Path(directory) / INPUT_CHANGED)
+    if record is None:
+        return None
+    return str(record.get("change") or "unknown")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -389,6 +403,15 @@ class CheckpointStore:
             created=self._created,
         )
 
+    def mark_input_changed(self, change: str) -> None:
+        """Note that this run found the input changed while it ran (``change``, in words):
+        the job resumes no more (``open_or_create``), ``status`` and ``merge`` say why."""
+        self._require()
+        atomic_write_json(
+            self.directory / INPUT_CHANGED,
+            {"change": change, "shard": self.name, "time": time.time()},
+        )
+
     def abandon_new(self) -> bool:
         """Undo ``open_or_create`` for a run that recorded nothing (it failed before any row, as
         when the model does not load): remove this shard's folder and, once no shard of the job
@@ -430,8 +453,14 @@ class CheckpointStore:
             if not overwrite:
                 raise
             manifest = None  # damaged: --overwrite discards it below with everything else
+        changed = input_changed(self.directory)
+        if changed and not overwrite:
+            raise CheckpointError(
+                f"the input changed while this job last ran ({changed}), so the rows it saved "
+                "may not be the file's: run it again with --overwrite"
+            )
         same = manifest is not None and is_same_job(manifest, fingerprint, fields, comparable)
-        same = same and manifest.get("num_shards") == self.n
+        same = same and manifest.get("num_shards") == self.n and not changed
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
             return manifest, False, _discarded(_wipe(self.directory, only_shard=self.name))

@@ -323,6 +323,8 @@ def _resume_hint(target: Path, info: dict) -> str:
     """How to resume an unfinished job: never with --overwrite, which would discard its rows."""
     from .spec import SpecError, load_job_file
 
+    if info.get("input_changed"):
+        return "its input changed: --overwrite runs every row again"
     if target.suffix.lower() == ".toml":
         try:
             in_file = bool(load_job_file(target).get("overwrite"))
@@ -339,8 +341,8 @@ def _format_status(output: Path, info: dict, resume: str = "") -> str:
     lines = [f"{output}: {_job_state(info, resume)}"]
     if change := info.get("input_changed"):
         lines.append(
-            f"  the input changed since the job started ({change}): a run of it is refused as "
-            "another job; --overwrite runs every row again"
+            f"  the input changed since the job started ({change}): a run of it is refused; "
+            "--overwrite runs every row again"
         )
     if info.get("exists"):
         lines.append("  " + _progress_line("all", info, info.get("total_rows")))

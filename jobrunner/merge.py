@@ -33,6 +33,7 @@ from jobrunner.checkpoint import (
     MANIFEST,
     CheckpointError,
     PartRecord,
+    input_changed,
     is_locked,
     jsonable,
     read_json,
@@ -319,6 +320,11 @@ def merge(
     manifest = read_manifest(directory)
     if manifest is None:
         raise CheckpointError(f"no {MANIFEST} in {directory}: nothing to merge")
+    if change := input_changed(directory):
+        raise CheckpointError(
+            f"the input changed while this job last ran ({change}), so the rows it saved may "
+            "not be the file's: run it again with --overwrite"
+        )
     n = manifest["num_shards"]
     if num_shards is not None and num_shards != n:
         raise CheckpointError(f"{directory} was made for {n} shards, not {num_shards}")
@@ -459,11 +465,14 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     fingerprint = manifest.get("fingerprint")
     ours = result["output_exists"] and _merged_output(Path(output_path), fingerprint)
     recorded = (manifest.get("fingerprint_fields") or {}).get("input")
+    # a run now is refused (status cannot tell apart other changes: flags)
+    changed = input_changed(directory)  # while a run of it ran
+    if changed is None and isinstance(recorded, dict):
+        changed = input_change(recorded)  # since
     return {
         **result,
         "output_is_this_jobs": ours,
-        # a run now is refused as another job (status cannot tell apart other changes: flags)
-        "input_changed": input_change(recorded) if isinstance(recorded, dict) else None,
+        "input_changed": changed,
         "started_with_overwrite": bool((manifest.get("spec") or {}).get("overwrite")),
         "fingerprint": manifest.get("fingerprint"),
         "num_shards": n,

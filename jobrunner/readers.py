@@ -293,7 +293,10 @@ def _wrong_column_types(types: Mapping[str, Any], options: ReadOptions) -> list[
         return text(t) or binary(t) or bool(fields & {"bytes", "path"})
 
     def identifier(t) -> bool:
-        return text(t) or pt.is_integer(t) or pt.is_floating(t)
+        return text(t) or pt.is_integer(t) or pt.is_floating(t) or pt.is_decimal(t)
+
+    def prompt(t) -> bool:  # a column of nulls only gives no row a prompt
+        return text(t) and not pt.is_null(t)
 
     checks = (
         ("id", "--id-column", options.id_column, identifier, "strings or whole numbers"),
@@ -301,7 +304,7 @@ def _wrong_column_types(types: Mapping[str, Any], options: ReadOptions) -> list[
          "paths (strings), bytes or {bytes, path} structs"),
     )  # fmt: skip
     if options.prompt_template is None:
-        checks += (("prompt", "--prompt-column", options.prompt_column, text, "text"),)
+        checks += (("prompt", "--prompt-column", options.prompt_column, prompt, "text"),)
     return [
         f"the {what} column '{column}' holds {types[column]}, not {wanted}; name another "
         f"column with {flag}, or convert it"
@@ -331,9 +334,18 @@ def kept_column_types(path: str | Path, keep_columns: Sequence[str]) -> dict[str
 
 
 def _decoded_type(arrow_type: pa.DataType) -> pa.DataType:
+    """A kept column's type in the output: a dictionary's value type, and a string or binary
+    view as a plain string or binary (which Arrow can take rows of and write in parts)."""
+    import pyarrow as pa
     import pyarrow.types as pt
 
-    return arrow_type.value_type if pt.is_dictionary(arrow_type) else arrow_type
+    if pt.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if getattr(pt, "is_string_view", lambda _: False)(arrow_type):
+        return pa.string()
+    if getattr(pt, "is_binary_view", lambda _: False)(arrow_type):
+        return pa.binary()
+    return arrow_type
 
 
 def count_rows(path: str | Path) -> int:
@@ -467,19 +479,25 @@ def _batch_records(
     """Records of a record batch: ``python`` columns as Python values (``_python_records``),
     ``kept`` columns as Arrow scalars. A kept column needs no Python value, so a value Python
     cannot hold there is copied as it is instead of making its row an error."""
-    import pyarrow.types as pt
 
     arrays = {name: batch.column(name) for name in kept}
-    arrays = {
-        name: array.dictionary_decode() if pt.is_dictionary(array.type) else array
-        for name, array in arrays.items()
-    }
+    arrays = {name: _decoded(array) for name, array in arrays.items()}
     records = _python_records(batch.select(python))
     for i, (values, problem) in enumerate(records):
         yield (
             _ParquetRecord(values, {name: _own(array, i) for name, array in arrays.items()}),
             problem,
         )
+
+
+def _decoded(array):
+    """A kept column as ``_decoded_type`` gives it."""
+    import pyarrow.types as pt
+
+    if pt.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    wanted = _decoded_type(array.type)
+    return array if wanted == array.type else array.cast(wanted)
 
 
 def _own(array, i: int):
@@ -643,10 +661,13 @@ def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -
         return value  # the writer stores a lone surrogate as its escape, \\udXXX
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, float) and math.isnan(value):  # pandas' missing number
+    if isinstance(value, (float, decimal.Decimal)):
+        if math.isnan(value):  # pandas' missing number
+            return str(index)
+        if math.isfinite(value) and value % 1 == 0:  # pandas' integers with gaps, decimal(p, 0)
+            return str(int(value))
+        problems.append(f"id column '{options.id_column}' must hold whole numbers, got {value}")
         return str(index)
-    if isinstance(value, float) and value.is_integer():  # integers with gaps, as pandas stores them
-        return str(int(value))
     kind = type(value).__name__
     problems.append(f"id column '{options.id_column}' must be a string or integer, got {kind}")
     return str(index)

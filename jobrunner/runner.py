@@ -53,7 +53,7 @@ from .checkpoint import (
     read_manifest,
     shard_rows,
 )
-from .merge import IncompleteJob, merge
+from .merge import IncompleteJob, all_shards_complete, merge
 from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
@@ -98,6 +98,10 @@ FAILING_HELD = 1024  # failing rows held undecided at most; then they are record
 # the program or the machine (a bug, out of memory): it stops the run instead of becoming an
 # error record for every row, which a re-run after the fix would then skip as done.
 ROW_ERRORS = (ImageError, ValueError, OSError, UnicodeError)
+_CHAT_TAGS = (
+    "; the chat template puts the image tag before the prompt itself: take <|image_1|> out of "
+    "the prompt, or pass --no-chat to send prompts as they are"
+)
 _NO_CHAT_TAGS = (
     "; with --no-chat the prompt is sent as it is, so it must hold <|image_1|> where a row's "
     "image goes (and none in a text-only row)"
@@ -121,6 +125,19 @@ class ConfigError(Exception):
 
 class BadInput(ConfigError):
     """The input turned out unreadable partway (exit code 2); the rows before it are saved."""
+
+
+class InputChanged(BadInput):
+    """The input changed while the job ran (exit code 2): the rows saved may not be the file's,
+    so the job resumes no more (``CheckpointStore.mark_input_changed``)."""
+
+    def __init__(self, path: Path, change: str):
+        super().__init__(
+            f"{path} changed while the job ran ({change}); the rows done so far are saved, but "
+            "they may not be this file's: once it no longer changes, run the job again with "
+            "--overwrite"
+        )
+        self.change = change
 
 
 class GenerationFault(Exception):
@@ -276,6 +293,11 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             owed = shard_rows(total, store.k, store.n)
             errors = error_rows(spec.output)
             return RunResult(total, owed, 0, errors, True, nothing_to_do=True)
+    elif not spec.overwrite and _done_in_another_split(spec, print_, fields, store.n):
+        info = merge(spec.parts_dir, spec.output, total)  # as `jobrunner merge` would
+        reporter.event(f"nothing to run: every shard of this job is done; wrote {spec.output}")
+        owed = shard_rows(total, store.k, store.n)
+        return RunResult(total, owed, 0, info.errors, True, nothing_to_do=True)
     # Signals are caught from here on, so one that arrives while the model loads still ends the
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
     with _StopFlag() as stop, store.lock():
@@ -293,17 +315,20 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         if info.rows_done:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
         session = _Session(spec, store, reporter, owed, info.rows_done, total)
-        if info.rows_done < owed:
-            try:
+        try:
+            if info.rows_done < owed:
                 session.run(model_dir, stop)
-            except (Exception, StoppedNow):
-                # the model did not load, a signal came first, the machine failed: a new job
-                # that recorded nothing leaves nothing, so a corrected command (a lower
-                # precision, say) is not refused as another job
-                with contextlib.suppress(OSError):
-                    store.abandon_new()
-                raise
-        _check_unchanged(spec.input, source)
+            _check_unchanged(spec.input, source)
+        except (Exception, StoppedNow) as err:
+            # the model did not load, a signal came first, the machine failed: a new job that
+            # recorded nothing leaves nothing, so a corrected command (a lower precision, say)
+            # is not refused as another job
+            abandoned = False
+            with contextlib.suppress(OSError):
+                abandoned = store.abandon_new()
+            if isinstance(err, InputChanged) and not abandoned:  # its rows may not be the file's
+                store.mark_input_changed(err.change)
+            raise
         store.mark_complete(total)
         return session.finish(total, identity)
 
@@ -332,7 +357,7 @@ class _Session:
         self.started = time.monotonic()
         self.model_seconds = 0.0
         self.feature_cache = self.prefix_cache = None  # made with the model
-        self.read_error: InputReadError | None = None
+        self.read_error: InputReadError | InputChanged | None = None
         # generation failures since the last success: recorded as row errors once a row
         # succeeds (or the run ends); enough of them, over enough images, stop the run
         self.failing: list[tuple[Row, str, int]] = []
@@ -340,6 +365,7 @@ class _Session:
         # rows whose image the storage failed to read (StorageError), since an image was read:
         # recorded as errors once one is read, and enough of them stop the run the same way
         self.unread: list[tuple[Row, str]] = []
+        self.images_read = 0
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
         self.columns_seen: set[str] = set()  # of the id and kept columns (``Row.columns_given``)
@@ -396,6 +422,8 @@ class _Session:
                     self._stop(queue, fault)
                 if stop.signum is not None:
                     self._stop(queue, Interrupted(stop.signum))
+                if isinstance(self.read_error, InputChanged):
+                    self._stop(queue, self.read_error)
                 if self.read_error is not None:  # every row read before the damage is done
                     self._stop(queue, BadInput(f"{self.read_error}; {_SAVED}"))
             except StoppedNow:  # at once (even inside _stop's flush): the pool's exit need
@@ -404,7 +432,7 @@ class _Session:
                         future.cancel()
                 raise
         self._record_failures()  # fewer than fault_limit at the end: the rows' own
-        self._record_unread()
+        self._end_unread()
         self.writer.flush()
         self.reporter.close()
         if warning := self.ids.warning():
@@ -515,10 +543,8 @@ class _Session:
             if row is None:
                 return
             if row.index >= self.total:  # rows appended since they were counted
-                self.read_error = InputReadError(
-                    f"{self.spec.input} changed while the job ran: it has more rows than the "
-                    f"{self.total} counted at the start"
-                )
+                change = f"more rows than the {self.total} counted at the start"
+                self.read_error = InputChanged(self.spec.input, change)
                 return
             if not self.spec.owns_row(row.index):
                 continue
@@ -559,12 +585,11 @@ class _Session:
         except ROW_ERRORS as err:
             return 0, str(err)
         if size is not None:  # the storage works: rows it failed before are their own errors
-            self._record_unread()
+            self._image_read()
         try:
             length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
         except ImageTagError as err:
-            hint = "" if self.spec.chat else _NO_CHAT_TAGS
-            return 0, f"{err}{hint}"
+            return 0, f"{err}{_CHAT_TAGS if self.spec.chat else _NO_CHAT_TAGS}"
         except ROW_ERRORS as err:
             return 0, str(err)
         context = self.model.config.max_position_embeddings
@@ -650,7 +675,7 @@ class _Session:
             else:
                 ready.append((row, prepared))
                 if row.image is not None:  # its pixels were read: the storage works
-                    self._record_unread()
+                    self._image_read()
         if ready:
             self.stats.add([len(prepared.input_ids) for _, prepared in ready])
         if len(ready) < len(batch):
@@ -779,6 +804,26 @@ class _Session:
         for row, message, prompt_tokens in self.failing:
             self._error(row, message, prompt_tokens=prompt_tokens)
         self.failing = []
+
+    def _image_read(self) -> None:
+        self.images_read += 1
+        self._record_unread()
+
+    def _end_unread(self) -> None:
+        """Rows still held at the end of the run are their own errors, unless the storage
+        read no image in the whole run (a small job, or a share gone from the start): then
+        as many images as ``FAULT_IMAGES`` are the storage's fault."""
+        images = len({image_key(row.image) for row, _ in self.unread})
+        if not self.images_read and images >= FAULT_IMAGES:
+            self.writer.flush()
+            self.reporter.close()
+            raise StorageFault(
+                f"reading images failed for every one of the {images} images of this run, "
+                f"the last with: {self.unread[-1][1]}; stopped without recording them as "
+                "errors, since this looks like a fault of the storage: fix it and run the same "
+                "command again (finished rows are saved)"
+            )
+        self._record_unread()
 
     def _unreadable(self, row: Row, message: str) -> None:
         """The storage failed to read the row's image: held until an image is read (then the
@@ -987,6 +1032,19 @@ def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards:
     return other_split and is_same_job(manifest, print_, fields, comparable_fields)
 
 
+def _done_in_another_split(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:
+    """Whether this job ran in another number of shards that are all done, its output not
+    merged (or removed since): its checkpoint merges, as `jobrunner merge` would."""
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        return False  # damaged: open_or_create says so
+    if manifest is None or manifest.get("num_shards") == shards:
+        return False
+    same = is_same_job(manifest, print_, fields, comparable_fields)
+    return same and all_shards_complete(spec.parts_dir)
+
+
 def _discard_output(output: Path) -> None:
     for path in (output, output.with_name(output.name + ".summary.json")):
         path.unlink(missing_ok=True)
@@ -999,14 +1057,11 @@ _SAVED = (
 
 
 def _check_unchanged(path: Path, source: dict[str, Any]) -> None:
-    """Raise ``BadInput`` if the input is not the file the job started on (rewritten, grown or
-    cut while the job ran): its rows would not be the rows that were counted and fingerprinted."""
+    """Raise ``InputChanged`` if the input is not the file the job started on (rewritten, grown
+    or cut while the job ran): its rows would not be the rows that were counted and
+    fingerprinted."""
     if change := input_change(source, mtime=False):  # a touch alone changes no row
-        raise BadInput(
-            f"{path} changed while the job ran ({change}); the rows done so far are saved (see "
-            "jobrunner status), but they may not be this file's: once it no longer changes, "
-            "run the job again with --overwrite"
-        )
+        raise InputChanged(path, change)
 
 
 def _describe(err: BaseException | None) -> str:

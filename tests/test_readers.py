@@ -120,7 +120,7 @@ def test_jsonl_bad_lines_become_error_rows(tmp_path: Path) -> None:
         ({"prompt": 5}, "prompt column 'prompt' must be a string, got int"),
         ({"prompt": None}, "no prompt"),
         ({"other": "x"}, "no prompt"),
-        ({"id": 1.5, "prompt": "p"}, "id column 'id' must be a string or integer, got float"),
+        ({"id": 1.5, "prompt": "p"}, "id column 'id' must hold whole numbers, got 1.5"),
         ({"id": [1], "prompt": "p"}, "got list"),
     ],
 )
@@ -687,7 +687,22 @@ def test_parquet_whole_float_ids_are_integers(tmp_path: Path) -> None:
     rows = rows_of(source)
     assert [r.id for r in rows] == ["7", "1", "2", "12", "4"]
     assert [r.error is None for r in rows] == [True] * 4 + [False]
-    assert "must be a string or integer, got float" in rows[4].error
+    assert "id column 'id' must hold whole numbers, got 2.5" in rows[4].error
+    # SQL exports write integer keys as decimal(p, 0)
+    import decimal
+
+    ids = pa.array([decimal.Decimal(7), decimal.Decimal("12.50")], pa.decimal128(10, 2))
+    source = parquet_with(tmp_path, id=ids, prompt=["p"] * 2)
+    check_input(source)
+    rows = rows_of(source)
+    assert [r.id for r in rows] == ["7", "1"] and "got 12.50" in rows[1].error
+
+
+def test_a_prompt_column_of_nulls_only_is_refused(tmp_path: Path) -> None:
+    source = parquet_with(tmp_path, prompt=pa.array([None, None], pa.null()))
+    with pytest.raises(ReaderConfigError, match="the prompt column 'prompt' holds null"):
+        check_input(source)
+    check_input(source, ReadOptions(prompt_template="Describe."))  # not read then
 
 
 def test_a_kept_value_does_not_hold_its_whole_record_batch(tmp_path: Path) -> None:

@@ -964,12 +964,15 @@ def test_an_input_changed_while_the_job_runs_stops_it_with_a_clear_message(
 ):
     """Rows appended to (or cut from) the input while a job runs are not the rows it counted
     and fingerprinted: the run stops with exit 2 and says so, the rows done are saved, and it
-    never marks rows past the count (which had wedged the job: 'shard 0/1 has 10 of 8 rows')."""
+    never marks rows past the count (which had wedged the job: 'shard 0/1 has 10 of 8 rows').
+    The rows saved may not be the file's, so even the original file put back does not resume
+    them: status and merge say why, and --overwrite starts over."""
     from model.generate import Decoder
 
     lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(8)]
     output, args = _rows_job(tmp_path, tiny_model_dir, lines)
     source = tmp_path / "rows.jsonl"
+    original = source.read_bytes()
     real_step = Decoder.step
     changed = []
 
@@ -989,9 +992,19 @@ def test_an_input_changed_while_the_job_runs_stops_it_with_a_clear_message(
     assert code == 2, text
     assert f"{source} changed while the job ran" in text, text
     assert "with --overwrite" in text
-    done = status_json(output)["rows_done"]
-    assert 0 < done <= 8 and not output.exists()
+    info = status_json(output)
+    assert 0 < info["rows_done"] <= 8 and not output.exists()
+    assert info["input_changed"]
     monkeypatch.undo()
+    changed_file = source.read_bytes()
+    source.write_bytes(original)  # put back: the saved rows may still be the changed file's
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 2 and "the input changed while this job last ran" in text, text
+    code, text = cli("status", str(output))
+    assert "--overwrite runs every row again" in text and "to resume" not in text, text
+    code, text = cli("merge", str(output))
+    assert code == 2 and "the input changed while this job last ran" in text, text
+    source.write_bytes(changed_file)
     code, text = cli(*args, "--max-tokens", "2", "--overwrite", "--quiet")  # the new file's job
     assert code == 0, text
     assert len(rows(output)) == (12 if change == "append" else 6)
@@ -1009,6 +1022,11 @@ def test_a_finished_sharded_job_run_again_unsharded_is_nothing_to_do(tmp_path, t
         code, text = cli(*args, *again)
         assert code == 0 and "nothing to do" in text, text
         assert output.read_bytes() == before
+    merged = rows(output)
+    output.unlink()  # removed (or never merged): the done shards merge, nothing runs
+    code, text = cli(*args)
+    assert code == 0 and "nothing to run: every shard of this job is done" in text, text
+    assert rows(output) == merged
     code, text = cli(*args, "--max-tokens", "3")  # another job: refused as before
     assert code == 2 and "max_tokens: 2 → 3" in text, text
 
@@ -1173,3 +1191,33 @@ def test_a_large_input_touched_while_the_job_runs_still_finishes(
     code, text = cli(*args, "--max-tokens", "2", "--quiet")
     assert code == 0, text
     assert len(rows(output)) == 6
+
+
+def test_a_small_job_whose_storage_reads_no_image_stops_too(tmp_path, tiny_model_dir, monkeypatch):
+    """Fewer rows than the fault limit: if the storage read no image in the whole run, four
+    or more unreadable images are its fault too (exit 4, none recorded); the text rows are
+    done."""
+    import errno
+
+    from jobrunner import readers
+
+    lines = [{"id": "t", "prompt": "Say hi."}]
+    for i in range(5):
+        Image.new("RGB", (30, 20), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        lines.append({"id": f"r{i}", "image": f"{i}.png", "prompt": "Describe."})
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    mounted = False
+
+    def stale_open(path, *rest, **kwargs):
+        if not mounted and str(path).endswith(".png"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return open(path, *rest, **kwargs)
+
+    monkeypatch.setattr(readers, "open", stale_open, raising=False)
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 4 and "reading images failed for every one of the 5 images" in text, text
+    assert status_json(output)["rows_done"] == 1  # the text row
+    mounted = True
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 0, text
+    assert [r["finish_reason"] for r in rows(output)] == ["length"] * 6
