@@ -426,6 +426,13 @@ def _merged_output(path: Path, fingerprint: str | None = None) -> bool:
     return fingerprint is None or metadata.get("fingerprint") == fingerprint
 
 
+def _change_since(recorded: dict) -> str | None:
+    try:
+        return input_change(recorded)
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+
+
 def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     """Progress of a job for ``jobrunner status``; reads only, never locks or cleans.
 
@@ -450,7 +457,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
         merged = result["output_exists"] and _merged_output(Path(output_path))
         fields = (merged_metadata(Path(output_path)) or {}) if merged else {}
         recorded = (fields.get("fingerprint_fields") or {}).get("input")
-        changed = input_change(recorded) if isinstance(recorded, dict) else None
+        changed = _change_since(recorded) if isinstance(recorded, dict) else None
         return {
             **result,
             "shards": [],
@@ -468,7 +475,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     # a run now is refused (status cannot tell apart other changes: flags)
     changed = input_changed(directory)  # while a run of it ran
     if changed is None and isinstance(recorded, dict):
-        changed = input_change(recorded)  # since
+        changed = _change_since(recorded)
     return {
         **result,
         "output_is_this_jobs": ours,

@@ -345,7 +345,25 @@ def _decoded_type(arrow_type: pa.DataType) -> pa.DataType:
         return pa.string()
     if getattr(pt, "is_binary_view", lambda _: False)(arrow_type):
         return pa.binary()
+    if pt.is_struct(arrow_type):
+        return pa.struct([f.with_type(_view_free(f.type)) for f in arrow_type])
+    if pt.is_map(arrow_type):
+        return pa.map_(_view_free(arrow_type.key_type), _view_free(arrow_type.item_type))
+    for is_list, make in ((pt.is_list, pa.list_), (pt.is_large_list, pa.large_list)):
+        if is_list(arrow_type):
+            return make(arrow_type.value_field.with_type(_view_free(arrow_type.value_type)))
+    if pt.is_fixed_size_list(arrow_type):
+        field = arrow_type.value_field.with_type(_view_free(arrow_type.value_type))
+        return pa.list_(field, arrow_type.list_size)
     return arrow_type
+
+
+def _view_free(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with string and binary views inside it made plain (a dictionary inside
+    a nested type is kept: Arrow takes rows of it)."""
+    import pyarrow.types as pt
+
+    return arrow_type if pt.is_dictionary(arrow_type) else _decoded_type(arrow_type)
 
 
 def count_rows(path: str | Path) -> int:
@@ -662,9 +680,14 @@ def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, (float, decimal.Decimal)):
-        if math.isnan(value):  # pandas' missing number
+        if value != value:  # NaN: pandas' missing number
             return str(index)
-        if math.isfinite(value) and value % 1 == 0:  # pandas' integers with gaps, decimal(p, 0)
+        # pandas' integers with gaps (7.0), SQL's decimal(p, 0)
+        if isinstance(value, float):
+            whole = value.is_integer()
+        else:
+            whole = value.is_finite() and value == value.to_integral_value()
+        if whole:
             return str(int(value))
         problems.append(f"id column '{options.id_column}' must hold whole numbers, got {value}")
         return str(index)

@@ -326,8 +326,11 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             abandoned = False
             with contextlib.suppress(OSError):
                 abandoned = store.abandon_new()
-            if isinstance(err, InputChanged) and not abandoned:  # its rows may not be the file's
-                store.mark_input_changed(err.change)
+            if not abandoned:  # rows saved: if the input changed, they may not be the file's
+                is_change = isinstance(err, InputChanged)
+                change = err.change if is_change else _changed_quietly(spec.input, source)
+                if change:
+                    store.mark_input_changed(change)
             raise
         store.mark_complete(total)
         return session.finish(total, identity)
@@ -584,12 +587,15 @@ class _Session:
             raise  # not the row's: _estimates holds it
         except ROW_ERRORS as err:
             return 0, str(err)
-        if size is not None:  # the storage works: rows it failed before are their own errors
+        if size is not None and row.image.data is None:  # a file read: the storage works
             self._image_read()
         try:
             length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
         except ImageTagError as err:
-            return 0, f"{err}{_CHAT_TAGS if self.spec.chat else _NO_CHAT_TAGS}"
+            if not self.spec.chat:
+                return 0, f"{err}{_NO_CHAT_TAGS}"
+            hint = _CHAT_TAGS if row.image else "; this row has no image: take it out of the prompt"
+            return 0, f"{err}{hint}"
         except ROW_ERRORS as err:
             return 0, str(err)
         context = self.model.config.max_position_embeddings
@@ -674,7 +680,7 @@ class _Session:
                 self._error(row, str(err))
             else:
                 ready.append((row, prepared))
-                if row.image is not None:  # its pixels were read: the storage works
+                if row.image is not None and row.image.data is None:  # a file read
                     self._image_read()
         if ready:
             self.stats.add([len(prepared.input_ids) for _, prepared in ready])
@@ -1058,10 +1064,27 @@ _SAVED = (
 
 def _check_unchanged(path: Path, source: dict[str, Any]) -> None:
     """Raise ``InputChanged`` if the input is not the file the job started on (rewritten, grown
-    or cut while the job ran): its rows would not be the rows that were counted and
-    fingerprinted."""
-    if change := input_change(source, mtime=False):  # a touch alone changes no row
+    or cut while the job ran, by the fingerprint's rule): its rows would not be the rows that
+    were counted and fingerprinted. A file that cannot be read now tells nothing: ``BadInput``,
+    and the same command resumes once it can be read."""
+    try:
+        change = input_change(source)
+    except OSError as err:
+        raise BadInput(
+            f"{path} cannot be read to check that it is still the file the job started on "
+            f"({err.strerror or err}); the rows done are saved: run the same command again "
+            "once it can be read"
+        ) from None
+    if change:
         raise InputChanged(path, change)
+
+
+def _changed_quietly(path: Path, source: dict[str, Any]) -> str | None:
+    """``input_change`` for a run that stopped otherwise: None where nothing can be told."""
+    try:
+        return input_change(source)
+    except OSError:
+        return None
 
 
 def _describe(err: BaseException | None) -> str:

@@ -681,18 +681,16 @@ def input_identity(path: str | Path) -> dict[str, Any]:
     return identity | {"sample_sha256": digest.hexdigest()}
 
 
-def input_change(recorded: Mapping[str, Any], mtime: bool = True) -> str | None:
+def input_change(recorded: Mapping[str, Any]) -> str | None:
     """What changed, in words, in the input file since ``recorded`` (an ``input_identity``,
-    of any fingerprint version); None where nothing did. ``mtime``: a large file's
-    modification time counts (as in the fingerprint), though its size and samples are equal."""
-    try:
-        now = input_identity(recorded.get("path", ""))
-    except OSError as err:
-        return f"it cannot be read any more ({err.strerror or err})"
+    of any fingerprint version), by the fingerprint's rule (a large file's modification time
+    counts); None where nothing did.
+
+    Raises:
+        OSError: the file cannot be read now (nothing can be told).
+    """
+    now = input_identity(recorded.get("path", ""))
     before, after = (comparable_fields({"input": dict(x)})["input"] for x in (recorded, now))
-    if not mtime:
-        before.pop("mtime_ns", None)
-        after.pop("mtime_ns", None)
     if before == after:
         return None
     if before.get("size") != after.get("size"):

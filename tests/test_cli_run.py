@@ -751,13 +751,15 @@ def test_no_chat_sends_prompts_as_they_are_and_untagged_image_rows_get_a_hint(
         {"id": "tagged", "image": "a.png", "prompt": prompts[0]},
         {"id": "untagged", "image": "a.png", "prompt": prompts[1]},
         {"id": "text", "prompt": prompts[2]},
+        {"id": "text-tagged", "prompt": "<|image_1|> Hi"},
     ]
     source = tmp_path / "raw.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, text = run_to(source, tiny_model_dir, tmp_path / "raw.parquet", "--no-chat",
                         "--max-tokens", str(MAX_TOKENS))  # fmt: skip
     assert code == 1, text
-    tagged, untagged, plain = read(tmp_path / "raw.parquet")
+    tagged, untagged, plain, text_tagged = read(tmp_path / "raw.parquet")
+    assert "with --no-chat the prompt is sent as it is" in text_tagged["error"]
     model, processor = load(str(tiny_model_dir))
     image = Image.open(tmp_path / "a.png")
     direct = generate_batch(
@@ -778,6 +780,7 @@ def test_no_chat_sends_prompts_as_they_are_and_untagged_image_rows_get_a_hint(
     chat = read(tmp_path / "chat.parquet")
     assert chat[1]["finish_reason"] == "length" and chat[0]["finish_reason"] == "error"
     assert "the chat template puts the image tag before the prompt itself" in chat[0]["error"]
+    assert "this row has no image: take it out of the prompt" in chat[3]["error"]
 
 
 def test_a_finished_job_run_again_reports_its_rows_and_errors(tiny_model_dir, tmp_path):
@@ -1016,9 +1019,18 @@ def test_kept_string_and_binary_views_come_out_as_plain_strings_and_bytes(tiny_m
             "prompt": ["Say one.", "Say two.", "Say three."],
             "sv": pa.array(texts, pa.string_view()),
             "bv": pa.array(blobs, pa.binary_view()),
+            "lv": pa.array([["a"], [], None], pa.list_(pa.string_view())),
+            "st": pa.array(
+                [{"a": "x", "n": 1}, None, {"a": None, "n": 2}],
+                pa.struct([("a", pa.string_view()), ("n", pa.int8())]),
+            ),
         }
     )
     pq.write_table(table, source)
     output = run_keeping(source, tiny_model_dir, tmp_path / "views.out.parquet")
     assert output.schema.field("sv").type == pa.string() and output["sv"].to_pylist() == texts
     assert output.schema.field("bv").type == pa.binary() and output["bv"].to_pylist() == blobs
+    assert output.schema.field("lv").type == pa.list_(pa.string())
+    assert output["lv"].to_pylist() == [["a"], [], None]
+    assert output.schema.field("st").type == pa.struct([("a", pa.string()), ("n", pa.int8())])
+    assert output["st"].to_pylist() == table["st"].to_pylist()

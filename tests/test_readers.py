@@ -729,3 +729,13 @@ def test_dictionary_encoded_image_columns_are_accepted(tmp_path: Path) -> None:
     for images in (pa.array([b"x", b"y"]), pa.array(["a.png", "b.png"])):
         source = parquet_with(tmp_path, image=images.dictionary_encode(), prompt=["p", "q"])
         check_input(source)
+
+
+def test_decimal_ids_of_any_size(tmp_path: Path) -> None:
+    import decimal
+
+    ids = pa.array([decimal.Decimal(10**30), decimal.Decimal("0.5")], pa.decimal256(70, 30))
+    source = parquet_with(tmp_path, id=ids, prompt=["p"] * 2)
+    rows = rows_of(source)
+    assert rows[0].id == str(10**30) and rows[0].error is None
+    assert "must hold whole numbers" in rows[1].error

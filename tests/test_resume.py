@@ -1169,11 +1169,12 @@ def test_an_input_cut_while_the_job_starts_is_found_too(tmp_path, tiny_model_dir
     assert "cannot mark it complete" not in text
 
 
-def test_a_large_input_touched_while_the_job_runs_still_finishes(
+def test_a_large_input_touched_while_the_job_runs_is_a_changed_input(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    """Past 2 MiB the input is known by its size, samples and modification time; a touch
-    alone during the run (a backup tool) changes no row, so the run finishes."""
+    """Past 2 MiB the input is known by its size, samples and modification time, as in the
+    fingerprint: a new modification time during the run is a change (a rewrite of its middle
+    would show no other way), and the job resumes no more."""
     from model.generate import Decoder
 
     pad = "x" * 400_000
@@ -1188,9 +1189,71 @@ def test_a_large_input_touched_while_the_job_runs_still_finishes(
         return real_step(self, drop)
 
     monkeypatch.setattr(Decoder, "step", step)
+    flags = ("--max-tokens", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet")
+    code, text = cli(*args, *flags)
+    assert code == 2 and "same size, other content or modification time" in text, text
+    monkeypatch.undo()
+    code, text = cli(*args, *flags)
+    assert code == 2 and "the input changed while this job last ran" in text, text
+
+
+def test_an_input_that_cannot_be_read_at_the_end_is_no_change(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Moved away (or unreadable for a moment) when the run ends: nothing can be told, so
+    the job is not marked changed, and the same command finishes it once it is back."""
+    from model.generate import Decoder
+
+    lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(4)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    source = tmp_path / "rows.jsonl"
+    real_step = Decoder.step
+
+    def step(self, drop=True):
+        if source.exists():
+            source.rename(tmp_path / "away.jsonl")
+        return real_step(self, drop)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 2 and "cannot be read to check" in text, text
+    monkeypatch.undo()
+    (tmp_path / "away.jsonl").rename(source)
     code, text = cli(*args, "--max-tokens", "2", "--quiet")
     assert code == 0, text
-    assert len(rows(output)) == 6
+    assert [r["id"] for r in rows(output)] == [f"r{i}" for i in range(4)]
+
+
+def test_rows_saved_before_an_interrupt_over_a_rewritten_input_are_not_resumed(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A run that stops another way (a signal, a fault) after its input was rewritten also
+    marks the job: its saved rows may be the rewritten file's."""
+    from jobrunner import runner
+    from model.generate import Decoder
+
+    lines = [{"id": f"r{i}", "prompt": f"Say {i}."} for i in range(6)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    source = tmp_path / "rows.jsonl"
+    original = source.read_bytes()
+    real_step = Decoder.step
+    steps = []
+
+    def step(self, drop=True):
+        steps.append(1)
+        if len(steps) == 3:  # rows saved by now; then the file is rewritten and a signal comes
+            source.write_text(original.decode().replace("Say", "Sing"))
+            raise runner.StoppedNow(signal.SIGINT)
+        return real_step(self, drop)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    flags = ("--max-tokens", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet")
+    code, text = cli(*args, *flags)
+    assert code == 130 and status_json(output)["rows_done"] > 0, text
+    monkeypatch.undo()
+    source.write_bytes(original)
+    code, text = cli(*args, *flags)
+    assert code == 2 and "the input changed while this job last ran" in text, text
 
 
 def test_a_small_job_whose_storage_reads_no_image_stops_too(tmp_path, tiny_model_dir, monkeypatch):
@@ -1221,3 +1284,37 @@ def test_a_small_job_whose_storage_reads_no_image_stops_too(tmp_path, tiny_model
     code, text = cli(*args, "--max-tokens", "2", "--quiet")
     assert code == 0, text
     assert [r["finish_reason"] for r in rows(output)] == ["length"] * 6
+
+
+def test_embedded_images_do_not_tell_that_the_storage_works(tmp_path, tiny_model_dir, monkeypatch):
+    """Rows whose image bytes are in the dataset read no file: between rows whose files fail
+    to read, they do not make those rows' failures their own."""
+    import errno
+    import io
+
+    from jobrunner import readers
+
+    images, prompts = [], []
+    for i in range(36):
+        picture = Image.new("RGB", (30, 20), (7 * i, 0, 0))
+        if i % 2:  # embedded
+            data = io.BytesIO()
+            picture.save(data, format="PNG")
+            images.append({"bytes": data.getvalue(), "path": None})
+        else:  # on the share
+            picture.save(tmp_path / f"{i}.png")
+            images.append({"bytes": None, "path": f"{i}.png"})
+        prompts.append("Describe.")
+    source = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"image": images, "prompt": prompts}), source)
+    output = tmp_path / "out.parquet"
+
+    def eio_open(path, *rest, **kwargs):
+        if str(path).endswith(".png"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return open(path, *rest, **kwargs)
+
+    monkeypatch.setattr(readers, "open", eio_open, raising=False)
+    code, text = cli("run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
+                     "--max-tokens", "2", "--batch-size", "8", "--quiet")  # fmt: skip
+    assert code == 4 and "reading images failed for 16 rows in a row" in text, text
