@@ -1032,10 +1032,7 @@ def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards:
         manifest = read_manifest(spec.parts_dir)
     except CheckpointError:
         return False  # damaged: open_or_create says so
-    if manifest is None:
-        return True
-    other_split = manifest.get("num_shards") != shards
-    return other_split and is_same_job(manifest, print_, fields, comparable_fields)
+    return manifest is None or _another_split(manifest, print_, fields, shards)
 
 
 def _done_in_another_split(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:
@@ -1045,10 +1042,15 @@ def _done_in_another_split(spec: JobSpec, print_: str, fields: dict[str, Any], s
         manifest = read_manifest(spec.parts_dir)
     except CheckpointError:
         return False  # damaged: open_or_create says so
-    if manifest is None or manifest.get("num_shards") == shards:
+    if manifest is None or not _another_split(manifest, print_, fields, shards):
         return False
-    same = is_same_job(manifest, print_, fields, comparable_fields)
-    return same and all_shards_complete(spec.parts_dir)
+    return all_shards_complete(spec.parts_dir)
+
+
+def _another_split(manifest: dict, print_: str, fields: dict[str, Any], shards: int) -> bool:
+    """Whether ``manifest`` is this job's, run in another number of shards than ``shards``."""
+    other = manifest.get("num_shards") != shards
+    return other and is_same_job(manifest, print_, fields, comparable_fields)
 
 
 def _discard_output(output: Path) -> None:
