@@ -53,7 +53,9 @@ def load_openblas() -> str | None:
     explicit = bool(os.environ.get("JOBRUNNER_BLAS", "").strip())
     for path in _candidates():
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            if not hasattr(library, "cblas_sgemm"):  # a library, but no BLAS: MLX would not use it
+                raise OSError(f"{path} has no cblas_sgemm: it is not a BLAS library")
         except OSError:
             if explicit:
                 raise

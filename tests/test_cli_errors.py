@@ -210,6 +210,13 @@ def test_a_blas_library_that_cannot_be_loaded_is_a_configuration_error(monkeypat
     assert result.exit_code == 2, result.output
     assert "JOBRUNNER_BLAS=/no/such/libopenblas.so.0 cannot be loaded" in result.output
     assert "Traceback" not in result.output
+    import ctypes.util
+
+    other = ctypes.util.find_library("z") or ctypes.util.find_library("m")  # a library, no BLAS
+    if other:
+        monkeypatch.setenv("JOBRUNNER_BLAS", other)
+        result = invoke("status", tmp_path / "out.parquet")
+        assert result.exit_code == 2 and "it is not a BLAS library" in result.output
 
 
 def test_a_shard_out_of_range_is_named_as_given(data, no_run):
