@@ -124,7 +124,18 @@ def run(input_path: Path, **flags) -> None:
     spec = _build_spec(input_path, flags)
     reporter = Reporter(quiet=spec.quiet)
     try:
-        result = run_job(spec, reporter)
+        try:
+            result = run_job(spec, reporter)
+        except BaseException as err:  # a stop that found its input changed: no resume to advise
+            change = getattr(err, "input_changed", None)
+            if change is None or isinstance(err, ConfigError):  # InputChanged says so itself
+                raise
+            reporter.close()
+            raise _ConfigError(
+                f"stopped ({type(err).__name__}: {err}), and {spec.input} changed while the job "
+                f"ran ({change}), so the rows it saved may not be this file's: once it no longer "
+                "changes, run the job again with --overwrite"
+            ) from None
     except LockHeld as err:
         click.echo(f"jobrunner: {err}", err=True)
         sys.exit(EXIT_LOCKED)
@@ -153,6 +164,8 @@ def run(input_path: Path, **flags) -> None:
         click.echo(f"jobrunner: interrupted by {err}; {saved}", err=True)
         click.echo(f"jobrunner: resume with: {command}", err=True)
         sys.exit(128 + err.signum)
+    except click.ClickException:
+        raise
     except Exception as err:  # a bug, or the machine's (out of memory): no row's fault
         reporter.close()
         traceback.print_exc()

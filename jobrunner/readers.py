@@ -348,7 +348,12 @@ def _decoded_type(arrow_type: pa.DataType) -> pa.DataType:
     if pt.is_struct(arrow_type):
         return pa.struct([f.with_type(_view_free(f.type)) for f in arrow_type])
     if pt.is_map(arrow_type):
-        return pa.map_(_view_free(arrow_type.key_type), _view_free(arrow_type.item_type))
+        key, item = arrow_type.key_field, arrow_type.item_field
+        return pa.map_(
+            key.with_type(_view_free(key.type)),
+            item.with_type(_view_free(item.type)),
+            keys_sorted=arrow_type.keys_sorted,
+        )
     for is_list, make in ((pt.is_list, pa.list_), (pt.is_large_list, pa.large_list)):
         if is_list(arrow_type):
             return make(arrow_type.value_field.with_type(_view_free(arrow_type.value_type)))
@@ -680,8 +685,8 @@ def _row_id(value: Any, index: int, options: ReadOptions, problems: list[str]) -
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, (float, decimal.Decimal)):
-        if value != value:  # NaN: pandas' missing number
-            return str(index)
+        if value.is_nan() if isinstance(value, decimal.Decimal) else math.isnan(value):
+            return str(index)  # pandas' missing number
         # pandas' integers with gaps (7.0), SQL's decimal(p, 0)
         if isinstance(value, float):
             whole = value.is_integer()

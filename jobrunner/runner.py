@@ -330,7 +330,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
                 is_change = isinstance(err, InputChanged)
                 change = err.change if is_change else _changed_quietly(spec.input, source)
                 if change:
-                    store.mark_input_changed(change)
+                    with contextlib.suppress(OSError):  # the stop's own error is the one to tell
+                        store.mark_input_changed(change)
+                    err.input_changed = change  # the resume advice no longer holds (cli)
             raise
         store.mark_complete(total)
         return session.finish(total, identity)

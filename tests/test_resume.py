@@ -1249,7 +1249,9 @@ def test_rows_saved_before_an_interrupt_over_a_rewritten_input_are_not_resumed(
     monkeypatch.setattr(Decoder, "step", step)
     flags = ("--max-tokens", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet")
     code, text = cli(*args, *flags)
-    assert code == 130 and status_json(output)["rows_done"] > 0, text
+    assert code == 2 and status_json(output)["rows_done"] > 0, text
+    assert "stopped (StoppedNow: SIGINT)" in text and "run the job again with --overwrite" in text
+    assert "resume with" not in text
     monkeypatch.undo()
     source.write_bytes(original)
     code, text = cli(*args, *flags)
