@@ -289,6 +289,16 @@ def input_changed(directory: Path) -> str | None:
     return str(record.get("change") or "unknown")
 
 
+def refuse_if_input_changed(directory: Path) -> None:
+    """Raise ``CheckpointError`` if a run of the job found its input changed while it ran:
+    its saved rows may not be the file's, so it neither resumes nor merges."""
+    if change := input_changed(directory):
+        raise CheckpointError(
+            f"the input changed while this job last ran ({change}), so the rows it saved may "
+            "not be the file's: run it again with --overwrite"
+        )
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file's content, or None if it is missing, not whole (never trusted half)
     or holds something other than an object."""
@@ -454,11 +464,8 @@ class CheckpointStore:
                 raise
             manifest = None  # damaged: --overwrite discards it below with everything else
         changed = input_changed(self.directory)
-        if changed and not overwrite:
-            raise CheckpointError(
-                f"the input changed while this job last ran ({changed}), so the rows it saved "
-                "may not be the file's: run it again with --overwrite"
-            )
+        if not overwrite:
+            refuse_if_input_changed(self.directory)
         same = manifest is not None and is_same_job(manifest, fingerprint, fields, comparable)
         same = same and manifest.get("num_shards") == self.n and not changed
         if overwrite and same:

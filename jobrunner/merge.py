@@ -40,6 +40,7 @@ from jobrunner.checkpoint import (
     read_lock_info,
     read_manifest,
     read_progress,
+    refuse_if_input_changed,
     scan_shard,
     shard_name,
     shard_rows,
@@ -320,11 +321,7 @@ def merge(
     manifest = read_manifest(directory)
     if manifest is None:
         raise CheckpointError(f"no {MANIFEST} in {directory}: nothing to merge")
-    if change := input_changed(directory):
-        raise CheckpointError(
-            f"the input changed while this job last ran ({change}), so the rows it saved may "
-            "not be the file's: run it again with --overwrite"
-        )
+    refuse_if_input_changed(directory)
     n = manifest["num_shards"]
     if num_shards is not None and num_shards != n:
         raise CheckpointError(f"{directory} was made for {n} shards, not {num_shards}")

@@ -273,6 +273,14 @@ def _missing_parquet_columns(schema, options: ReadOptions) -> list[str]:
     return problems
 
 
+def _is_view(arrow_type, kind: str) -> bool:
+    """Whether ``arrow_type`` is Arrow's ``string_view`` or ``binary_view`` (``kind``); False
+    under a pyarrow without view types."""
+    import pyarrow.types as pt
+
+    return getattr(pt, f"is_{kind}_view", lambda _: False)(arrow_type)
+
+
 def _wrong_column_types(types: Mapping[str, Any], options: ReadOptions) -> list[str]:
     """The id, image and prompt columns of a type no row could use: refused before the run,
     since every row would otherwise become an error record that a re-run skips."""
@@ -280,13 +288,12 @@ def _wrong_column_types(types: Mapping[str, Any], options: ReadOptions) -> list[
 
     def text(t) -> bool:
         t = t.value_type if pt.is_dictionary(t) else t
-        views = getattr(pt, "is_string_view", lambda _: False)(t)
-        return pt.is_string(t) or pt.is_large_string(t) or pt.is_null(t) or views
+        return pt.is_string(t) or pt.is_large_string(t) or pt.is_null(t) or _is_view(t, "string")
 
     def binary(t) -> bool:
         t = t.value_type if pt.is_dictionary(t) else t
-        views = getattr(pt, "is_binary_view", lambda _: False)(t)
-        return pt.is_binary(t) or pt.is_large_binary(t) or pt.is_fixed_size_binary(t) or views
+        plain = pt.is_binary(t) or pt.is_large_binary(t) or pt.is_fixed_size_binary(t)
+        return plain or _is_view(t, "binary")
 
     def image(t) -> bool:
         fields = {field.name for field in t} if pt.is_struct(t) else set()
@@ -341,9 +348,9 @@ def _decoded_type(arrow_type: pa.DataType) -> pa.DataType:
 
     if pt.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
-    if getattr(pt, "is_string_view", lambda _: False)(arrow_type):
+    if _is_view(arrow_type, "string"):
         return pa.string()
-    if getattr(pt, "is_binary_view", lambda _: False)(arrow_type):
+    if _is_view(arrow_type, "binary"):
         return pa.binary()
     if pt.is_struct(arrow_type):
         return pa.struct([f.with_type(_view_free(f.type)) for f in arrow_type])
@@ -503,8 +510,7 @@ def _batch_records(
     ``kept`` columns as Arrow scalars. A kept column needs no Python value, so a value Python
     cannot hold there is copied as it is instead of making its row an error."""
 
-    arrays = {name: batch.column(name) for name in kept}
-    arrays = {name: _decoded(array) for name, array in arrays.items()}
+    arrays = {name: _decoded(batch.column(name)) for name in kept}
     records = _python_records(batch.select(python))
     for i, (values, problem) in enumerate(records):
         yield (

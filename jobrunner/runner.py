@@ -821,7 +821,7 @@ class _Session:
         """Rows still held at the end of the run are their own errors, unless the storage
         read no image in the whole run (a small job, or a share gone from the start): then
         as many images as ``FAULT_IMAGES`` are the storage's fault."""
-        images = len({image_key(row.image) for row, _ in self.unread})
+        images = _images_among([row for row, _ in self.unread])
         if not self.images_read and images >= FAULT_IMAGES:
             self.writer.flush()
             self.reporter.close()
@@ -838,7 +838,7 @@ class _Session:
         row's error), or, for ``fault_limit`` rows in a row over ``FAULT_IMAGES`` images, a
         fault of the storage that stops the run without recording them."""
         self.unread.append((row, message))
-        images = len({image_key(unread.image) for unread, _ in self.unread})
+        images = _images_among([row for row, _ in self.unread])
         if len(self.unread) >= self.fault_limit and images >= FAULT_IMAGES:
             raise StorageFault(
                 f"reading images failed for {len(self.unread)} rows in a row, over {images} "
@@ -856,9 +856,7 @@ class _Session:
         self.unread = []
 
     def _failing_images(self) -> int:
-        """Images among the failing rows; a text-only row counts as one of its own."""
-        keys = {image_key(row.image) for row, _, _ in self.failing if row.image is not None}
-        return len(keys) + sum(row.image is None for row, _, _ in self.failing)
+        return _images_among([row for row, _, _ in self.failing])
 
     def _result(self, row: Row, result) -> None:
         self.writer.add(
@@ -1089,6 +1087,12 @@ def _changed_quietly(path: Path, source: dict[str, Any]) -> str | None:
         return input_change(source)
     except OSError:
         return None
+
+
+def _images_among(rows: list[Row]) -> int:
+    """Distinct images among held rows; a text-only row counts as one of its own."""
+    keys = {image_key(row.image) for row in rows if row.image is not None}
+    return len(keys) + sum(row.image is None for row in rows)
 
 
 def _describe(err: BaseException | None) -> str:
