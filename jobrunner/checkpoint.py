@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # `write_part` calls `_append_record` through this module's globals, so tests that patch
@@ -350,6 +351,7 @@ class CheckpointStore:
         self.errors = 0
         self._lock: JobLock | None = None
         self._opened = self._created = False
+        self._retried = False  # drop_errors forgot rows: the job is not new
         self._done: set[int] = set()
         self._records: list[PartRecord] = []
 
@@ -431,7 +433,7 @@ class CheckpointStore:
         Nothing is removed if this shard holds a recorded row or is complete. Returns whether
         the manifest was removed."""
         self._require()
-        if self._records:
+        if self._records or self._retried:
             return False
         with _manifest_lock(self.directory):
             # the disk, not memory: a signal can land between a part's record and ``_records``
@@ -553,14 +555,25 @@ class CheckpointStore:
             raise ValueError(f"part has rows that do not belong to shard {self.k}/{self.n}")
         if len(np.unique(index)) != len(index) or not self._done.isdisjoint(index.tolist()):
             raise ValueError("part repeats rows that are already written")
+        record = self._part_file(table, self._next_part_number(self._records))
+        _append_record(self.shard_dir / PROGRESS, record)
+        self._records.append(record)
+        self._done.update(index.tolist())
+        self.rows_done += record.rows
+        self.errors += record.errors
+        return record
+
+    def _part_file(self, table: pa.Table, number: int) -> PartRecord:
+        """Write ``table`` as part ``number``, durable but not recorded; its record."""
         table = table.sort_by(INDEX_COLUMN)
+        index = table.column(INDEX_COLUMN).to_numpy()
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
-        name = f"part-{self._next_part_number():06d}.parquet"
+        name = f"part-{number:06d}.parquet"
         atomic_write_bytes(self.shard_dir / name, data)
         errors = (table.column("finish_reason").to_numpy(zero_copy_only=False) == "error").sum()
-        record = PartRecord(
+        return PartRecord(
             part=name,
             rows=len(index),
             errors=int(errors),
@@ -571,16 +584,49 @@ class CheckpointStore:
             time=time.time(),
             session_start=self.session_start,
         )
-        _append_record(self.shard_dir / PROGRESS, record)
-        self._records.append(record)
-        self._done.update(index.tolist())
-        self.rows_done += record.rows
-        self.errors += record.errors
-        return record
 
-    def _next_part_number(self) -> int:
-        numbers = [int(_PART_RE.match(r.part).group(1)) for r in self._records]
+    @staticmethod
+    def _next_part_number(records: list[PartRecord]) -> int:
+        numbers = [int(_PART_RE.match(r.part).group(1)) for r in records]
         return max(numbers, default=-1) + 1
+
+    def drop_errors(self) -> int:
+        """Forget this shard's error records, so that their rows run again (``--retry-errors``);
+        returns how many were dropped. Every other row stays done.
+
+        Each part holding errors is replaced by a new part of its other rows (none if it had
+        only errors): the new parts are made durable first, then ``progress.jsonl`` is
+        replaced at once by one naming them instead of the old parts, then the old files are
+        deleted. A process killed before the replacement leaves unrecorded new parts (removed
+        on the next open, the errors still recorded); after it, the old part files are as
+        unrecorded. The shard is no longer complete.
+        """
+        self._require()
+        failed = [r for r in self._records if r.errors]
+        if not failed:
+            return 0
+        with contextlib.suppress(FileNotFoundError):
+            (self.shard_dir / COMPLETE).unlink()
+            fsync_dir(self.shard_dir)
+        records = [r for r in self._records if not r.errors]
+        written: list[PartRecord] = []
+        dropped: list[int] = []
+        for old in failed:
+            table = pq.read_table(self.shard_dir / old.part)
+            error = pc.equal(table.column("finish_reason"), "error")
+            dropped += table.filter(error).column(INDEX_COLUMN).to_pylist()
+            kept = table.filter(pc.invert(error))
+            if kept.num_rows:
+                number = self._next_part_number(self._records + written)
+                written.append(self._part_file(kept, number))
+        records += written
+        atomic_write_bytes(self.shard_dir / PROGRESS, b"".join(r.to_line() for r in records))
+        _clean_shard_dir(self.shard_dir, keep={r.part for r in records})
+        self._records, self._retried = records, True
+        self._done.difference_update(dropped)
+        self.rows_done = sum(r.rows for r in records)
+        self.errors = 0
+        return len(dropped)
 
     def mark_complete(self, total_rows: int) -> dict[str, Any]:
         """Record that every row of this shard is durable (``total_rows``: rows in the input).

@@ -76,6 +76,12 @@ def _run_options(func):
             help="Start over / resume (overrides `overwrite` in a job file).",
         ),
         click.option(
+            "--retry-errors/--no-retry-errors",
+            default=None,
+            help="Run the rows saved as errors again, finished job or not; the other rows "
+            "stay done (overrides `retry_errors` in a job file).",
+        ),
+        click.option(
             "--quiet/--no-quiet",
             default=None,
             help="No progress output / progress output (overrides `quiet` in a job file).",
@@ -184,11 +190,18 @@ def run(input_path: Path, **flags) -> None:
             f"padding {s['padding_fraction']:.1%}, errors {result.errors}",
             err=True,
         )
+    retry = "; once their cause is fixed, --retry-errors runs only them again"
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
+        if result.errors and not spec.quiet:
+            click.echo(
+                f"jobrunner: the output holds {result.errors} error records{retry}", err=True
+            )
         sys.exit(EXIT_OK)
     if spec.quiet and result.errors:  # quiet shows a few row errors: say how many there are
         where = "the output" if result.merged else "this shard's saved rows"
-        click.echo(f"jobrunner: error records in {where}: {result.errors}", err=True)
+        click.echo(f"jobrunner: error records in {where}: {result.errors}{retry}", err=True)
+    elif result.errors:
+        click.echo(f"jobrunner: {result.errors} error records{retry}", err=True)
     sys.exit(EXIT_ROW_ERRORS if result.errors else EXIT_OK)
 
 
@@ -232,6 +245,7 @@ def _build_spec(input_path: Path, flags: dict):
         "max_image_pixels": flags["max_image_pixels"],
         "chat": flags["chat"],
         "overwrite": flags["overwrite"],
+        "retry_errors": flags["retry_errors"],
         "quiet": flags["quiet"],
     }
     try:

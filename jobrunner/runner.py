@@ -53,7 +53,7 @@ from .checkpoint import (
     read_manifest,
     shard_rows,
 )
-from .merge import IncompleteJob, all_shards_complete, merge
+from .merge import IncompleteJob, all_shards_complete, checkpoint_errors, merge
 from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
@@ -286,14 +286,22 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     fields = fingerprint_fields(spec, identity, source)
     print_ = fingerprint(spec, identity, source)
     store = CheckpointStore(spec.parts_dir, spec.shard)
-    if not spec.overwrite and spec.output.exists():
+    retry = spec.retry_errors and not spec.overwrite  # --overwrite runs every row again anyway
+    finished = not spec.overwrite and spec.output.exists()
+    if finished:
         _check_output(spec, print_, fields)
-        if _finished_before(spec, print_, fields, store.n):
-            reporter.event(f"nothing to do: {spec.output} is this job's finished output")
-            owed = shard_rows(total, store.k, store.n)
-            errors = error_rows(spec.output)
-            return RunResult(total, owed, 0, errors, True, nothing_to_do=True)
-    elif not spec.overwrite and _done_in_another_split(spec, print_, fields, store.n):
+    if retry:
+        _check_retry(spec, print_, fields, store.n)
+    if finished and _finished_before(spec, print_, fields, store.n):
+        reporter.event(f"nothing to do: {spec.output} is this job's finished output")
+        owed = shard_rows(total, store.k, store.n)
+        errors = error_rows(spec.output)
+        return RunResult(total, owed, 0, errors, True, nothing_to_do=True)
+    if (
+        not finished
+        and not spec.overwrite
+        and _done_in_another_split(spec, print_, fields, store.n)
+    ):
         info = merge(spec.parts_dir, spec.output, total)  # as `jobrunner merge` would
         reporter.event(f"nothing to run: every shard of this job is done; wrote {spec.output}")
         owed = shard_rows(total, store.k, store.n)
@@ -309,14 +317,19 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
-        if info.complete and spec.output.exists():
+        retried = store.drop_errors() if retry else 0
+        if retried:
+            reporter.event(
+                f"retrying {retried} error rows; {store.rows_done} of {owed} rows stay done"
+            )
+        elif info.complete and spec.output.exists():
             reporter.event(f"nothing to do: {spec.output} is complete ({total} rows)")
             return RunResult(total, info.rows_done, 0, info.errors, True, nothing_to_do=True)
-        if info.rows_done:
+        elif info.rows_done:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
-        session = _Session(spec, store, reporter, owed, info.rows_done, total)
+        session = _Session(spec, store, reporter, owed, store.rows_done, total)
         try:
-            if info.rows_done < owed:
+            if store.rows_done < owed:
                 session.run(model_dir, stop)
             _check_unchanged(spec.input, source)
         except (Exception, StoppedNow) as err:
@@ -1022,6 +1035,33 @@ def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:
         "checkpoint of this job then merges its output again), pass --overwrite to replace it "
         "(every row runs again), or choose another --output"
     )
+
+
+def _check_retry(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> None:
+    """Refuse ``--retry-errors`` where this run cannot reach the job's error rows: the
+    checkpoint of its finished output (which holds the rows to keep) was removed, or the job
+    ran in another number of shards. A job without error rows is left to the usual checks."""
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        return  # damaged: open_or_create says so
+    if manifest is None:
+        if spec.output.exists() and (errors := error_rows(spec.output)):
+            raise ConfigError(
+                f"cannot run the {errors} error rows of {spec.output} again: its checkpoint "
+                f"({spec.parts_dir}), which holds the other rows, was removed; --overwrite "
+                "runs every row again"
+            )
+        return
+    if not _another_split(manifest, print_, fields, shards):
+        return
+    n = manifest["num_shards"]
+    if errors := checkpoint_errors(spec.parts_dir):
+        how = "without --shard" if n == 1 else f"with --shard K/{n}, for each K from 0 to {n - 1}"
+        raise ConfigError(
+            f"this job ran in {n} shard{'s' if n > 1 else ''}, which hold its {errors} error "
+            f"rows: run them again {how} (and --retry-errors)"
+        )
 
 
 def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:

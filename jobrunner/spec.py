@@ -8,7 +8,8 @@ here reads the dataset or the model.
 The **fingerprint** hashes everything that changes the output file: the model identity, the input
 file's identity, the prompt template, chat wrapping, column mapping, generation parameters, crops,
 dtype, quantization and image limits. It leaves out what only changes speed or bookkeeping
-(batch size, token budget, sort window, workers, checkpoint interval, quiet, shard, overwrite), so
+(batch size, token budget, sort window, workers, checkpoint interval, quiet, shard, overwrite,
+retrying errors), so
 a job resumed with a bigger batch still resumes. With greedy decoding (``temperature == 0``) the
 sampling parameters (``top_p``, ``top_k``, ``seed``) cannot change the output and are left out too.
 """
@@ -93,6 +94,8 @@ class JobSpec:
         quantize: 4 or 8 to quantize the weights at load; ``None`` = as stored.
         shard: ``(k, n)``: run only rows with ``index % n == k``; ``None`` = every row.
         overwrite: discard an existing output and checkpoint instead of resuming.
+        retry_errors: run the rows whose saved record is an error again, finished job or not
+            (the other rows stay done); ``overwrite`` runs every row again anyway.
         quiet: no progress output (for cron).
         image_root: when set, image paths must resolve (symlinks included) inside this folder.
         checkpoint_every_rows: write a part after this many finished rows (256; 0 = never by rows).
@@ -131,6 +134,7 @@ class JobSpec:
     quantize: int | None = None
     shard: tuple[int, int] | None = None
     overwrite: bool = False
+    retry_errors: bool = False
     quiet: bool = False
     image_root: Path | None = None
     checkpoint_every_rows: int = 256
@@ -416,6 +420,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "quantize": _quantize,
     "shard": _shard,
     "overwrite": _boolean,
+    "retry_errors": _boolean,
     "quiet": _boolean,
     "image_root": _path,
     "checkpoint_every_rows": _integer(0),

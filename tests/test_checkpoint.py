@@ -741,3 +741,78 @@ def test_a_failing_shard_keeps_the_work_of_the_others(tmp_path):
     assert info.complete and not empty.abandon_new()
     assert (directory / "manifest.json").exists() and shard_dir(directory, 1, 2).exists()
     empty_lock.release()
+
+
+# --- retrying error rows -------------------------------------------------------------------------
+
+
+def saved_rows(directory: Path) -> list[dict]:
+    """The rows of every part file in shard 0/1, by row index."""
+    rows = [
+        r for p in shard_dir(directory).glob("part-*.parquet") for r in pq.read_table(p).to_pylist()
+    ]
+    return sorted(rows, key=lambda r: r["row_index"])
+
+
+def test_drop_errors_forgets_only_error_records_and_the_completion(tmp_path):
+    directory, total = tmp_path / "parts", 20
+    run_shard(directory, (0, 1), total, every_rows=6)
+    store, lock, info = open_store(directory, total=total)
+    assert info.complete and info.errors == 4  # rows 4, 9, 14, 19
+    before = saved_rows(directory)
+    assert store.drop_errors() == 4
+    assert store.done_indices() == {i for i in range(total) if i % 5 != 4}
+    assert (store.rows_done, store.errors) == (16, 0) and not store.is_complete()
+    assert store.drop_errors() == 0
+    lock.release()
+    # on disk: only the records of the good rows, unchanged, and no completion marker
+    store, lock, info = open_store(directory, total=total)
+    assert (info.rows_done, info.errors, info.complete, info.cleaned) == (16, 0, False, [])
+    assert saved_rows(directory) == [r for r in before if r["finish_reason"] != "error"]
+    store.write_part(table_of([4, 9, 14, 19]))  # the rows run again
+    store.mark_complete(total)
+    lock.release()
+    merged = merge(directory, tmp_path / "out.parquet").path
+    assert pq.read_table(merged).column("row_index").to_pylist() == list(range(total))
+
+
+@pytest.mark.parametrize("killed_in", ["atomic_write_bytes", "_clean_shard_dir"])
+def test_drop_errors_killed_midway_leaves_the_old_records_or_the_new(
+    tmp_path, monkeypatch, killed_in
+):
+    directory, total = tmp_path / "parts", 20
+    run_shard(directory, (0, 1), total, every_rows=6)
+    store, lock, _ = open_store(directory, total=total)
+    real = getattr(checkpoint, killed_in)
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name == "progress.jsonl" or killed_in == "_clean_shard_dir":
+            raise KeyboardInterrupt  # the process dies here
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, killed_in, killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.drop_errors()
+    lock.release()
+    monkeypatch.undo()
+    store, lock, info = open_store(directory, total=total)
+    if killed_in == "atomic_write_bytes":  # before progress was replaced: the errors are kept
+        assert (info.rows_done, info.errors) == (20, 4)
+    else:  # after: they are gone, and the old part files are removed as untrusted
+        assert (info.rows_done, info.errors) == (16, 0)
+    assert not info.complete  # the marker goes first; a finished shard is marked again
+    names = {p.name for p in shard_dir(directory).glob("part-*.parquet")}
+    assert names == {line["part"] for line in progress_lines(directory)}
+    lock.release()
+
+
+def test_a_shard_that_dropped_its_errors_is_never_abandoned(tmp_path):
+    directory = tmp_path / "parts"
+    store, lock, _ = open_store(directory)
+    store.write_part(table_of([4, 9]))  # error records only
+    lock.release()
+    store, lock, _ = open_store(directory)
+    assert store.drop_errors() == 2 and store.parts == 0
+    assert not store.abandon_new()  # the job is not new: its manifest stays
+    assert (directory / "manifest.json").exists()
+    lock.release()

@@ -369,6 +369,7 @@ NOT_AFFECTING = {
     "workers": 7,
     "quiet": True,
     "overwrite": True,
+    "retry_errors": True,
     "checkpoint_every_rows": 1,
     "checkpoint_every_seconds": 1.0,
     "checkpoint_dir": Path("/elsewhere/ck"),

@@ -1,0 +1,158 @@
+"""``--retry-errors``: the rows saved as errors run again, the others stay done, end to end.
+
+The property under test: once what made rows fail is fixed (a drive mounted, a file restored), a
+retry ends with the output a fresh run of the fixed data gives, and runs only the failed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_resume import cli, rows
+
+ROWS = 12
+MISSING = (1, 6, 7)  # rows whose image is not there at first; 6 and 7 share one
+ARGS = ("--max-tokens", "3", "--batch-size", "2", "--checkpoint-every", "2")
+
+
+def image_name(i: int) -> str:
+    return f"{min(i, 6)}.png" if i in (6, 7) else f"{i}.png"
+
+
+@pytest.fixture
+def job(tmp_path, tiny_model_dir):
+    """A dataset with an image on every row, those of ``MISSING`` held back in ``spare/``; the
+    output path and the `run` arguments."""
+    (tmp_path / "spare").mkdir()
+    lines = []
+    for i in range(ROWS):
+        name = image_name(i)
+        folder = tmp_path / "spare" if i in MISSING else tmp_path
+        pixels = np.random.default_rng(i).integers(0, 256, (30 + i, 50 - i, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+        lines.append(
+            {"id": f"r{i}", "image": name, "prompt": f"Describe {i}." + " More." * (i % 3)}
+        )
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    return output, [
+        "run",
+        str(source),
+        "--model",
+        str(tiny_model_dir),
+        "--output",
+        str(output),
+        *ARGS,
+    ]
+
+
+def restore_images(output: Path) -> None:
+    for path in (output.parent / "spare").iterdir():
+        shutil.copy(path, output.parent / path.name)
+
+
+def fresh_run(output: Path, args: list[str], tmp_path: Path) -> list[dict]:
+    """The output of the job run from scratch on the data as it is now."""
+    other = tmp_path / "fresh.parquet"
+    code, text = cli(*[str(other) if a == str(output) else a for a in args])
+    assert code == 0, text
+    return rows(other)
+
+
+def summary(output: Path) -> dict:
+    return json.loads(output.with_name(output.name + ".summary.json").read_text())
+
+
+def errors_of(output: Path) -> list[int]:
+    return [r["row_index"] for r in rows(output) if r["finish_reason"] == "error"]
+
+
+def test_a_retry_runs_only_the_error_rows_and_ends_as_a_fresh_run(job, tmp_path):
+    output, args = job
+    code, text = cli(*args)
+    assert code == 1 and errors_of(output) == list(MISSING), text
+    assert "3 error records; once their cause is fixed, --retry-errors runs only them" in text
+    first = rows(output)
+    restore_images(output)
+    code, text = cli(*args)  # without the flag, a finished job is finished
+    assert code == 0 and "nothing to do" in text and rows(output) == first, text
+    assert "the output holds 3 error records; once their cause is fixed" in text, text
+    code, text = cli(*args, "--retry-errors")
+    assert code == 0, text
+    assert f"retrying 3 error rows; {ROWS - 3} of {ROWS} rows stay done" in text, text
+    assert summary(output)["rows_run"] == 3 and summary(output)["rows_error"] == 0
+    assert rows(output) == fresh_run(output, args, tmp_path)
+    code, text = cli(*args, "--retry-errors")  # nothing left to retry
+    assert code == 0 and "nothing to do" in text, text
+
+
+def test_rows_that_fail_again_are_error_records_again(job, tmp_path):
+    output, args = job
+    job_file = tmp_path / "job.toml"
+    source, model = args[1], args[3]
+    job_file.write_text(
+        f'input = "{source}"\nmodel = "{model}"\noutput = "{output}"\nmax_tokens = 3\n'
+        "batch_size = 2\ncheckpoint_every_rows = 2\nretry_errors = true\n"
+    )
+    code, text = cli("run", str(job_file))
+    assert code == 1 and errors_of(output) == list(MISSING), text
+    first = rows(output)
+    code, text = cli("run", str(job_file))  # the job file retries: they fail again
+    assert code == 1 and "retrying 3 error rows" in text, text
+    assert rows(output) == first and summary(output)["rows_run"] == 3
+    code, text = cli("run", str(job_file), "--no-retry-errors")
+    assert code == 0 and "nothing to do" in text, text
+
+
+def test_each_shard_retries_its_own_error_rows(job, tmp_path):
+    output, args = job
+    for shard in ("0/2", "1/2"):
+        code, text = cli(*args, "--shard", shard)
+        assert code == 1, text
+    assert errors_of(output) == list(MISSING)
+    restore_images(output)
+    code, text = cli(*args, "--retry-errors")  # the job ran in two shards
+    assert code == 2 and "--shard K/2, for each K from 0 to 1" in text, text
+    code, text = cli(*args, "--shard", "0/2", "--retry-errors")  # rows 6 (shard 0)
+    assert code == 1 and "retrying 1 error rows" in text, text
+    assert errors_of(output) == [1, 7]  # merged again: shard 1's errors are still there
+    code, text = cli(*args, "--shard", "1/2", "--retry-errors")
+    assert code == 0 and "retrying 2 error rows" in text, text
+    assert rows(output) == fresh_run(output, args, tmp_path)
+
+
+def test_a_retry_without_the_checkpoint_says_to_overwrite(job):
+    output, args = job
+    code, text = cli(*args)
+    assert code == 1, text
+    shutil.rmtree(output.with_name(output.name + ".parts"))
+    code, text = cli(*args, "--retry-errors")
+    assert code == 2 and "its checkpoint" in text and "--overwrite" in text, text
+    code, text = cli(*args, "--retry-errors", "--overwrite")  # every row again
+    assert code == 1 and summary(output)["rows_run"] == ROWS, text
+
+
+def test_a_retry_that_fails_before_any_row_keeps_the_job(job, monkeypatch):
+    output, args = job
+    code, text = cli(*args)
+    assert code == 1, text
+    import model.loading
+
+    def no_model(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model.loading, "load", no_model)
+    code, text = cli(*args, "--retry-errors")
+    assert code == 2 and "cannot load model" in text, text
+    monkeypatch.undo()
+    restore_images(output)
+    code, text = cli(*args)  # the dropped rows are owed: the same job resumes
+    assert code == 0 and f"resuming: {ROWS - 3} of {ROWS} rows" in text, text
+    assert errors_of(output) == []
