@@ -149,7 +149,13 @@ def run(input_path: Path, **flags) -> None:
         click.echo(f"jobrunner: {err}", err=True)
         sys.exit(EXIT_FAULT)
     except (ConfigError, FingerprintMismatch, CheckpointError) as err:
-        raise _ConfigError(str(err)) from None
+        note = ""
+        if isinstance(err, FingerprintMismatch) and spec.retry_errors and not spec.overwrite:
+            note = (
+                " (--retry-errors runs error rows again within one job: after a change to the "
+                "input or a setting, every row runs again)"
+            )
+        raise _ConfigError(f"{err}{note}") from None
     except OSError as err:  # a full disk, a read-only folder: durable parts stay as they are
         where = f" ({err.filename})" if err.filename else ""
         raise _ConfigError(
@@ -190,7 +196,8 @@ def run(input_path: Path, **flags) -> None:
             f"padding {s['padding_fraction']:.1%}, errors {result.errors}",
             err=True,
         )
-    retry = "; once their cause is fixed, --retry-errors runs only them again"
+    # a hint, unless this run retried them: where the cause is outside the input
+    retry = "" if spec.retry_errors else f"; {RETRY_HINT}"
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
         if result.errors and not spec.quiet:
             click.echo(
@@ -198,11 +205,19 @@ def run(input_path: Path, **flags) -> None:
             )
         sys.exit(EXIT_OK)
     if spec.quiet and result.errors:  # quiet shows a few row errors: say how many there are
-        where = "the output" if result.merged else "this shard's saved rows"
+        sharded = spec.shard is not None and spec.shard[1] > 1
+        where = "this shard's saved rows" if sharded else "the output"
         click.echo(f"jobrunner: error records in {where}: {result.errors}{retry}", err=True)
     elif result.errors:
         click.echo(f"jobrunner: {result.errors} error records{retry}", err=True)
     sys.exit(EXIT_ROW_ERRORS if result.errors else EXIT_OK)
+
+
+RETRY_HINT = (
+    "where the cause is outside the input (an image file missing or unreadable, a fault), fix "
+    "it and --retry-errors runs only those rows again (a changed input or setting is another "
+    "job); `jobrunner show OUTPUT --errors` lists them"
+)
 
 
 def _resume_args(args: list[str], overwrite_in_file: bool) -> list[str]:
@@ -441,10 +456,12 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
 @main.command()
 @click.argument("output", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--limit", type=click.IntRange(0), default=20, show_default=True)
-def show(output: Path, limit: int) -> None:
+@click.option("--errors", "errors_only", is_flag=True, help="Only the error records.")
+def show(output: Path, limit: int, errors_only: bool) -> None:
     """Print the first rows of a result file as a table: id, finish reason, generated tokens
     and the text (or the row's error)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     columns = ["id", "finish_reason", "output_tokens", "output", "error"]
@@ -460,6 +477,13 @@ def show(output: Path, limit: int) -> None:
         table = pq.read_table(output, columns=columns)
     except (pa.ArrowException, OSError) as err:
         raise _ConfigError(f"{output} is not a jobrunner result file ({wanted}): {err}") from None
+    kind = "rows"
+    if errors_only:
+        table = table.filter(pc.equal(table.column("finish_reason"), "error"))
+        kind = "error records"
+        if not table.num_rows:
+            click.echo(f"{output}: no error records")
+            return
     rows = table.slice(0, limit).to_pylist()
     width = max([len(str(r["id"])) for r in rows] + [2])
     click.echo(f"{'id':<{width}}  {'finish':<6}  {'tokens':>6}  output")
@@ -468,7 +492,7 @@ def show(output: Path, limit: int) -> None:
         tokens = "" if r["output_tokens"] is None else r["output_tokens"]
         click.echo(f"{str(r['id']):<{width}}  {r['finish_reason']:<6}  {tokens:>6}  {text}")
     if table.num_rows > limit:
-        click.echo(f"... {table.num_rows - limit} more rows")
+        click.echo(f"... {table.num_rows - limit} more {kind}")
 
 
 @main.command()

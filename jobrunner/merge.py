@@ -373,14 +373,14 @@ def _scan_errors(directory: Path, k: int, n: int) -> int:
     return sum(r.errors for r in records)
 
 
-def checkpoint_errors(directory: Path) -> int:
-    """Error records in every shard of the checkpoint, as its progress logs record them
-    (cheap: no part is read); 0 without a manifest."""
+def shard_errors(directory: Path) -> list[int]:
+    """Error records in each shard of the checkpoint, as its progress logs record them
+    (cheap: no part is read); none without a manifest."""
     manifest = read_manifest(Path(directory))
     if manifest is None:
-        return 0
+        return []
     n = manifest["num_shards"]
-    return sum(_scan_errors(Path(directory), k, n) for k in range(n))
+    return [_scan_errors(Path(directory), k, n) for k in range(n)]
 
 
 # --- status ------------------------------------------------------------------------------------

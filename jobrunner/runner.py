@@ -53,7 +53,7 @@ from .checkpoint import (
     read_manifest,
     shard_rows,
 )
-from .merge import IncompleteJob, all_shards_complete, checkpoint_errors, merge
+from .merge import IncompleteJob, all_shards_complete, merge, shard_errors
 from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
@@ -173,7 +173,7 @@ class RunResult:
     rows_total: int
     rows_done_before: int
     rows_run: int
-    errors: int  # error records in the whole job (or shard, while others are unfinished)
+    errors: int  # error records of this shard (earlier sessions' included), or of the output
     merged: bool
     summary: dict[str, Any] = field(default_factory=dict)
     nothing_to_do: bool = False
@@ -323,7 +323,10 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
                 f"retrying {retried} error rows; {store.rows_done} of {owed} rows stay done"
             )
         elif info.complete and spec.output.exists():
-            reporter.event(f"nothing to do: {spec.output} is complete ({total} rows)")
+            note = ""
+            if retry and store.n > 1 and sum(counts := shard_errors(spec.parts_dir)):
+                note = f"; this shard holds no error rows, {_shards_with_errors(counts)} do"
+            reporter.event(f"nothing to do: {spec.output} is complete ({total} rows){note}")
             return RunResult(total, info.rows_done, 0, info.errors, True, nothing_to_do=True)
         elif info.rows_done:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
@@ -936,8 +939,10 @@ class _Session:
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
         except IncompleteJob as err:  # other shards still running: the last one merges
             self.reporter.event(f"shard done; not merged yet: {err}")
-        # Not merged: the shard's own error records, earlier sessions' included.
-        errors = summary["rows_error"] if merged else store.errors
+        # The shard's own error records, earlier sessions' included (the whole output's when
+        # the job is not sharded): a shard that finishes last and merges reports its rows, not
+        # the other shards' (the merge line above gives the output's).
+        errors = store.errors
         return RunResult(total, self.done_before, self.rows_run, errors, merged, summary)
 
     def summary(self) -> dict[str, Any]:
@@ -1055,13 +1060,23 @@ def _check_retry(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int
         return
     if not _another_split(manifest, print_, fields, shards):
         return
-    n = manifest["num_shards"]
-    if errors := checkpoint_errors(spec.parts_dir):
-        how = "without --shard" if n == 1 else f"with --shard K/{n}, for each K from 0 to {n - 1}"
+    counts = shard_errors(spec.parts_dir)
+    if len(counts) == 1 and counts[0]:
         raise ConfigError(
-            f"this job ran in {n} shard{'s' if n > 1 else ''}, which hold its {errors} error "
-            f"rows: run them again {how} (and --retry-errors)"
+            f"this job ran without --shard: run its {counts[0]} error rows again with "
+            "--retry-errors and no --shard"
         )
+    if sum(counts):
+        raise ConfigError(
+            f"this job ran in {len(counts)} shards; its error rows are in "
+            f"{_shards_with_errors(counts)}: run each of those again with --retry-errors"
+        )
+
+
+def _shards_with_errors(counts: list[int]) -> str:
+    """``--shard K/N (errors)`` for each shard that holds error records (``shard_errors``)."""
+    n = len(counts)
+    return ", ".join(f"--shard {k}/{n} ({count})" for k, count in enumerate(counts) if count)
 
 
 def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:

@@ -78,12 +78,14 @@ def test_a_retry_runs_only_the_error_rows_and_ends_as_a_fresh_run(job, tmp_path)
     output, args = job
     code, text = cli(*args)
     assert code == 1 and errors_of(output) == list(MISSING), text
-    assert "3 error records; once their cause is fixed, --retry-errors runs only them" in text
+    assert "3 error records; where the cause is outside the input" in text, text
     first = rows(output)
+    code, text = cli("show", str(output), "--errors")
+    assert code == 0 and [line.split()[0] for line in text.splitlines()] == ["id", "r1", "r6", "r7"]
     restore_images(output)
     code, text = cli(*args)  # without the flag, a finished job is finished
     assert code == 0 and "nothing to do" in text and rows(output) == first, text
-    assert "the output holds 3 error records; once their cause is fixed" in text, text
+    assert "the output holds 3 error records; where the cause is outside" in text, text
     code, text = cli(*args, "--retry-errors")
     assert code == 0, text
     assert f"retrying 3 error rows; {ROWS - 3} of {ROWS} rows stay done" in text, text
@@ -91,6 +93,7 @@ def test_a_retry_runs_only_the_error_rows_and_ends_as_a_fresh_run(job, tmp_path)
     assert rows(output) == fresh_run(output, args, tmp_path)
     code, text = cli(*args, "--retry-errors")  # nothing left to retry
     assert code == 0 and "nothing to do" in text, text
+    assert cli("show", str(output), "--errors") == (0, f"{output}: no error records\n")
 
 
 def test_rows_that_fail_again_are_error_records_again(job, tmp_path):
@@ -106,6 +109,9 @@ def test_rows_that_fail_again_are_error_records_again(job, tmp_path):
     first = rows(output)
     code, text = cli("run", str(job_file))  # the job file retries: they fail again
     assert code == 1 and "retrying 3 error rows" in text, text
+    assert "3 error records\n" in text and "--retry-errors runs" not in text, text  # no hint
+    code, text = cli("run", str(job_file), "--max-tokens", "4")  # another job
+    assert code == 2 and "--retry-errors runs error rows again within one job" in text, text
     assert rows(output) == first and summary(output)["rows_run"] == 3
     code, text = cli("run", str(job_file), "--no-retry-errors")
     assert code == 0 and "nothing to do" in text, text
@@ -119,10 +125,12 @@ def test_each_shard_retries_its_own_error_rows(job, tmp_path):
     assert errors_of(output) == list(MISSING)
     restore_images(output)
     code, text = cli(*args, "--retry-errors")  # the job ran in two shards
-    assert code == 2 and "--shard K/2, for each K from 0 to 1" in text, text
+    assert code == 2 and "error rows are in --shard 0/2 (1), --shard 1/2 (2)" in text, text
     code, text = cli(*args, "--shard", "0/2", "--retry-errors")  # rows 6 (shard 0)
-    assert code == 1 and "retrying 1 error rows" in text, text
+    assert code == 0 and "retrying 1 error rows" in text, text  # this shard's rows are fine
     assert errors_of(output) == [1, 7]  # merged again: shard 1's errors are still there
+    code, text = cli(*args, "--shard", "0/2", "--retry-errors")
+    assert code == 0 and "this shard holds no error rows, --shard 1/2 (2) do" in text, text
     code, text = cli(*args, "--shard", "1/2", "--retry-errors")
     assert code == 0 and "retrying 2 error rows" in text, text
     assert rows(output) == fresh_run(output, args, tmp_path)
