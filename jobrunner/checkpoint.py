@@ -6,11 +6,13 @@ plain dict and fingerprint it is handed. Layout of a checkpoint directory (defau
 
     manifest.json                 spec, fingerprint and its fields, num_shards, total_rows
     manifest.lock                 flock held briefly while the manifest is read, created or wiped
+    merge.lock                    flock held by a merge, and while drop_errors changes parts
     shard-00000-of-00003.lock     flock held by the run of shard 0 (pid/host/start, for status)
     shard-00000-of-00003/
         part-000000.parquet       results of some rows of shard 0, sorted by row_index
         progress.jsonl            one line per durable part: name, rows, errors, indices, sha256
         complete.json             written once every row of the shard is recorded
+        retrying.json             rows whose error records drop_errors took back, until complete
 
 Protocol: a part is written to a temp name, fsynced, renamed, the directory fsynced, and only then
 recorded by appending one line to ``progress.jsonl`` (fsynced). On open a record is trusted only
@@ -36,7 +38,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,9 @@ from jobrunner.writers import INDEX_COLUMN, atomic_write_bytes, atomic_write_jso
 
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
+# the rows ``drop_errors`` took back from error records, until the shard is complete again
+RETRYING = "retrying.json"
+MERGE_LOCK = "merge.lock"
 # written when a run finds its input changed while it ran: the saved rows may not be the file's
 INPUT_CHANGED = "input-changed.json"
 FORMAT_VERSION = 1
@@ -242,7 +247,7 @@ def _wipe(directory: Path, only_shard: str | None = None) -> list[str]:
         if only_shard is not None and shard_dir.name != only_shard:
             continue
         removed += _clean_shard_dir(shard_dir, keep=set())
-        for name in (PROGRESS, COMPLETE):
+        for name in (PROGRESS, COMPLETE, RETRYING):
             if (shard_dir / name).exists():
                 (shard_dir / name).unlink()
                 removed.append(f"{shard_dir.name}/{name}")
@@ -351,7 +356,7 @@ class CheckpointStore:
         self.errors = 0
         self._lock: JobLock | None = None
         self._opened = self._created = False
-        self._retried = False  # drop_errors forgot rows: the job is not new
+        self.retried: set[int] = set()  # rows that were error records (``drop_errors``)
         self._done: set[int] = set()
         self._records: list[PartRecord] = []
 
@@ -433,14 +438,16 @@ class CheckpointStore:
         Nothing is removed if this shard holds a recorded row or is complete. Returns whether
         the manifest was removed."""
         self._require()
-        if self._records or self._retried:
+        if self._records:
             return False
         with _manifest_lock(self.directory):
-            # the disk, not memory: a signal can land between a part's record and ``_records``
+            # the disk, not memory: a signal can land between a part's record and ``_records``;
+            # a progress log, even empty, is no new job's (``drop_errors`` leaves one)
             if (
-                read_progress(self.shard_dir)[0]
+                (self.shard_dir / PROGRESS).exists()
                 or any(self.shard_dir.glob("part-*.parquet"))
                 or (self.shard_dir / COMPLETE).exists()
+                or (self.shard_dir / RETRYING).exists()
             ):
                 return False
             _wipe(self.directory, only_shard=self.name)
@@ -518,6 +525,8 @@ class CheckpointStore:
         cleaned += [f"{name}: removed (not a trusted part)" for name in removed]
         self._done, self._records = seen, scan.records
         self.rows_done, self.errors = scan.rows, scan.errors
+        retrying = read_json(self.shard_dir / RETRYING) or {}
+        self.retried = {i for i in retrying.get("rows") or [] if isinstance(i, int)}
         done = read_json(self.shard_dir / COMPLETE)
         if done is not None and not self._covers(done.get("total_rows")):
             (self.shard_dir / COMPLETE).unlink()
@@ -595,34 +604,42 @@ class CheckpointStore:
         returns how many were dropped. Every other row stays done.
 
         Each part holding errors is replaced by a new part of its other rows (none if it had
-        only errors): the new parts are made durable first, then ``progress.jsonl`` is
-        replaced at once by one naming them instead of the old parts, then the old files are
-        deleted. A process killed before the replacement leaves unrecorded new parts (removed
-        on the next open, the errors still recorded); after it, the old part files are as
-        unrecorded. The shard is no longer complete.
+        only errors): the new parts are made durable first, then the dropped rows are noted
+        (``retrying.json``, read into ``retried``), then ``progress.jsonl`` is replaced at once
+        by one naming the new parts instead of the old, then the old files are deleted. A
+        process killed before the replacement leaves unrecorded new parts (removed on the next
+        open, the errors still recorded); after it, the old part files are as unrecorded. The
+        shard is no longer complete, and the output merged before is older than the checkpoint
+        (``merge.output_is_current``). Held under the merge lock, so no merge reads the parts
+        meanwhile.
         """
         self._require()
         failed = [r for r in self._records if r.errors]
         if not failed:
             return 0
-        with contextlib.suppress(FileNotFoundError):
-            (self.shard_dir / COMPLETE).unlink()
-            fsync_dir(self.shard_dir)
-        records = [r for r in self._records if not r.errors]
-        written: list[PartRecord] = []
-        dropped: list[int] = []
-        for old in failed:
-            table = pq.read_table(self.shard_dir / old.part)
-            error = pc.equal(table.column("finish_reason"), "error")
-            dropped += table.filter(error).column(INDEX_COLUMN).to_pylist()
-            kept = table.filter(pc.invert(error))
-            if kept.num_rows:
-                number = self._next_part_number(self._records + written)
-                written.append(self._part_file(kept, number))
-        records += written
-        atomic_write_bytes(self.shard_dir / PROGRESS, b"".join(r.to_line() for r in records))
-        _clean_shard_dir(self.shard_dir, keep={r.part for r in records})
-        self._records, self._retried = records, True
+        with _manifest_lock(self.directory, MERGE_LOCK):
+            with contextlib.suppress(FileNotFoundError):
+                (self.shard_dir / COMPLETE).unlink()
+                fsync_dir(self.shard_dir)
+            records = [r for r in self._records if not r.errors]
+            written: list[PartRecord] = []
+            dropped: list[int] = []
+            for old in failed:
+                table = pq.read_table(self.shard_dir / old.part)
+                error = pc.equal(table.column("finish_reason"), "error")
+                dropped += table.filter(error).column(INDEX_COLUMN).to_pylist()
+                kept = table.filter(pc.invert(error))
+                if kept.num_rows:
+                    number = self._next_part_number(self._records + written)
+                    new = self._part_file(kept, number)
+                    # the rows' own time: status's rate counts only what this session runs
+                    written.append(replace(new, time=old.time, session_start=old.session_start))
+            retried = self.retried | set(dropped)
+            atomic_write_json(self.shard_dir / RETRYING, {"rows": sorted(retried)})
+            records += written
+            atomic_write_bytes(self.shard_dir / PROGRESS, b"".join(r.to_line() for r in records))
+            _clean_shard_dir(self.shard_dir, keep={r.part for r in records})
+        self._records, self.retried = records, retried
         self._done.difference_update(dropped)
         self.rows_done = sum(r.rows for r in records)
         self.errors = 0
@@ -646,6 +663,7 @@ class CheckpointStore:
                 raise CheckpointError(f"{self.directory / MANIFEST} disappeared during the run")
             _set_total_rows(self.directory, manifest, total_rows)
         self.total_rows = total_rows
+        (self.shard_dir / RETRYING).unlink(missing_ok=True)  # every retried row is recorded
         done = {
             "rows": self.rows_done,
             "errors": self.errors,

@@ -200,9 +200,8 @@ def run(input_path: Path, **flags) -> None:
     retry = "" if spec.retry_errors else f"; {RETRY_HINT}"
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
         if result.errors and not spec.quiet:
-            click.echo(
-                f"jobrunner: the output holds {result.errors} error records{retry}", err=True
-            )
+            note = f"; {result.retry_note}" if result.retry_note else retry
+            click.echo(f"jobrunner: the output holds {result.errors} error records{note}", err=True)
         sys.exit(EXIT_OK)
     if spec.quiet and result.errors:  # quiet shows a few row errors: say how many there are
         sharded = spec.shard is not None and spec.shard[1] > 1
@@ -404,8 +403,13 @@ def _shard_state(shard: dict) -> str:
 
 def _job_state(info: dict, resume: str = "") -> str:
     if info.get("output_exists") and info.get("complete"):
-        if info.get("output_is_this_jobs", True):
+        if info.get("output_is_this_jobs", True) and info.get("output_current", True):
             return "complete"
+        if info.get("output_is_this_jobs", True):
+            return (
+                "every shard is done, but the output is older than the checkpoint (a retry "
+                "stopped before its merge): the same command or `jobrunner merge` writes it again"
+            )
         return (
             "every shard is done, but the file at the output is not this job's output; move "
             "it away or delete it, then `jobrunner merge` writes the job's"

@@ -121,10 +121,11 @@ class JobLock:
 
 
 @contextlib.contextmanager
-def _manifest_lock(directory: Path) -> Iterator[None]:
-    """Serialise manifest reads/writes/wipes between shards (held for milliseconds)."""
+def _manifest_lock(directory: Path, name: str = "manifest.lock") -> Iterator[None]:
+    """Serialise manifest reads/writes/wipes between shards (held for milliseconds); with
+    ``name`` ``merge.lock``, merges with each other and with ``drop_errors`` (held for a merge)."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

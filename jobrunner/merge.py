@@ -17,6 +17,7 @@ Status: reads only (never locks, never cleans), so it is safe while shards are r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -31,8 +32,10 @@ import pyarrow.parquet as pq
 from jobrunner.checkpoint import (
     COMPLETE,
     MANIFEST,
+    MERGE_LOCK,
     CheckpointError,
     PartRecord,
+    _manifest_lock,
     input_changed,
     is_locked,
     jsonable,
@@ -331,20 +334,46 @@ def merge(
             "job's checkpoint merged), so merging will not replace it; move it away or delete "
             "it, then merge again"
         )
-    total = _merge_total(directory, manifest, n, total_rows)
-    parts, kept, keep = _collect_parts(directory, n, total)
-    schema = results_schema(keep, {c: kept.output_type(c) for c in keep})
-    meta = {
-        "spec": manifest.get("spec"),
-        "fingerprint": manifest.get("fingerprint"),
-        "fingerprint_fields": manifest.get("fingerprint_fields"),
-        **jsonable(dict(metadata or {})),
-    }
-    file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    _atomic_parquet(output_path, file_schema, parts, total, kept, rows_per_group)
-    errors = sum(_scan_errors(directory, k, n) for k in range(n))
+    # one merge at a time, and none while drop_errors changes a shard's parts: a merge that
+    # read the parts before a retry must not replace the retry's output after it
+    with _manifest_lock(directory, MERGE_LOCK):
+        total = _merge_total(directory, manifest, n, total_rows)
+        parts, kept, keep = _collect_parts(directory, n, total)
+        schema = results_schema(keep, {c: kept.output_type(c) for c in keep})
+        meta = {
+            "spec": manifest.get("spec"),
+            "fingerprint": manifest.get("fingerprint"),
+            "fingerprint_fields": manifest.get("fingerprint_fields"),
+            "parts": parts_digest(directory, n),
+            **jsonable(dict(metadata or {})),
+        }
+        file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        _atomic_parquet(output_path, file_schema, parts, total, kept, rows_per_group)
+        errors = sum(_scan_errors(directory, k, n) for k in range(n))
     size = output_path.stat().st_size
     return MergeInfo(path=output_path, rows=total, errors=errors, parts=len(parts), bytes=size)
+
+
+def parts_digest(directory: Path, n: int) -> str:
+    """SHA-256 of every shard's recorded parts (names and contents' hashes): a merged output
+    records it, so that a change of the parts after the merge (``drop_errors``) shows."""
+    digest = hashlib.sha256()
+    for k in range(n):
+        for record in read_progress(Path(directory) / shard_name(k, n))[0]:
+            digest.update(f"{shard_name(k, n)}/{record.part}:{record.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def output_is_current(directory: Path, output_path: Path) -> bool:
+    """Whether the merged output at ``output_path`` holds the checkpoint's parts as they are
+    now: False once a retry changed them (the output is merged again when the retry ends,
+    or by the next run or merge if that one stopped first). An output merged before outputs
+    recorded the parts counts as current."""
+    metadata = merged_metadata(Path(output_path))
+    manifest = read_manifest(Path(directory))
+    if metadata is None or manifest is None or "parts" not in metadata:
+        return True
+    return metadata["parts"] == parts_digest(directory, manifest["num_shards"])
 
 
 def _atomic_parquet(
@@ -446,6 +475,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     Returns:
         ``exists``, ``num_shards``, ``total_rows``, ``rows_done``, ``errors``, ``running``,
         ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists``,
+        ``output_current`` (the output holds the parts as they are now),
         ``started_with_overwrite``, ``input_changed`` (what changed in the input file since
         the job started, in words, or None) and ``shards`` (one dict per shard with the same
         fields plus ``lock`` info when running). Without a checkpoint, ``complete`` says
@@ -486,6 +516,8 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     return {
         **result,
         "output_is_this_jobs": ours,
+        # merged from the parts as they are (a retry that stopped before its merge: not)
+        "output_current": bool(ours) and output_is_current(directory, Path(output_path)),
         "input_changed": changed,
         "started_with_overwrite": bool((manifest.get("spec") or {}).get("overwrite")),
         "fingerprint": manifest.get("fingerprint"),

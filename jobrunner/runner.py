@@ -53,7 +53,7 @@ from .checkpoint import (
     read_manifest,
     shard_rows,
 )
-from .merge import IncompleteJob, all_shards_complete, merge, shard_errors
+from .merge import IncompleteJob, all_shards_complete, merge, output_is_current, shard_errors
 from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
@@ -177,6 +177,7 @@ class RunResult:
     merged: bool
     summary: dict[str, Any] = field(default_factory=dict)
     nothing_to_do: bool = False
+    retry_note: str | None = None  # why --retry-errors cannot run the errors from here
 
 
 def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
@@ -290,13 +291,14 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     finished = not spec.overwrite and spec.output.exists()
     if finished:
         _check_output(spec, print_, fields)
-    if retry:
-        _check_retry(spec, print_, fields, store.n)
+    if retry and (refusal := _retry_refusal(spec, print_, fields, store.n)):
+        raise ConfigError(refusal)
     if finished and _finished_before(spec, print_, fields, store.n):
         reporter.event(f"nothing to do: {spec.output} is this job's finished output")
         owed = shard_rows(total, store.k, store.n)
         errors = error_rows(spec.output)
-        return RunResult(total, owed, 0, errors, True, nothing_to_do=True)
+        note = _retry_refusal(spec, print_, fields, store.n) if errors else None
+        return RunResult(total, owed, 0, errors, True, nothing_to_do=True, retry_note=note)
     if (
         not finished
         and not spec.overwrite
@@ -318,16 +320,19 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
         retried = store.drop_errors() if retry else 0
+        merged = info.complete and spec.output.exists()
         if retried:
             reporter.event(
                 f"retrying {retried} error rows; {store.rows_done} of {owed} rows stay done"
             )
-        elif info.complete and spec.output.exists():
+        elif merged and output_is_current(spec.parts_dir, spec.output):
             note = ""
             if retry and store.n > 1 and sum(counts := shard_errors(spec.parts_dir)):
                 note = f"; this shard holds no error rows, {_shards_with_errors(counts)} do"
             reporter.event(f"nothing to do: {spec.output} is complete ({total} rows){note}")
             return RunResult(total, info.rows_done, 0, info.errors, True, nothing_to_do=True)
+        elif merged:  # a retry stopped before its merge, or a merge of the parts before it won
+            reporter.event(f"{spec.output} is older than its checkpoint: merging it again")
         elif info.rows_done:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
         session = _Session(spec, store, reporter, owed, store.rows_done, total)
@@ -784,6 +789,9 @@ class _Session:
         """Record a row's result; hold a generation failure (error text) until it is clear
         whether it is the row's or the machine's."""
         if isinstance(result, str):
+            if row.index in self.store.retried:  # an error record before: one again
+                self._error(row, result, prompt_tokens=len(prepared.input_ids))
+                return
             self.failing.append((row, result, len(prepared.input_ids)))
             images = self._failing_images()
             if len(self.failing) >= self.fault_limit and images >= FAULT_IMAGES:
@@ -852,7 +860,12 @@ class _Session:
     def _unreadable(self, row: Row, message: str) -> None:
         """The storage failed to read the row's image: held until an image is read (then the
         row's error), or, for ``fault_limit`` rows in a row over ``FAULT_IMAGES`` images, a
-        fault of the storage that stops the run without recording them."""
+        fault of the storage that stops the run without recording them. A row retried
+        (``--retry-errors``) is an error record again at once: a retry never leaves a job
+        unfinished that was finished, whatever the storage does."""
+        if row.index in self.store.retried:
+            self._error(row, message)
+            return
         self.unread.append((row, message))
         images = _images_among([row for row, _ in self.unread])
         if len(self.unread) >= self.fault_limit and images >= FAULT_IMAGES:
@@ -1042,35 +1055,36 @@ def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:
     )
 
 
-def _check_retry(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> None:
-    """Refuse ``--retry-errors`` where this run cannot reach the job's error rows: the
+def _retry_refusal(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> str | None:
+    """Why ``--retry-errors`` cannot reach the job's error rows from this run, or None: the
     checkpoint of its finished output (which holds the rows to keep) was removed, or the job
     ran in another number of shards. A job without error rows is left to the usual checks."""
     try:
         manifest = read_manifest(spec.parts_dir)
     except CheckpointError:
-        return  # damaged: open_or_create says so
+        return None  # damaged: open_or_create says so
     if manifest is None:
         if spec.output.exists() and (errors := error_rows(spec.output)):
-            raise ConfigError(
-                f"cannot run the {errors} error rows of {spec.output} again: its checkpoint "
-                f"({spec.parts_dir}), which holds the other rows, was removed; --overwrite "
-                "runs every row again"
+            return (
+                f"the {errors} error rows of {spec.output} cannot run again alone: its "
+                f"checkpoint ({spec.parts_dir}), which holds the other rows, was removed; "
+                "--overwrite runs every row again"
             )
-        return
+        return None
     if not _another_split(manifest, print_, fields, shards):
-        return
+        return None
     counts = shard_errors(spec.parts_dir)
     if len(counts) == 1 and counts[0]:
-        raise ConfigError(
+        return (
             f"this job ran without --shard: run its {counts[0]} error rows again with "
             "--retry-errors and no --shard"
         )
     if sum(counts):
-        raise ConfigError(
+        return (
             f"this job ran in {len(counts)} shards; its error rows are in "
             f"{_shards_with_errors(counts)}: run each of those again with --retry-errors"
         )
+    return None
 
 
 def _shards_with_errors(counts: list[int]) -> str:

@@ -760,7 +760,11 @@ def test_drop_errors_forgets_only_error_records_and_the_completion(tmp_path):
     store, lock, info = open_store(directory, total=total)
     assert info.complete and info.errors == 4  # rows 4, 9, 14, 19
     before = saved_rows(directory)
+    times = {r.min_index: (r.time, r.session_start) for r in store._records}
     assert store.drop_errors() == 4
+    # status's rate: the rewritten parts keep the time their rows were done
+    assert all(times[r.min_index] == (r.time, r.session_start) for r in store._records)
+    assert store.retried == {4, 9, 14, 19}
     assert store.done_indices() == {i for i in range(total) if i % 5 != 4}
     assert (store.rows_done, store.errors) == (16, 0) and not store.is_complete()
     assert store.drop_errors() == 0
@@ -771,6 +775,7 @@ def test_drop_errors_forgets_only_error_records_and_the_completion(tmp_path):
     assert saved_rows(directory) == [r for r in before if r["finish_reason"] != "error"]
     store.write_part(table_of([4, 9, 14, 19]))  # the rows run again
     store.mark_complete(total)
+    assert not (shard_dir(directory) / "retrying.json").exists()
     lock.release()
     merged = merge(directory, tmp_path / "out.parquet").path
     assert pq.read_table(merged).column("row_index").to_pylist() == list(range(total))
@@ -814,5 +819,8 @@ def test_a_shard_that_dropped_its_errors_is_never_abandoned(tmp_path):
     store, lock, _ = open_store(directory)
     assert store.drop_errors() == 2 and store.parts == 0
     assert not store.abandon_new()  # the job is not new: its manifest stays
-    assert (directory / "manifest.json").exists()
+    lock.release()
+    store, lock, info = open_store(directory)  # nor in a later run that fails first
+    assert info.rows_done == 0 and store.retried == {4, 9}
+    assert not store.abandon_new() and (directory / "manifest.json").exists()
     lock.release()

@@ -7,6 +7,7 @@ retry ends with the output a fresh run of the fixed data gives, and runs only th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,8 @@ def test_a_retry_without_the_checkpoint_says_to_overwrite(job):
     shutil.rmtree(output.with_name(output.name + ".parts"))
     code, text = cli(*args, "--retry-errors")
     assert code == 2 and "its checkpoint" in text and "--overwrite" in text, text
+    code, text = cli(*args)  # the hint says so too, not to --retry-errors
+    assert code == 0 and "3 error rows of" in text and "cannot run again alone" in text, text
     code, text = cli(*args, "--retry-errors", "--overwrite")  # every row again
     assert code == 1 and summary(output)["rows_run"] == ROWS, text
 
@@ -164,3 +167,119 @@ def test_a_retry_that_fails_before_any_row_keeps_the_job(job, monkeypatch):
     code, text = cli(*args)  # the dropped rows are owed: the same job resumes
     assert code == 0 and f"resuming: {ROWS - 3} of {ROWS} rows" in text, text
     assert errors_of(output) == []
+
+
+def test_a_retry_stopped_in_its_merge_is_merged_by_the_next_run(job, tmp_path, monkeypatch):
+    """A retry whose final merge fails (a full disk, a kill) leaves an output older than the
+    checkpoint: the next run, with or without the flag, merges it again."""
+    import errno
+
+    from jobrunner import merge
+
+    output, args = job
+    code, text = cli(*args)
+    assert code == 1, text
+    restore_images(output)
+    real = merge._atomic_parquet
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output))
+
+    monkeypatch.setattr(merge, "_atomic_parquet", full)
+    code, text = cli(*args, "--retry-errors")
+    assert code == 2 and "No space left" in text, text
+    monkeypatch.setattr(merge, "_atomic_parquet", real)
+    assert errors_of(output) == list(MISSING)  # the old output, older than its checkpoint
+    code, text = cli("status", str(output))
+    assert "older than the checkpoint" in text, text
+    code, text = cli(*args)
+    assert code == 0 and "older than its checkpoint: merging it again" in text, text
+    assert rows(output) == fresh_run(output, args, tmp_path)
+    code, text = cli(*args)
+    assert code == 0 and "nothing to do" in text, text
+
+
+def test_retried_rows_the_storage_still_fails_to_read_are_errors_again(job, monkeypatch):
+    """A retry of rows whose images the storage cannot read (bad sectors) records them as
+    errors again, as they were, instead of stopping on a storage fault for good."""
+    import errno
+
+    from jobrunner import readers
+
+    output, args = job
+    lines = [{"id": f"s{i}", "image": f"{i}.png", "prompt": "Describe."} for i in range(12)]
+    source = output.parent / "data.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    bad = {output.parent / f"{i}.png" for i in (0, 2, 3, 4, 5)}
+
+    def failing_open(path, *rest, **kwargs):
+        if Path(path) in bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return open(path, *rest, **kwargs)
+
+    monkeypatch.setattr(readers, "open", failing_open, raising=False)
+    code, text = cli(*args)  # 1, 6, 7 missing; 0, 2-5 unreadable
+    assert code == 1 and errors_of(output) == [0, 1, 2, 3, 4, 5, 6, 7], text
+    code, text = cli(*args, "--retry-errors")  # only unreadable or missing images now
+    assert code == 1 and "retrying 8 error rows" in text, text
+    assert errors_of(output) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert "Input/output error" in rows(output)[0]["error"]
+
+
+def test_a_merge_waits_for_a_retry_changing_the_parts_and_the_other_way(job):
+    """A merge holds the merge lock from reading the parts to renaming its file, and
+    drop_errors holds it while it changes them: a merge of the parts before a retry cannot
+    replace the retry's output afterwards."""
+    import threading
+
+    from jobrunner.checkpoint import MERGE_LOCK, CheckpointStore, _manifest_lock
+    from jobrunner.merge import output_is_current
+
+    output, args = job
+    code, text = cli(*args)
+    assert code == 1, text
+    parts = output.with_name(output.name + ".parts")
+    assert output_is_current(parts, output)
+    store = CheckpointStore(parts)
+    with store.lock():
+        info = store.open_or_create(*_job_identity(parts), total_rows=ROWS)
+        assert info.complete
+        dropped = []
+        with _manifest_lock(parts, MERGE_LOCK):  # as a merge in another process would
+            worker = threading.Thread(target=lambda: dropped.append(store.drop_errors()))
+            worker.start()
+            worker.join(0.5)
+            assert worker.is_alive() and store.is_complete()  # waits for the merge
+        worker.join(10)
+        assert dropped == [3] and not store.is_complete()
+    assert not output_is_current(parts, output)
+
+
+def _job_identity(parts: Path) -> tuple:
+    """The spec, fingerprint and fields of the job in checkpoint ``parts``, to open it."""
+    from jobrunner.checkpoint import read_manifest
+
+    manifest = read_manifest(parts)
+    return manifest["spec"], manifest["fingerprint"], manifest["fingerprint_fields"]
+
+
+def test_retried_rows_that_generation_fails_for_again_are_errors_again(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Many retried rows failing in generation (a machine that still runs out of memory on
+    them) are error records again, as they were: not a fault that leaves the job unfinished."""
+    from tests.test_resume import _failing_generation
+
+    lines = [{"id": f"g{i}", "image": f"{i % 5}.png", "prompt": f"Say {i}."} for i in range(20)]
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.parquet"
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--output", str(output), *ARGS]
+    code, text = cli(*args)  # no image is there yet
+    assert code == 1 and len(errors_of(output)) == 20, text
+    for i in range(5):
+        Image.new("RGB", (30, 20), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    _failing_generation(monkeypatch, lambda text: True)
+    code, text = cli(*args, "--retry-errors")
+    assert code == 1 and "retrying 20 error rows" in text, text
+    assert {r["error"] for r in rows(output)} == {"generation failed: RuntimeError: device lost"}
