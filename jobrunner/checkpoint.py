@@ -70,6 +70,7 @@ COMPLETE = "complete.json"
 # the rows ``drop_errors`` took back from error records, until the shard is complete again
 RETRYING = "retrying.json"
 MERGE_LOCK = "merge.lock"
+UNMERGED = "unmerged.json"  # drop_errors changed parts since the last merge
 # written when a run finds its input changed while it ran: the saved rows may not be the file's
 INPUT_CHANGED = "input-changed.json"
 FORMAT_VERSION = 1
@@ -253,6 +254,8 @@ def _wipe(directory: Path, only_shard: str | None = None) -> list[str]:
                 removed.append(f"{shard_dir.name}/{name}")
         with contextlib.suppress(OSError):
             shard_dir.rmdir()  # only if nothing foreign is left inside
+    if only_shard is None:
+        (directory / UNMERGED).unlink(missing_ok=True)
     if only_shard is None and (directory / INPUT_CHANGED).exists():
         (directory / INPUT_CHANGED).unlink()
         removed.append(INPUT_CHANGED)
@@ -442,9 +445,9 @@ class CheckpointStore:
             return False
         with _manifest_lock(self.directory):
             # the disk, not memory: a signal can land between a part's record and ``_records``;
-            # a progress log, even empty, is no new job's (``drop_errors`` leaves one)
+            # a shard that dropped its error records is no new job's (``retrying.json``)
             if (
-                (self.shard_dir / PROGRESS).exists()
+                read_progress(self.shard_dir)[0]
                 or any(self.shard_dir.glob("part-*.parquet"))
                 or (self.shard_dir / COMPLETE).exists()
                 or (self.shard_dir / RETRYING).exists()
@@ -599,7 +602,7 @@ class CheckpointStore:
         numbers = [int(_PART_RE.match(r.part).group(1)) for r in records]
         return max(numbers, default=-1) + 1
 
-    def drop_errors(self) -> int:
+    def drop_errors(self, waiting: Callable[[], None] | None = None) -> int:
         """Forget this shard's error records, so that their rows run again (``--retry-errors``);
         returns how many were dropped. Every other row stays done.
 
@@ -611,13 +614,14 @@ class CheckpointStore:
         open, the errors still recorded); after it, the old part files are as unrecorded. The
         shard is no longer complete, and the output merged before is older than the checkpoint
         (``merge.output_is_current``). Held under the merge lock, so no merge reads the parts
-        meanwhile.
+        meanwhile; ``waiting`` is called while a merge holds it (it may raise, to give up before
+        anything changed).
         """
         self._require()
         failed = [r for r in self._records if r.errors]
         if not failed:
             return 0
-        with _manifest_lock(self.directory, MERGE_LOCK):
+        with _manifest_lock(self.directory, MERGE_LOCK, waiting):
             with contextlib.suppress(FileNotFoundError):
                 (self.shard_dir / COMPLETE).unlink()
                 fsync_dir(self.shard_dir)
@@ -635,6 +639,7 @@ class CheckpointStore:
                     # the rows' own time: status's rate counts only what this session runs
                     written.append(replace(new, time=old.time, session_start=old.session_start))
             retried = self.retried | set(dropped)
+            atomic_write_json(self.directory / UNMERGED, {"shard": self.name, "time": time.time()})
             atomic_write_json(self.shard_dir / RETRYING, {"rows": sorted(retried)})
             records += written
             atomic_write_bytes(self.shard_dir / PROGRESS, b"".join(r.to_line() for r in records))

@@ -1,10 +1,11 @@
-"""File locks of a checkpoint directory: one per shard, one for the manifest.
+"""File locks of a checkpoint directory: one per shard, one for the manifest, one for merges.
 
 Takes paths; knows nothing of parts, manifests or jobs. A shard's lock file
 (``shard-00000-of-00003.lock``) is held with an exclusive, non-blocking ``flock`` by the run of
 that shard for the whole run and holds its pid/host/start (for status, informational only);
 ``manifest.lock`` is held, blocking, for the milliseconds it takes to read, create or wipe the
-manifest.
+manifest; ``merge.lock`` for a merge, or while a retry changes a shard's parts (on a checkpoint
+that cannot be written and has no ``merge.lock``, a merge goes on without it).
 
 Contract: a lock is held by a live process or by none: the kernel drops a ``flock`` when its
 holder dies, so a killed run never blocks the next one, and `is_locked` never counts a killed
@@ -23,7 +24,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +122,36 @@ class JobLock:
 
 
 @contextlib.contextmanager
-def _manifest_lock(directory: Path, name: str = "manifest.lock") -> Iterator[None]:
+def _manifest_lock(
+    directory: Path, name: str = "manifest.lock", waiting: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Serialise manifest reads/writes/wipes between shards (held for milliseconds); with
-    ``name`` ``merge.lock``, merges with each other and with ``drop_errors`` (held for a merge)."""
+    ``name`` ``merge.lock``, merges with each other and with ``drop_errors`` (held for a merge).
+
+    ``waiting``: called every 0.2 s while another process holds the lock (it may raise, to
+    give up); without it, the wait blocks."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if name == "manifest.lock":
+            raise
+        try:  # a read-only checkpoint: flock works on a read-only descriptor
+            fd = os.open(directory / name, os.O_RDONLY)
+        except OSError:  # no lock file and none can be made: nothing can change the parts
+            yield
+            return
+    try:
+        if waiting is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waiting()
+                    time.sleep(0.2)
         yield
     finally:
         os.close(fd)

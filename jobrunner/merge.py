@@ -7,8 +7,11 @@ the model or of job specs.
 Merge: refuses (`IncompleteJob`, naming each missing or unfinished shard) until every shard has a
 completion record; then checks that the parts cover input rows ``0..total-1`` exactly once and
 writes them in input order, one window of rows at a time, to a temp file that is fsynced and
-renamed over the output. Several shards finishing at once may each merge; each write is atomic
-and they all write the same rows, so the result does not depend on who wins. Kept columns get
+renamed over the output. Merges take ``merge.lock`` from reading the parts to the rename, one at
+a time (``drop_errors`` takes it too while it changes parts): of several shards finishing at
+once, the first merges and the others, having waited, find the output holding these very parts
+(its recorded ``parts_digest``) and leave it. ``unmerged.json`` marks a checkpoint whose parts a
+retry changed since the last merge (``output_is_current``). Kept columns get
 one type from what all parts record (`jobrunner.writers`: the input's Arrow type, or one picked
 from the kinds of JSON values), never from one part alone.
 
@@ -33,6 +36,7 @@ from jobrunner.checkpoint import (
     COMPLETE,
     MANIFEST,
     MERGE_LOCK,
+    UNMERGED,
     CheckpointError,
     PartRecord,
     _manifest_lock,
@@ -336,19 +340,38 @@ def merge(
         )
     # one merge at a time, and none while drop_errors changes a shard's parts: a merge that
     # read the parts before a retry must not replace the retry's output after it
+    waited = is_locked(directory / MERGE_LOCK)  # another merge is writing
     with _manifest_lock(directory, MERGE_LOCK):
         total = _merge_total(directory, manifest, n, total_rows)
+        digest = parts_digest(directory, n)
+        done = merged_metadata(output_path) or {}
+        if (
+            waited
+            and done.get("fingerprint") == manifest.get("fingerprint")
+            and done.get("parts") == digest
+            and not (directory / UNMERGED).exists()
+        ):  # another merge wrote these very parts while this one waited for the lock
+            return MergeInfo(
+                path=output_path,
+                rows=total,
+                errors=sum(_scan_errors(directory, k, n) for k in range(n)),
+                parts=sum(len(read_progress(directory / shard_name(k, n))[0]) for k in range(n)),
+                bytes=output_path.stat().st_size,
+            )
         parts, kept, keep = _collect_parts(directory, n, total)
         schema = results_schema(keep, {c: kept.output_type(c) for c in keep})
         meta = {
             "spec": manifest.get("spec"),
             "fingerprint": manifest.get("fingerprint"),
             "fingerprint_fields": manifest.get("fingerprint_fields"),
-            "parts": parts_digest(directory, n),
+            "parts": digest,
             **jsonable(dict(metadata or {})),
         }
         file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
         _atomic_parquet(output_path, file_schema, parts, total, kept, rows_per_group)
+        if (directory / UNMERGED).exists():
+            (directory / UNMERGED).unlink()
+            fsync_dir(directory)
         errors = sum(_scan_errors(directory, k, n) for k in range(n))
     size = output_path.stat().st_size
     return MergeInfo(path=output_path, rows=total, errors=errors, parts=len(parts), bytes=size)
@@ -369,6 +392,8 @@ def output_is_current(directory: Path, output_path: Path) -> bool:
     now: False once a retry changed them (the output is merged again when the retry ends,
     or by the next run or merge if that one stopped first). An output merged before outputs
     recorded the parts counts as current."""
+    if (Path(directory) / UNMERGED).exists():
+        return False
     metadata = merged_metadata(Path(output_path))
     manifest = read_manifest(Path(directory))
     if metadata is None or manifest is None or "parts" not in metadata:

@@ -300,7 +300,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         note = _retry_refusal(spec, print_, fields, store.n) if errors else None
         return RunResult(total, owed, 0, errors, True, nothing_to_do=True, retry_note=note)
     if (
-        not finished
+        not (finished and output_is_current(spec.parts_dir, spec.output))
         and not spec.overwrite
         and _done_in_another_split(spec, print_, fields, store.n)
     ):
@@ -319,7 +319,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
-        retried = store.drop_errors() if retry else 0
+        retried = store.drop_errors(_waiting_for_merge(reporter, stop)) if retry else 0
         merged = info.complete and spec.output.exists()
         if retried:
             reporter.event(
@@ -330,8 +330,16 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             if retry and store.n > 1 and sum(counts := shard_errors(spec.parts_dir)):
                 note = f"; this shard holds no error rows, {_shards_with_errors(counts)} do"
             reporter.event(f"nothing to do: {spec.output} is complete ({total} rows){note}")
-            return RunResult(total, info.rows_done, 0, info.errors, True, nothing_to_do=True)
-        elif merged:  # a retry stopped before its merge, or a merge of the parts before it won
+            errors = error_rows(spec.output)  # the output's, as the message says
+            return RunResult(total, info.rows_done, 0, errors, True, nothing_to_do=True)
+        elif merged and not all_shards_complete(spec.parts_dir):  # another shard is retrying
+            reporter.event(
+                f"nothing to do: this shard is complete; {spec.output} is merged again when "
+                "every shard is"
+            )
+            errors = error_rows(spec.output)
+            return RunResult(total, info.rows_done, 0, errors, False, nothing_to_do=True)
+        elif merged:  # a retry stopped before its merge
             reporter.event(f"{spec.output} is older than its checkpoint: merging it again")
         elif info.rows_done:
             reporter.event(f"resuming: {info.rows_done} of {owed} rows already done")
@@ -1055,6 +1063,21 @@ def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:
     )
 
 
+def _waiting_for_merge(reporter: Reporter, stop: _StopFlag) -> Callable[[], None]:
+    """``drop_errors``'s ``waiting``: say once that a merge of the job holds it up, and give
+    up (``Interrupted``) on a signal, before anything changed."""
+    told = []
+
+    def waiting() -> None:
+        if stop.signum is not None:
+            raise Interrupted(stop.signum)
+        if not told:
+            reporter.event("waiting for a merge of this job to finish (merge.lock)")
+            told.append(True)
+
+    return waiting
+
+
 def _retry_refusal(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> str | None:
     """Why ``--retry-errors`` cannot reach the job's error rows from this run, or None: the
     checkpoint of its finished output (which holds the rows to keep) was removed, or the job
@@ -1101,7 +1124,11 @@ def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards:
         manifest = read_manifest(spec.parts_dir)
     except CheckpointError:
         return False  # damaged: open_or_create says so
-    return manifest is None or _another_split(manifest, print_, fields, shards)
+    if manifest is None:
+        return True
+    return _another_split(manifest, print_, fields, shards) and output_is_current(
+        spec.parts_dir, spec.output
+    )
 
 
 def _done_in_another_split(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:

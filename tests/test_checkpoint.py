@@ -824,3 +824,12 @@ def test_a_shard_that_dropped_its_errors_is_never_abandoned(tmp_path):
     assert info.rows_done == 0 and store.retried == {4, 9}
     assert not store.abandon_new() and (directory / "manifest.json").exists()
     lock.release()
+
+
+def test_a_new_job_with_an_empty_progress_log_is_still_abandoned(tmp_path):
+    """A kill inside the first record's append leaves an empty log: still a new job."""
+    directory = tmp_path / "parts"
+    store, lock, _ = open_store(directory)
+    (shard_dir(directory) / "progress.jsonl").write_bytes(b"")
+    assert store.abandon_new() and not (directory / "manifest.json").exists()
+    lock.release()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -169,26 +171,43 @@ def test_a_retry_that_fails_before_any_row_keeps_the_job(job, monkeypatch):
     assert errors_of(output) == []
 
 
-def test_a_retry_stopped_in_its_merge_is_merged_by_the_next_run(job, tmp_path, monkeypatch):
-    """A retry whose final merge fails (a full disk, a kill) leaves an output older than the
-    checkpoint: the next run, with or without the flag, merges it again."""
+def as_merged_before_digests(output: Path) -> None:
+    """Rewrite ``output`` as a jobrunner before 2026-11-24 merged it: no digest of the parts."""
+    table = pq.read_table(output)
+    meta = json.loads(table.schema.metadata[b"jobrunner"])
+    del meta["parts"]
+    pq.write_table(table.replace_schema_metadata({b"jobrunner": json.dumps(meta)}), output)
+
+
+def failing_merge(monkeypatch, output: Path) -> None:
+    """Merges fail with a full disk until ``monkeypatch.undo()``."""
     import errno
 
     from jobrunner import merge
-
-    output, args = job
-    code, text = cli(*args)
-    assert code == 1, text
-    restore_images(output)
-    real = merge._atomic_parquet
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output))
 
     monkeypatch.setattr(merge, "_atomic_parquet", full)
+
+
+@pytest.mark.parametrize("merged_by", ["this version", "an older version"])
+def test_a_retry_stopped_in_its_merge_is_merged_by_the_next_run(
+    job, tmp_path, monkeypatch, merged_by
+):
+    """A retry whose final merge fails (a full disk, a kill) leaves an output older than the
+    checkpoint: the next run, with or without the flag, merges it again, whichever version
+    merged the output before."""
+    output, args = job
+    code, text = cli(*args)
+    assert code == 1, text
+    if merged_by == "an older version":
+        as_merged_before_digests(output)
+    restore_images(output)
+    failing_merge(monkeypatch, output)
     code, text = cli(*args, "--retry-errors")
     assert code == 2 and "No space left" in text, text
-    monkeypatch.setattr(merge, "_atomic_parquet", real)
+    monkeypatch.undo()
     assert errors_of(output) == list(MISSING)  # the old output, older than its checkpoint
     code, text = cli("status", str(output))
     assert "older than the checkpoint" in text, text
@@ -283,3 +302,109 @@ def test_retried_rows_that_generation_fails_for_again_are_errors_again(
     code, text = cli(*args, "--retry-errors")
     assert code == 1 and "retrying 20 error rows" in text, text
     assert {r["error"] for r in rows(output)} == {"generation failed: RuntimeError: device lost"}
+
+
+def test_a_shard_retry_stopped_in_its_merge_is_merged_by_a_run_in_any_split(
+    job, tmp_path, monkeypatch
+):
+    output, args = job
+    for shard in ("0/2", "1/2"):
+        assert cli(*args, "--shard", shard)[0] == 1
+    restore_images(output)
+    failing_merge(monkeypatch, output)
+    code, text = cli(*args, "--shard", "0/2", "--retry-errors")
+    assert code == 2, text
+    monkeypatch.undo()
+    code, text = cli(*args, "--shard", "1/2")  # complete, its own errors still there
+    assert code == 1 and "merging it again" in text, text
+    assert errors_of(output) == [1, 7]  # row 6, shard 0's, is merged now
+    failing_merge(monkeypatch, output)
+    code, text = cli(*args, "--shard", "1/2", "--retry-errors")
+    assert code == 2, text
+    monkeypatch.undo()
+    code, text = cli(*args)  # no --shard: every shard is done, the output is not current
+    assert code == 0 and "every shard of this job is done; wrote" in text, text
+    assert rows(output) == fresh_run(output, args, tmp_path)
+
+
+def test_a_finished_shard_run_while_another_retries_has_nothing_to_do(job, monkeypatch):
+    output, args = job
+    for shard in ("0/2", "1/2"):
+        assert cli(*args, "--shard", shard)[0] == 1
+    from jobrunner import runner
+
+    def stopped(self, *rest, **kwargs):
+        raise runner.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(runner._Session, "run", stopped)  # shard 0 dropped its errors, then ^C
+    code, text = cli(*args, "--shard", "0/2", "--retry-errors")
+    monkeypatch.undo()
+    assert code == 130 and "retrying 1 error rows" in text, text
+    code, text = cli(*args, "--shard", "1/2")
+    assert code == 0 and "this shard is complete; " in text, text
+    assert "the output holds 3 error records" in text, text
+
+
+def test_merges_that_waited_for_one_another_write_the_output_once(job):
+    import threading
+
+    from jobrunner.checkpoint import MERGE_LOCK, _manifest_lock
+    from jobrunner.merge import merge
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    parts = output.with_name(output.name + ".parts")
+    written = output.stat().st_mtime_ns
+    results = []
+    with _manifest_lock(parts, MERGE_LOCK):  # a merge in another process writes the output
+        worker = threading.Thread(target=lambda: results.append(merge(parts, output)))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive()
+    worker.join(10)
+    assert results[0].errors == 3 and output.stat().st_mtime_ns == written  # not written again
+    merge(parts, output)  # uncontended: written
+    assert output.stat().st_mtime_ns != written
+
+
+def test_a_retry_waiting_for_a_merge_gives_up_on_a_signal_and_changes_nothing(job):
+    from jobrunner.checkpoint import MERGE_LOCK, CheckpointStore, _manifest_lock
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    parts = output.with_name(output.name + ".parts")
+    store = CheckpointStore(parts)
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with store.lock(), _manifest_lock(parts, MERGE_LOCK):
+        store.open_or_create(*_job_identity(parts), total_rows=ROWS)
+        with pytest.raises(KeyboardInterrupt):
+            store.drop_errors(interrupted)
+        assert store.errors == 3 and store.is_complete()
+
+
+def test_merge_from_a_checkpoint_that_cannot_be_written(job, monkeypatch):
+    """An older checkpoint on a read-only mount has no merge.lock and cannot get one: the merge
+    goes on (nothing can change its parts)."""
+    from jobrunner import locks
+    from jobrunner.merge import merge
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    parts = output.with_name(output.name + ".parts")
+    (parts / "merge.lock").unlink()
+    real = os.open
+
+    def read_only(path, flags, *rest):
+        if Path(path).name == "merge.lock" and flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system", str(path))
+        return real(path, flags, *rest)
+
+    monkeypatch.setattr(locks.os, "open", read_only)
+    output.unlink()
+    assert merge(parts, output).errors == 3 and output.exists()
