@@ -613,7 +613,8 @@ class CheckpointStore:
         process killed before the replacement leaves unrecorded new parts (removed on the next
         open, the errors still recorded); after it, the old part files are as unrecorded. The
         shard is no longer complete, and the output merged before is older than the checkpoint
-        (``merge.output_is_current``). Held under the merge lock, so no merge reads the parts
+        (``unmerged.json``, before anything changes; ``merge.output_is_current``, until the
+        next merge). Held under the merge lock, so no merge reads the parts
         meanwhile; ``waiting`` is called while a merge holds it (it may raise, to give up before
         anything changed).
         """

@@ -389,9 +389,10 @@ def parts_digest(directory: Path, n: int) -> str:
 
 def output_is_current(directory: Path, output_path: Path) -> bool:
     """Whether the merged output at ``output_path`` holds the checkpoint's parts as they are
-    now: False once a retry changed them (the output is merged again when the retry ends,
-    or by the next run or merge if that one stopped first). An output merged before outputs
-    recorded the parts counts as current."""
+    now: False once a retry changed them (``unmerged.json``, until the next merge; the
+    output is merged again when the retry ends, or by the next run or merge if that one
+    stopped first), or when its recorded digest is not theirs. An output of an older version,
+    which recorded no digest, is otherwise current."""
     if (Path(directory) / UNMERGED).exists():
         return False
     metadata = merged_metadata(Path(output_path))

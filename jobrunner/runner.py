@@ -869,8 +869,8 @@ class _Session:
         """The storage failed to read the row's image: held until an image is read (then the
         row's error), or, for ``fault_limit`` rows in a row over ``FAULT_IMAGES`` images, a
         fault of the storage that stops the run without recording them. A row retried
-        (``--retry-errors``) is an error record again at once: a retry never leaves a job
-        unfinished that was finished, whatever the storage does."""
+        (``--retry-errors``) is an error record again at once, as it was: a retry that runs
+        to its end leaves a finished job finished, whatever the storage does."""
         if row.index in self.store.retried:
             self._error(row, message)
             return
