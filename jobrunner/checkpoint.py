@@ -7,6 +7,7 @@ plain dict and fingerprint it is handed. Layout of a checkpoint directory (defau
     manifest.json                 spec, fingerprint and its fields, num_shards, total_rows
     manifest.lock                 flock held briefly while the manifest is read, created or wiped
     merge.lock                    flock held by a merge, and while drop_errors changes parts
+    unmerged.json                 drop_errors changed parts since the last merge (merge removes it)
     shard-00000-of-00003.lock     flock held by the run of shard 0 (pid/host/start, for status)
     shard-00000-of-00003/
         part-000000.parquet       results of some rows of shard 0, sorted by row_index
@@ -528,8 +529,10 @@ class CheckpointStore:
         cleaned += [f"{name}: removed (not a trusted part)" for name in removed]
         self._done, self._records = seen, scan.records
         self.rows_done, self.errors = scan.rows, scan.errors
-        retrying = read_json(self.shard_dir / RETRYING) or {}
-        self.retried = {i for i in retrying.get("rows") or [] if isinstance(i, int)}
+        retrying = (read_json(self.shard_dir / RETRYING) or {}).get("rows")
+        self.retried = (
+            {i for i in retrying if isinstance(i, int)} if isinstance(retrying, list) else set()
+        )
         done = read_json(self.shard_dir / COMPLETE)
         if done is not None and not self._covers(done.get("total_rows")):
             (self.shard_dir / COMPLETE).unlink()

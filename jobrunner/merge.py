@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,6 +305,7 @@ def merge(
     num_shards: int | None = None,
     metadata: Mapping[str, Any] | None = None,
     rows_per_group: int = 65536,
+    waiting: Callable[[], None] | None = None,
 ) -> MergeInfo:
     """Join every shard's parts into ``output_path``, in input order, written atomically.
 
@@ -332,23 +333,23 @@ def merge(
     n = manifest["num_shards"]
     if num_shards is not None and num_shards != n:
         raise CheckpointError(f"{directory} was made for {n} shards, not {num_shards}")
-    if output_path.exists() and not _merged_output(output_path, manifest.get("fingerprint")):
-        raise CheckpointError(
-            f"{output_path} already exists and is not this job's output (not a file that this "
-            "job's checkpoint merged), so merging will not replace it; move it away or delete "
-            "it, then merge again"
-        )
+    _refuse_foreign_output(output_path, manifest)
     # one merge at a time, and none while drop_errors changes a shard's parts: a merge that
     # read the parts before a retry must not replace the retry's output after it
     waited = is_locked(directory / MERGE_LOCK)  # another merge is writing
-    with _manifest_lock(directory, MERGE_LOCK):
+    with _manifest_lock(directory, MERGE_LOCK, waiting):
+        _refuse_foreign_output(output_path, manifest)  # again: one may have appeared meanwhile
         total = _merge_total(directory, manifest, n, total_rows)
         digest = parts_digest(directory, n)
         done = merged_metadata(output_path) or {}
+        extra = {
+            k: v for k, v in jsonable(dict(metadata or {})).items() if k not in ("created", "spec")
+        }
         if (
             waited
             and done.get("fingerprint") == manifest.get("fingerprint")
             and done.get("parts") == digest
+            and all(done.get(k) == v for k, v in extra.items())  # e.g. the model a run names
             and not (directory / UNMERGED).exists()
         ):  # another merge wrote these very parts while this one waited for the lock
             return MergeInfo(
@@ -375,6 +376,15 @@ def merge(
         errors = sum(_scan_errors(directory, k, n) for k in range(n))
     size = output_path.stat().st_size
     return MergeInfo(path=output_path, rows=total, errors=errors, parts=len(parts), bytes=size)
+
+
+def _refuse_foreign_output(output_path: Path, manifest: dict) -> None:
+    if output_path.exists() and not _merged_output(output_path, manifest.get("fingerprint")):
+        raise CheckpointError(
+            f"{output_path} already exists and is not this job's output (not a file that this "
+            "job's checkpoint merged), so merging will not replace it; move it away or delete "
+            "it, then merge again"
+        )
 
 
 def parts_digest(directory: Path, n: int) -> str:

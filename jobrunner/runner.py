@@ -364,7 +364,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
                     err.input_changed = change  # the resume advice no longer holds (cli)
             raise
         store.mark_complete(total)
-        return session.finish(total, identity)
+        return session.finish(total, identity, stop)
 
 
 class _Session:
@@ -594,6 +594,7 @@ class _Session:
                 length, problem = self._estimate(row, limit)
             except StorageError as err:
                 self._unreadable(row, str(err))
+                self.writer.maybe_flush()  # a retried row is an error record at once
                 continue
             if problem is not None:
                 self._error(row, problem)
@@ -685,6 +686,7 @@ class _Session:
                     batch = next(planned, None)
                     more = batch is not None
                     waiting.extend(self._ready(batch or []))
+                    self.writer.maybe_flush()  # batches whose rows all failed: keep the interval
                 take = self._joining(decoder, waiting, free)
                 if take:
                     self._admit(decoder, [waiting.popleft() for _ in range(take)])
@@ -931,7 +933,9 @@ class _Session:
 
     # -- the end --------------------------------------------------------------------------------
 
-    def finish(self, total: int, identity: dict[str, Any]) -> RunResult:
+    def finish(
+        self, total: int, identity: dict[str, Any], stop: _StopFlag | None = None
+    ) -> RunResult:
         spec, store = self.spec, self.store
         summary = self.summary()
         merged = False
@@ -944,7 +948,8 @@ class _Session:
             ).to_dict()
             for key in ("fingerprint", "fingerprint_fields"):  # merge takes them from the manifest
                 metadata.pop(key)
-            info = merge(spec.parts_dir, spec.output, total, metadata=metadata)
+            waiting = _waiting_for_merge(self.reporter, stop) if stop is not None else None
+            info = merge(spec.parts_dir, spec.output, total, metadata=metadata, waiting=waiting)
             merged = True
             path = spec.output.with_name(spec.output.name + ".summary.json")
             # the rows of the whole output; the rest is this session's (of shard ``shard``)

@@ -6,18 +6,22 @@ retry ends with the output a fresh run of the fixed data gives, and runs only th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.test_resume import cli, rows
+from tests.test_resume import Job, cli, rows
 
 ROWS = 12
 MISSING = (1, 6, 7)  # rows whose image is not there at first; 6 and 7 share one
@@ -408,3 +412,110 @@ def test_merge_from_a_checkpoint_that_cannot_be_written(job, monkeypatch):
     monkeypatch.setattr(locks.os, "open", read_only)
     output.unlink()
     assert merge(parts, output).errors == 3 and output.exists()
+
+
+def test_retried_rows_the_storage_fails_to_read_are_checkpointed_on_schedule(job, monkeypatch):
+    """Retried rows whose images the storage still cannot read are error records at once:
+    they are written a part every --checkpoint-every rows (2), not all at the end of the run,
+    so a kill loses at most one interval of them."""
+    from jobrunner import readers
+
+    output, args = job
+    lines = [{"id": f"s{i}", "image": f"{i}.png", "prompt": "Describe."} for i in range(12)]
+    (output.parent / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    bad = {output.parent / f"{i}.png" for i in range(10)}
+    code_of = {"now": errno.ENOENT}
+
+    def failing_open(path, *rest, **kwargs):
+        if Path(path) in bad:
+            raise OSError(code_of["now"], os.strerror(code_of["now"]), str(path))
+        return open(path, *rest, **kwargs)
+
+    monkeypatch.setattr(readers, "open", failing_open, raising=False)
+    code, text = cli(*args)  # missing: error records at once
+    assert code == 1, text
+    progress = output.with_name(output.name + ".parts") / "shard-00000-of-00001/progress.jsonl"
+
+    code_of["now"] = errno.EIO  # the retry: the storage fails to read them
+    code, text = cli(*args, "--retry-errors")
+    assert code == 1 and "retrying 10 error rows" in text, text
+    records = [json.loads(x) for x in progress.read_text().splitlines()]
+    new = [r for r in records if r["errors"]]
+    assert sum(r["errors"] for r in new) == 10
+    assert max(r["rows"] for r in new) <= 2, [r["rows"] for r in new]
+
+
+def test_a_signal_while_the_final_merge_waits_for_the_merge_lock_stops_the_run(
+    job, tmp_path, monkeypatch
+):
+    """A run whose merge waits for another merge says so, and Ctrl-C stops it (130, the
+    resume command) instead of being ignored until the other merge ends."""
+    from jobrunner.checkpoint import MERGE_LOCK, _manifest_lock
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    restore_images(output)
+    failing_merge(monkeypatch, output)
+    assert cli(*args, "--retry-errors")[0] == 2  # the retry's merge failed: output is stale
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    with _manifest_lock(parts, MERGE_LOCK):  # a merge in another process
+        run = Job(tmp_path, args[1:], stage="none")
+        assert run.wait_until(lambda: "merging it again" in run.output()), run.output()
+        time.sleep(1.0)  # now in merge(), waiting for the lock
+        run.signal(signal.SIGINT)
+        time.sleep(1.0)
+    code, text = run.wait()
+    assert code == 130 and "waiting for a merge of this job" in text, text
+    assert "resume with:" in text and "Traceback" not in text, text
+
+
+def test_a_merge_that_waited_refuses_a_file_that_appeared_meanwhile(job):
+    from jobrunner.checkpoint import MERGE_LOCK, CheckpointError, _manifest_lock
+    from jobrunner.merge import merge
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    parts = output.with_name(output.name + ".parts")
+    results = []
+
+    def merging():
+        try:
+            results.append(merge(parts, output))
+        except CheckpointError as err:
+            results.append(err)
+
+    with _manifest_lock(parts, MERGE_LOCK):
+        worker = threading.Thread(target=merging)
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive()
+        pq.write_table(pa.table({"x": [1, 2, 3]}), output)  # another job's file, say
+    worker.join(10)
+    assert isinstance(results[0], CheckpointError), results
+    assert pq.read_table(output).column_names == ["x"]
+
+
+def test_a_merge_that_waited_writes_the_metadata_the_other_merge_left_out(job):
+    """A run's merge that waited for `jobrunner merge` (no model id) writes the output again
+    with the model it names, instead of leaving the other merge's metadata."""
+    from jobrunner.checkpoint import MERGE_LOCK, _manifest_lock
+    from jobrunner.merge import merge
+    from jobrunner.writers import merged_metadata
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    parts = output.with_name(output.name + ".parts")
+    merge(parts, output)  # as `jobrunner merge` writes it: no model id
+    assert merged_metadata(output).get("model_id") is None
+    results = []
+    with _manifest_lock(parts, MERGE_LOCK):
+        meta = {"model_id": "m", "model_revision": "r"}
+        worker = threading.Thread(
+            target=lambda: results.append(merge(parts, output, metadata=meta))
+        )
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive()
+    worker.join(10)
+    assert merged_metadata(output).get("model_id") == "m"
