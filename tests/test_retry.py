@@ -461,8 +461,8 @@ def test_a_signal_while_the_final_merge_waits_for_the_merge_lock_stops_the_run(
     parts = output.with_name(output.name + ".parts")
     with _manifest_lock(parts, MERGE_LOCK):  # a merge in another process
         run = Job(tmp_path, args[1:], stage="none")
-        assert run.wait_until(lambda: "merging it again" in run.output()), run.output()
-        time.sleep(1.0)  # now in merge(), waiting for the lock
+        # in merge(), waiting for the lock
+        assert run.wait_until(lambda: "waiting for a merge" in run.output()), run.output()
         run.signal(signal.SIGINT)
         time.sleep(1.0)
     code, text = run.wait()
