@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.test_resume import Job, cli, rows
+from tests.test_resume import Job, cli, parts_dir, rows
 
 ROWS = 12
 MISSING = (1, 6, 7)  # rows whose image is not there at first; 6 and 7 share one
@@ -147,7 +147,7 @@ def test_a_retry_without_the_checkpoint_says_to_overwrite(job):
     output, args = job
     code, text = cli(*args)
     assert code == 1, text
-    shutil.rmtree(output.with_name(output.name + ".parts"))
+    shutil.rmtree(parts_dir(output))
     code, text = cli(*args, "--retry-errors")
     assert code == 2 and "its checkpoint" in text and "--overwrite" in text, text
     code, text = cli(*args)  # the hint says so too, not to --retry-errors
@@ -261,7 +261,7 @@ def test_a_merge_waits_for_a_retry_changing_the_parts_and_the_other_way(job):
     output, args = job
     code, text = cli(*args)
     assert code == 1, text
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     assert output_is_current(parts, output)
     store = CheckpointStore(parts)
     with store.lock():
@@ -357,7 +357,7 @@ def test_merges_that_waited_for_one_another_write_the_output_once(job):
 
     output, args = job
     assert cli(*args)[0] == 1
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     written = output.stat().st_mtime_ns
     results = []
     with _manifest_lock(parts, MERGE_LOCK):  # a merge in another process writes the output
@@ -376,7 +376,7 @@ def test_a_retry_waiting_for_a_merge_gives_up_on_a_signal_and_changes_nothing(jo
 
     output, args = job
     assert cli(*args)[0] == 1
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     store = CheckpointStore(parts)
     calls = []
 
@@ -400,7 +400,7 @@ def test_merge_from_a_checkpoint_that_cannot_be_written(job, monkeypatch):
 
     output, args = job
     assert cli(*args)[0] == 1
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     (parts / "merge.lock").unlink()
     real = os.open
 
@@ -434,7 +434,7 @@ def test_retried_rows_the_storage_fails_to_read_are_checkpointed_on_schedule(job
     monkeypatch.setattr(readers, "open", failing_open, raising=False)
     code, text = cli(*args)  # missing: error records at once
     assert code == 1, text
-    progress = output.with_name(output.name + ".parts") / "shard-00000-of-00001/progress.jsonl"
+    progress = parts_dir(output) / "shard-00000-of-00001/progress.jsonl"
 
     code_of["now"] = errno.EIO  # the retry: the storage fails to read them
     code, text = cli(*args, "--retry-errors")
@@ -458,7 +458,7 @@ def test_a_signal_while_the_final_merge_waits_for_the_merge_lock_stops_the_run(
     failing_merge(monkeypatch, output)
     assert cli(*args, "--retry-errors")[0] == 2  # the retry's merge failed: output is stale
     monkeypatch.undo()
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     with _manifest_lock(parts, MERGE_LOCK):  # a merge in another process
         run = Job(tmp_path, args[1:], stage="none")
         # in merge(), waiting for the lock
@@ -476,7 +476,7 @@ def test_a_merge_that_waited_refuses_a_file_that_appeared_meanwhile(job):
 
     output, args = job
     assert cli(*args)[0] == 1
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     results = []
 
     def merging():
@@ -505,7 +505,7 @@ def test_a_merge_that_waited_writes_the_metadata_the_other_merge_left_out(job):
 
     output, args = job
     assert cli(*args)[0] == 1
-    parts = output.with_name(output.name + ".parts")
+    parts = parts_dir(output)
     merge(parts, output)  # as `jobrunner merge` writes it: no model id
     assert merged_metadata(output).get("model_id") is None
     results = []
