@@ -424,6 +424,8 @@ def _job_state(info: dict, resume: str = "") -> str:
 def _progress_line(name: str, info: dict, total: int | None) -> str:
     text = f"{name}: {info['rows_done']}/{'?' if total is None else total} rows"
     text += f", {info['errors']} errors"
+    if info.get("retrying"):
+        text += f" (a retry of {info['retrying']} rows that were errors is under way)"
     if info.get("rows_per_second"):
         text += f", {info['rows_per_second']:.2f} rows/s"
     if info.get("eta_seconds") is not None:

@@ -36,6 +36,7 @@ from jobrunner.checkpoint import (
     COMPLETE,
     MANIFEST,
     MERGE_LOCK,
+    RETRYING,
     UNMERGED,
     CheckpointError,
     PartRecord,
@@ -472,6 +473,7 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
     running = is_locked(directory / f"{name}.lock")
     rate = _session_rate(records) if running else None
     eta = (rows_total - rows) / rate if rate and rows_total is not None else None
+    retrying = (read_json(directory / name / RETRYING) or {}).get("rows")
     return {
         "shard": k,
         "name": name,
@@ -483,6 +485,8 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
         "running": running,
         "lock": read_lock_info(directory / f"{name}.lock") if running else None,
         "complete": done is not None,
+        # rows whose error records a retry took back, until the shard is complete again
+        "retrying": len(retrying) if isinstance(retrying, list) and done is None else 0,
         "rows_per_second": rate,
         "eta_seconds": eta,
         "last_update": records[-1].time if records else None,
@@ -511,7 +515,8 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     Returns:
         ``exists``, ``num_shards``, ``total_rows``, ``rows_done``, ``errors``, ``running``,
         ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists``,
-        ``output_current`` (the output holds the parts as they are now),
+        ``output_current`` (the output holds the parts as they are now), ``retrying``
+        (rows a retry took back from error records, while the shard is not complete again),
         ``started_with_overwrite``, ``input_changed`` (what changed in the input file since
         the job started, in words, or None) and ``shards`` (one dict per shard with the same
         fields plus ``lock`` info when running). Without a checkpoint, ``complete`` says
@@ -561,6 +566,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
         "total_rows": total,
         "rows_done": sum(s["rows_done"] for s in shards),
         "errors": sum(s["errors"] for s in shards),
+        "retrying": sum(s["retrying"] for s in shards),
         "running": any(s["running"] for s in shards),
         "complete": all(s["complete"] for s in shards),
         "rows_per_second": sum(rates) if rates else None,

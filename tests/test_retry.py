@@ -344,6 +344,9 @@ def test_a_finished_shard_run_while_another_retries_has_nothing_to_do(job, monke
     code, text = cli(*args, "--shard", "0/2", "--retry-errors")
     monkeypatch.undo()
     assert code == 130 and "retrying 1 error rows" in text, text
+    code, text = cli("status", str(output))
+    assert "a retry of 1 rows that were errors is under way" in text, text
+    assert cli("status", str(output), "--json")[1].count('"retrying": 1') == 2  # job, shard 0
     code, text = cli(*args, "--shard", "1/2")
     assert code == 0 and "this shard is complete; " in text, text
     assert "the output holds 3 error records" in text, text
