@@ -319,6 +319,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return content if isinstance(content, dict) else None
 
 
+def retried_rows(shard_dir: Path) -> set[int]:
+    """The rows whose error records ``drop_errors`` took back in this shard folder (its
+    ``retrying.json``), until the shard is complete again; none for a file that is no list."""
+    rows = (read_json(Path(shard_dir) / RETRYING) or {}).get("rows")
+    return {i for i in rows if isinstance(i, int)} if isinstance(rows, list) else set()
+
+
 # --- the store of one shard --------------------------------------------------------------------
 
 
@@ -529,10 +536,7 @@ class CheckpointStore:
         cleaned += [f"{name}: removed (not a trusted part)" for name in removed]
         self._done, self._records = seen, scan.records
         self.rows_done, self.errors = scan.rows, scan.errors
-        retrying = (read_json(self.shard_dir / RETRYING) or {}).get("rows")
-        self.retried = (
-            {i for i in retrying if isinstance(i, int)} if isinstance(retrying, list) else set()
-        )
+        self.retried = retried_rows(self.shard_dir)
         done = read_json(self.shard_dir / COMPLETE)
         if done is not None and not self._covers(done.get("total_rows")):
             (self.shard_dir / COMPLETE).unlink()

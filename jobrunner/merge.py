@@ -36,7 +36,6 @@ from jobrunner.checkpoint import (
     COMPLETE,
     MANIFEST,
     MERGE_LOCK,
-    RETRYING,
     UNMERGED,
     CheckpointError,
     PartRecord,
@@ -49,6 +48,7 @@ from jobrunner.checkpoint import (
     read_manifest,
     read_progress,
     refuse_if_input_changed,
+    retried_rows,
     scan_shard,
     shard_name,
     shard_rows,
@@ -473,7 +473,6 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
     running = is_locked(directory / f"{name}.lock")
     rate = _session_rate(records) if running else None
     eta = (rows_total - rows) / rate if rate and rows_total is not None else None
-    retrying = (read_json(directory / name / RETRYING) or {}).get("rows")
     return {
         "shard": k,
         "name": name,
@@ -486,7 +485,7 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
         "lock": read_lock_info(directory / f"{name}.lock") if running else None,
         "complete": done is not None,
         # rows whose error records a retry took back, until the shard is complete again
-        "retrying": len(retrying) if isinstance(retrying, list) and done is None else 0,
+        "retrying": len(retried_rows(directory / name)) if done is None else 0,
         "rows_per_second": rate,
         "eta_seconds": eta,
         "last_update": records[-1].time if records else None,
