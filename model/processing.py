@@ -245,6 +245,37 @@ def _as_id_list(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
+def _encode_as_transformers_4(tokenizer: Any, folder: Path) -> None:
+    """Make ``tokenizer`` encode as transformers 4, the version the reference remote code runs on,
+    does with the same files: with the normalizer, pre-tokenizer and decoder its tokenizer.json
+    holds, and for a ``LlamaTokenizer`` (Phi-3-V's class) with BOS/EOS as tokenizer_config.json's
+    ``add_bos_token``/``add_eos_token`` say.
+
+    transformers 5 rebuilds a ``LlamaTokenizer``'s pre-tokenizer from ``legacy`` and
+    ``add_prefix_space``: a Metaspace that puts "▁" only before the start of the text, where
+    Phi-3's tokenizer.json prepends it to every piece between special tokens, so "<|user|>\n"
+    would encode as ``<|user|>`` ``\n`` instead of ``<|user|>`` ``▁`` ``\n`` (32010, 29871, 13):
+    other prompt ids than the reference feeds the model. It also keeps tokenizer.json's BOS
+    template where tokenizer_config.json says ``add_bos_token: false``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tokenizer_json = folder / "tokenizer.json"
+    if backend is None or not tokenizer_json.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_file(str(tokenizer_json))
+    backend.normalizer = own.normalizer
+    backend.pre_tokenizer = own.pre_tokenizer
+    backend.decoder = own.decoder
+    settings = _read_json(folder / "tokenizer_config.json")
+    if str(settings.get("tokenizer_class", "")).startswith("LlamaTokenizer"):
+        for name in ("add_bos_token", "add_eos_token"):
+            if name in settings and getattr(tokenizer, name, None) is not None:
+                # transformers' setter rebuilds the post-processor (both 4 and 5)
+                setattr(tokenizer, name, bool(settings[name]))
+
+
 class Processor:
     """Tokenizer plus HD transform for one model: prompts and images in, token ids out."""
 
@@ -283,6 +314,7 @@ class Processor:
 
         path = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        _encode_as_transformers_4(tokenizer, path)
         pre = _read_json(path / "preprocessor_config.json")
         processor = cls(
             tokenizer,

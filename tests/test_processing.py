@@ -473,3 +473,111 @@ def test_from_pretrained_on_tiny_model(tiny_model_dir):
     row = proc.prepare("Describe the image.", noise_image(120, 80))
     assert row.images[0].crops.shape[1:] == (TINY_S, TINY_S, 3)
     assert len(row.input_ids) == proc.estimate_tokens("Describe the image.", (120, 80))
+
+
+def write_phi3_style_tokenizer(out: Path, add_bos_token: bool = True) -> Path:
+    """A small tokenizer in the layout of Phi-3's (a Llama-2 style tokenizer.json): byte-fallback
+    BPE, a normalizer that prepends "▁" to every piece between special tokens and turns spaces
+    into "▁", no pre-tokenizer; ``LlamaTokenizer`` with ``legacy: false`` in tokenizer_config."""
+    out.mkdir()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for char in "▁" + "".join(sorted(set("Describetheimage.Whatisit?"))):
+        vocab.setdefault(char, len(vocab))
+    specials = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    added = [
+        {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": True}
+        for i, name in [(0, "<unk>"), (1, "<s>"), (2, "</s>")]
+        + [(len(vocab) + k, name) for k, name in enumerate(specials)]
+    ]
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}]
+            + [bos, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "vocab": vocab,
+            "merges": [],
+        },
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    tokenizer_config = {
+        "add_bos_token": add_bos_token,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return out
+
+
+def test_phi3_tokenizer_encodes_as_its_tokenizer_json(tmp_path, tiny_model_config):
+    """The reference (transformers 4) encodes with Phi-3's tokenizer.json as it is: every piece
+    between special tokens gets a "▁", so "<|user|>\\n" is <|user|> ▁ \\n (32010, 29871, 13 in the
+    real vocabulary). transformers 5 rebuilds a LlamaTokenizer's pre-tokenizer and would drop
+    those "▁"; the processor must keep the file's pipeline."""
+    from tokenizers import Tokenizer
+
+    folder = write_phi3_style_tokenizer(tmp_path / "phi3-tok")
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    proc = Processor.from_pretrained(folder, tiny_model_config, num_crops=1)
+    vocab = proc.tokenizer.get_vocab()
+    space, newline = vocab["▁"], vocab["<0x0A>"]
+
+    text = proc.chat_prompt("What is it?", 0)
+    ids = proc.prepare("What is it?", None).input_ids
+    assert ids == raw.encode(text).ids
+    user, end, assistant = (vocab[t] for t in ("<|user|>", "<|end|>", "<|assistant|>"))
+    assert ids[:4] == [1, user, space, newline]
+    assert ids[-6:] == [end, space, newline, assistant, space, newline]
+
+    row = proc.prepare("Describe the image.", noise_image(60, 40))
+    chunks = re.split(r"<\|image_\d+\|>", proc.chat_prompt("Describe the image.", 1))
+    slots = [-1] * row.images[0].num_tokens
+    assert row.input_ids == raw.encode(chunks[0]).ids + slots + raw.encode(chunks[1]).ids
+    assert proc.decode(raw.encode("Describe the image.<|end|>").ids) == "Describe the image."
+
+
+def test_phi3_tokenizer_without_bos(tmp_path, tiny_model_config):
+    folder = write_phi3_style_tokenizer(tmp_path / "phi3-tok", add_bos_token=False)
+    proc = Processor.from_pretrained(folder, tiny_model_config, num_crops=1)
+    ids = proc.prepare("What is it?", None).input_ids
+    assert ids[0] == proc.tokenizer.get_vocab()["<|user|>"]
