@@ -730,7 +730,9 @@ def _prompt(record: Mapping[str, Any], options: ReadOptions, problems: list[str]
             return None
     try:
         prompt = template.format_map(record)
-    except (ValueError, TypeError) as exc:  # e.g. a numeric format spec on a string value
+    # a numeric format spec on a string value; a number it cannot take (``:c`` past U+10FFFF,
+    # ``:.2f`` of an integer too large for a float) raises OverflowError
+    except (ValueError, TypeError, OverflowError) as exc:
         problems.append(f"cannot fill the prompt template: {exc}")
         return None
     if _lone_surrogate(prompt) is None:
@@ -797,6 +799,15 @@ def _path_ref(
         return None
     if "\x00" in value:
         problems.append(f"image path {_clip(value)} contains a NUL byte, which no file name has")
+        return None
+    try:
+        os.fsencode(value)  # a JSON "\ud800" escape: no file name holds a lone surrogate
+    except UnicodeEncodeError as exc:
+        problems.append(
+            f"image path {_clip(value)} holds text that is not valid Unicode: a lone surrogate "
+            f"\\u{ord(value[exc.start]):04x} (a JSON \\u escape without its pair), which no "
+            "file name has; fix the text in the input"
+        )
         return None
     too_long = len(value) > 4096  # PATH_MAX; base64 text's "/" leave it short parts
     if too_long or any(len(part) > 255 for part in value.replace(os.sep, "/").split("/")):

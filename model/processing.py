@@ -144,6 +144,16 @@ def _image_key(rgb: Image.Image, num_crops: int, crop_size: int) -> str:
     return digest.hexdigest()
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. A 16-bit greyscale image (``I;16`` modes: PNG and TIFF scans) is
+    brought to 8 bits first, its values divided by 257 as the 8-bit picture was scaled up:
+    Pillow's own conversion clips them at 255, which turns nearly every pixel white."""
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def _resize_and_pad(rgb: Image.Image, num_crops: int, crop_size: int) -> np.ndarray:
     """Steps 1-5 of the HD transform: uint8 [Hp, Wp, 3] with white letterbox padding."""
     plan = _HDPlan.of(rgb.width, rgb.height, num_crops, crop_size)
@@ -175,7 +185,7 @@ def hd_transform(
     Returns:
         The real crops only (no zero padding crops), NHWC float32, with grid and slot count.
     """
-    rgb = image.convert("RGB")
+    rgb = to_rgb(image)
     padded = _resize_and_pad(rgb, num_crops, crop_size)
     mean32 = np.asarray(mean, dtype=np.float32)
     std32 = np.asarray(std, dtype=np.float32)

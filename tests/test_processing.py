@@ -581,3 +581,18 @@ def test_phi3_tokenizer_without_bos(tmp_path, tiny_model_config):
     proc = Processor.from_pretrained(folder, tiny_model_config, num_crops=1)
     ids = proc.prepare("What is it?", None).input_ids
     assert ids[0] == proc.tokenizer.get_vocab()["<|user|>"]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_grey_images_keep_their_picture(mode):
+    """A 16-bit greyscale image (a PNG or TIFF scan) is the picture its 8-bit version is:
+    Pillow's RGB conversion clips its values at 255, which made every pixel white."""
+    grey = noise_image(90, 60).convert("L")
+    values = np.asarray(grey).astype(np.uint16) * 257  # the same picture in 16 bits
+    order = ">u2" if mode.endswith("B") else "<u2"
+    wide = Image.frombytes(mode, grey.size, values.astype(order).tobytes())
+    assert wide.mode == mode
+    expected = hd_transform(grey, 4, TINY_S, tokens_per_side=TINY_T)
+    got = hd_transform(wide, 4, TINY_S, tokens_per_side=TINY_T)
+    np.testing.assert_array_equal(got.crops, expected.crops)
+    assert got.key == expected.key

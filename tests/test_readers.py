@@ -199,6 +199,17 @@ def test_template_fills_fields_and_names_missing_ones(tmp_path: Path) -> None:
     assert all(r.prompt is None for r in rows[1:])
 
 
+@pytest.mark.parametrize("template", ["Letter {n:c}", "Score {n:.2f}"])
+def test_template_value_out_of_the_specs_range_is_the_rows_error(tmp_path: Path, template) -> None:
+    """A number a valid format spec cannot take (a code point past U+10FFFF for ``:c``, an
+    integer too large for a float for ``:.2f``) raises OverflowError: the row's error, not an
+    exception out of the reader (the job stopped with exit 4 there, on every resume)."""
+    source = write_jsonl(tmp_path / "rows.jsonl", [{"n": 66}, {"n": 10**400}, {"n": 67}])
+    rows = rows_of(source, prompt_template=template)
+    assert len(rows) == 3 and rows[0].error is None and rows[2].error is None
+    assert "cannot fill the prompt template" in rows[1].error and rows[1].prompt is None
+
+
 # --- Parquet --------------------------------------------------------------------------------------
 
 
@@ -487,6 +498,20 @@ def test_image_root_confines_paths_including_symlinks(tmp_path: Path) -> None:
         assert "outside --image-root" in row.error and row.image is None
     # without confinement the same rows are fine
     assert all(r.error is None for r in rows_of(source, prompt_template="p"))
+
+
+def test_image_path_that_is_not_valid_unicode_is_the_rows_error(tmp_path: Path) -> None:
+    """A JSON "\\ud800" escape in an image path names no file (no file system takes a lone
+    surrogate): with --image-root, resolving it must make the row an error, not stop the
+    reader (which ended the job with exit 4 at that row, every time it was run)."""
+    root = tmp_path / "root"
+    save_image(root / "in.png")
+    source = root / "rows.jsonl"
+    source.write_text('{"image": "a\\ud800b.png"}\n{"image": "in.png"}\n', encoding="utf-8")
+    for options in ({"image_root": root}, {}):
+        rows = rows_of(source, prompt_template="p", **options)
+        assert len(rows) == 2 and rows[1].error is None
+        assert "not valid Unicode" in rows[0].error and rows[0].image is None
 
 
 # --- images ---------------------------------------------------------------------------------------
