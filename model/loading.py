@@ -201,7 +201,12 @@ def load(
 
 def _quietly(func, *args, **kwargs):
     """Call ``func`` with transformers' logging at error level: AutoTokenizer reads config.json
-    and warns that it does not know ``phi3_v`` or rope type ``su``, which is harmless here."""
+    and warns that it does not know ``phi3_v`` or rope type ``su``, which is harmless here.
+
+    The first import of transformers also prints an advisory that PyTorch was not found (on
+    every run, ``--quiet`` included, so in every cron mail): jobrunner never needs PyTorch, so
+    advisories are turned off before that import, unless the caller set the variable."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
