@@ -1,8 +1,10 @@
 """The ``jobrunner`` command: parse, build a job spec, call the library, report.
 
 Exit codes: 0 every row succeeded; 1 the job ran but some rows are error records; 2 usage or
-configuration error (nothing was run); 3 another run holds the job's lock; 130/143 interrupted
-by SIGINT/SIGTERM (resumable: the message gives the command).
+configuration error (nothing was run); 3 another run holds the job's lock; 4 a fault that is no
+row's (storage of the output or checkpoint, a bug, the model or machine: the same command goes on
+once it is fixed); 130/143 interrupted by SIGINT/SIGTERM (resumable: the message gives the
+command).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ EXIT_OK, EXIT_ROW_ERRORS, EXIT_CONFIG, EXIT_LOCKED, EXIT_FAULT = 0, 1, 2, 3, 4
 
 class _ConfigError(click.ClickException):
     exit_code = EXIT_CONFIG
+
+
+class _StorageFault(click.ClickException):
+    """Writing the checkpoint or the output failed (a full disk, a folder turned read-only):
+    no row's fault and no setting's, so the same command goes on once it is fixed."""
+
+    exit_code = EXIT_FAULT
 
 
 def _run_options(func):
@@ -158,7 +167,7 @@ def run(input_path: Path, **flags) -> None:
         raise _ConfigError(f"{err}{note}") from None
     except OSError as err:  # a full disk, a read-only folder: durable parts stay as they are
         where = f" ({err.filename})" if err.filename else ""
-        raise _ConfigError(
+        raise _StorageFault(
             f"{err.strerror or err}{where}; finished rows are saved: fix it and run the same "
             "command again"
         ) from None
@@ -451,7 +460,7 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
         raise _ConfigError(str(err)) from None
     except OSError as err:  # a read-only folder, an unreadable part: the parts stay as they are
         where = f" ({err.filename})" if err.filename else ""
-        raise _ConfigError(
+        raise _StorageFault(
             f"cannot merge into {output}: {err.strerror or err}{where}; "
             "fix it and run `jobrunner merge` again"
         ) from None

@@ -210,7 +210,7 @@ def test_a_retry_stopped_in_its_merge_is_merged_by_the_next_run(
     restore_images(output)
     failing_merge(monkeypatch, output)
     code, text = cli(*args, "--retry-errors")
-    assert code == 2 and "No space left" in text, text
+    assert code == 4 and "No space left" in text, text
     monkeypatch.undo()
     assert errors_of(output) == list(MISSING)  # the old output, older than its checkpoint
     code, text = cli("status", str(output))
@@ -317,14 +317,14 @@ def test_a_shard_retry_stopped_in_its_merge_is_merged_by_a_run_in_any_split(
     restore_images(output)
     failing_merge(monkeypatch, output)
     code, text = cli(*args, "--shard", "0/2", "--retry-errors")
-    assert code == 2, text
+    assert code == 4, text
     monkeypatch.undo()
     code, text = cli(*args, "--shard", "1/2")  # complete, its own errors still there
     assert code == 1 and "merging it again" in text, text
     assert errors_of(output) == [1, 7]  # row 6, shard 0's, is merged now
     failing_merge(monkeypatch, output)
     code, text = cli(*args, "--shard", "1/2", "--retry-errors")
-    assert code == 2, text
+    assert code == 4, text
     monkeypatch.undo()
     code, text = cli(*args)  # no --shard: every shard is done, the output is not current
     assert code == 0 and "every shard of this job is done; wrote" in text, text
@@ -459,7 +459,7 @@ def test_a_signal_while_the_final_merge_waits_for_the_merge_lock_stops_the_run(
     assert cli(*args)[0] == 1
     restore_images(output)
     failing_merge(monkeypatch, output)
-    assert cli(*args, "--retry-errors")[0] == 2  # the retry's merge failed: output is stale
+    assert cli(*args, "--retry-errors")[0] == 4  # the retry's merge failed: output is stale
     monkeypatch.undo()
     parts = parts_dir(output)
     with _manifest_lock(parts, MERGE_LOCK):  # a merge in another process
