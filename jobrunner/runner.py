@@ -402,6 +402,9 @@ class _Session:
         self.images_read = 0
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
+        # rows with no image (and no error) in a shard where other rows have one: the first ids
+        self.rows_without_image = 0
+        self.ids_without_image: list[str] = []
         self.columns_seen: set[str] = set()  # of the id and kept columns (``Row.columns_given``)
         # memory's bound on a batch: fits(rows, longest, room)
         self.fits: Callable[[int, int, int | None], bool] | None = None
@@ -527,6 +530,8 @@ class _Session:
                 "--image-column / image_column); every row ran as text only. Check the column "
                 "name."
             )
+        if self.rows_with_image and self.rows_without_image:
+            warnings.append(self._text_only_warning())
         unseen = []
         if spec.id_column != ReadOptions.id_column and spec.id_column not in self.columns_seen:
             unseen.append((spec.id_column, "--id-column / id_column", "ids are row numbers"))
@@ -546,6 +551,18 @@ class _Session:
                 f"{spec.max_tokens}; if rows were meant to have limits, check the column's name."
             )
         return warnings
+
+    def _text_only_warning(self) -> str:
+        """Some rows had an image and others none: a missing image (a null in a Hugging Face
+        image column, say) runs text only, and the model answers a prompt about a picture it
+        never saw. Mixed jobs mean it; a table with holes does not, so say how many and which."""
+        count, ids = self.rows_without_image, self.ids_without_image
+        named = ", ".join(repr(row_id) for row_id in ids) + (", ..." if count > len(ids) else "")
+        return (
+            f"warning: {count} of {self.rows_read} rows had no image (column "
+            f"'{self.spec.image_column}' missing or null) and ran as text only (ids {named}); "
+            "where a row should have an image, give it one: its output answers without one"
+        )
 
     def _stop(self, queue: deque, reason: Exception) -> None:
         """Save what is done, drop the batches not started, and end the run with ``reason``."""
@@ -585,6 +602,10 @@ class _Session:
             self.ids.add(row.id)
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None
+            if row.image is None and row.error is None:
+                self.rows_without_image += 1
+                if len(self.ids_without_image) < 3:
+                    self.ids_without_image.append(row.id)
             self.rows_with_limit += row.limit_given
             self.columns_seen |= row.columns_given
             if self.store.is_done(row.index):
