@@ -172,8 +172,28 @@ def describe_changes(
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if before != after:
-            changes.append(f"{key}: {_short(before)} → {_short(after)}")
+            changes.append(
+                _input_change(key, before, after) or f"{key}: {_short(before)} → {_short(after)}"
+            )
     return changes
+
+
+def _input_change(key: str, before: Any, after: Any) -> str | None:
+    """The input identity's fields in words: its size in bytes, its modification time as a
+    time, and its content sample as what it means (a hash says nothing to a reader)."""
+    if key == "input.size" and _ABSENT not in (before, after):
+        return f"input.size: {before} → {after} bytes"
+    if key == "input.sample_sha256":
+        return "input content: other bytes than when the job started"
+    if key == "input.mtime_ns" and all(isinstance(x, int) for x in (before, after)):
+        when = [
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x / 1e9)) for x in (before, after)
+        ]
+        return (
+            f"input modification time: {when[0]} → {when[1]} (a file over 2 MiB is not read "
+            "whole, so a new time counts as a change)"
+        )
+    return None
 
 
 def _flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -514,7 +514,7 @@ def test_changed_input_file_refuses(tmp_path, tiny_model_dir):
     assert cli("run", *args)[0] == 0
     source.write_text(source.read_text() + json.dumps({"id": 3, "prompt": "p3"}) + "\n")
     code, text = cli("run", *args)
-    assert code == 2 and "input.size: " in text and "input.sample_sha256: " in text, text
+    assert code == 2 and "input.size: " in text and "input content: other bytes" in text, text
 
 
 def test_second_run_while_locked_exits_3(tmp_path, dataset, tiny_model_dir, greedy):
@@ -910,7 +910,8 @@ def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_colum
         "--batch-size", "1", "--checkpoint-every", "1", "--image-column", "picture",
     ]  # fmt: skip
     code, text = cli("run", *args)
-    assert code == 0 and "warning" not in text, text
+    assert code == 0 and "no row had an image" not in text, text
+    assert "3 of 4 rows had no image" in text, text  # a mixed job: counted, not misspelt
     # As if killed after the first part: the image row (the longest) ran first.
     shard_dir = parts_dir(output) / SHARD
     records, _ = read_progress(shard_dir)
@@ -919,6 +920,7 @@ def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_colum
     code, text = cli("run", *args)
     assert "resuming: 1 of 4 rows already done" in text, text
     assert code == 0 and "no row had an image" not in text, text
+    assert "3 of 4 rows had no image" in text, text  # the whole shard's rows, here too
     assert [r["id"] for r in rows(output)] == ["pic", "t0", "t1", "t2"]
 
 

@@ -444,6 +444,25 @@ def test_fingerprint_changes_with_model_identity(data: Path) -> None:
     assert changes == ['model_identity.revision: "abc" → "def"']
 
 
+def test_input_changes_are_told_in_words_not_hashes(data: Path, tmp_path: Path) -> None:
+    """A refusal names what changed in the input (its size in bytes, its modification time as
+    a time, 'other bytes'), not a SHA-256 or nanoseconds a reader cannot act on."""
+    large = tmp_path / "large.jsonl"
+    large.write_bytes(b'{"prompt": "p"}\n' * 300_000)  # over 2 MiB: the mtime counts
+    os.utime(large, ns=(0, 1_700_000_000 * 10**9))
+    spec = spec_for(large)
+    before = fingerprint_fields(spec, MODEL, input_identity(large))
+    with large.open("ab") as fh:
+        fh.write(b'{"prompt": "q"}\n')
+    after = fingerprint_fields(spec, MODEL, input_identity(large))
+    changes = describe_changes(before, after)
+    assert "input.size: 4800000 → 4800016 bytes" in changes, changes
+    assert "input content: other bytes than when the job started" in changes, changes
+    told = [c for c in changes if c.startswith("input modification time: 2023-11-")]
+    assert len(told) == 1 and "not read whole" in told[0], changes
+    assert not any(c.startswith("input.sample_sha256") or "_ns" in c for c in changes), changes
+
+
 def test_input_identity_sees_same_size_rewrite(data: Path) -> None:
     before = input_identity(data)
     stat = data.stat()
