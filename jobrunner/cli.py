@@ -370,21 +370,32 @@ def status(target: Path, checkpoint_dir: Path | None, as_json: bool) -> None:
 
 
 def _resume_hint(target: Path, info: dict) -> str:
-    """How to resume an unfinished job: never with --overwrite, which would discard its rows."""
+    """How to resume an unfinished job: never with --overwrite, which would discard its rows;
+    of a sharded job, with the shards still to run named (each is a command of its own)."""
     from .spec import SpecError, load_job_file
 
     if info.get("input_changed"):
         return "its input changed: --overwrite runs every row again"
+    in_file = False
     if target.suffix.lower() == ".toml":
         try:
             in_file = bool(load_job_file(target).get("overwrite"))
         except SpecError:
-            in_file = False
-        if in_file:
-            return f"resume with `jobrunner run {target} --no-overwrite`: the file sets overwrite"
-    if info.get("started_with_overwrite"):
-        return "run the same command with --no-overwrite to resume"
-    return "run the same command again to resume"
+            pass
+    shards = info.get("shards", [])
+    left = [shard for shard in shards if not shard["complete"]]
+    named = ", ".join(
+        f"--shard {shard['shard']}/{len(shards)} ({_shard_state(shard)})" for shard in left
+    )
+    if in_file:
+        command = f"`jobrunner run {target} --no-overwrite`"
+        if len(shards) > 1 and left:
+            return f"run {command} once for each of {named}: the file sets overwrite"
+        return f"resume with {command}: the file sets overwrite"
+    flag = " with --no-overwrite" if info.get("started_with_overwrite") else ""
+    if len(shards) > 1 and left:
+        return f"run the job's command{flag} once for each of {named}"
+    return f"run the same command{flag or ' again'} to resume"
 
 
 def _format_status(output: Path, info: dict, resume: str = "") -> str:

@@ -633,6 +633,27 @@ def test_status_never_calls_a_stranger_complete_nor_advises_losing_rows(
 # --- shards ------------------------------------------------------------------------------------
 
 
+def test_status_of_an_unfinished_sharded_job_names_the_shards_to_run(
+    tmp_path, dataset, tiny_model_dir
+):
+    """Each shard runs as a command of its own, so 'run the same command' does not finish a
+    sharded job: status names the shards still to run, with --no-overwrite where needed."""
+    output = tmp_path / "out.parquet"
+    args = job_args(dataset, tiny_model_dir, output)
+    code, text = cli("run", *args, "--shard", "1/3", "--overwrite")
+    assert code == 0, text
+    code, text = cli("status", str(output))
+    assert code == 0, text
+    hint = "run the job's command with --no-overwrite once for each of --shard 0/3 (not started)"
+    assert f"{hint}, --shard 2/3 (not started)" in text, text
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'input = "{dataset}"\nmodel = "{tiny_model_dir}"\noutput = "{output}"\noverwrite = true\n'
+    )
+    code, text = cli("status", str(job))
+    assert f"run `jobrunner run {job} --no-overwrite` once for each of --shard 0/3" in text, text
+
+
 def test_three_concurrent_shard_processes_merge_to_the_single_output(
     tmp_path, dataset, tiny_model_dir, greedy
 ):
