@@ -898,6 +898,11 @@ def _open_source(ref: ImageRef) -> IO[bytes]:
         raise _cannot_read(path, exc) from None
 
 
+_PIXELS_FLAG = "--max-image-pixels / max_image_pixels"
+# the limit is part of the job: a higher one is a new job, not a retry of these rows
+_PIXELS_HINT = "a higher --max-image-pixels is another job (--overwrite runs every row again)"
+
+
 def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(fh)
@@ -906,8 +911,8 @@ def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard fired first (a process-wide limit; ``allow_pixels`` raises it)
         raise ImageError(
-            f"image over the pixel limit of {max_pixels:,} (max_image_pixels), refused without "
-            f"decoding: {ref.describe()} ({exc})"
+            f"image over the pixel limit of {max_pixels:,} ({_PIXELS_FLAG}), refused without "
+            f"decoding: {ref.describe()} ({exc}); {_PIXELS_HINT}"
         ) from None
     except OSError as exc:
         if exc.errno in _STORAGE_ERRNOS:  # the read failed, not the header
@@ -919,7 +924,8 @@ def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height:,} pixels, over the pixel limit of "
-            f"{max_pixels:,} (max_image_pixels); refused without decoding: {ref.describe()}"
+            f"{max_pixels:,} ({_PIXELS_FLAG}); refused without decoding: {ref.describe()}; "
+            f"{_PIXELS_HINT}"
         )
     return image
 

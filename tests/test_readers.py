@@ -584,6 +584,8 @@ def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
     for read in (image_size, load_image):
         with pytest.raises(ImageError, match="3000x3000 = 9,000,000 pixels, over the pixel limit"):
             read(big, 1_000_000)
+    with pytest.raises(ImageError, match=r"a higher --max-image-pixels is another job \(--over"):
+        image_size(big, 1_000_000)  # says why --retry-errors with a higher limit is refused
     assert image_size(ImageRef(data=bilevel_png(3000, 3000)), 9_000_000) == (3000, 3000)
 
 
