@@ -210,15 +210,20 @@ def run(input_path: Path, **flags) -> None:
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
         if result.errors and not spec.quiet:
             note = f"; {result.retry_note}" if result.retry_note else retry
-            click.echo(f"jobrunner: the output holds {result.errors} error records{note}", err=True)
+            holds = _count(result.errors, "error record")
+            click.echo(f"jobrunner: the output holds {holds}{note}", err=True)
         sys.exit(EXIT_OK)
     if spec.quiet and result.errors:  # quiet shows a few row errors: say how many there are
         sharded = spec.shard is not None and spec.shard[1] > 1
         where = "this shard's saved rows" if sharded else "the output"
         click.echo(f"jobrunner: error records in {where}: {result.errors}{retry}", err=True)
     elif result.errors:
-        click.echo(f"jobrunner: {result.errors} error records{retry}", err=True)
+        click.echo(f"jobrunner: {_count(result.errors, 'error record')}{retry}", err=True)
     sys.exit(EXIT_ROW_ERRORS if result.errors else EXIT_OK)
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 RETRY_HINT = (

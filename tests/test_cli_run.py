@@ -1059,3 +1059,13 @@ def test_kept_string_and_binary_views_come_out_as_plain_strings_and_bytes(tiny_m
     assert output["lv"].to_pylist() == [["a"], [], None]
     assert output.schema.field("st").type == pa.struct([("a", pa.string()), ("n", pa.int8())])
     assert output["st"].to_pylist() == table["st"].to_pylist()
+
+
+def test_one_error_record_is_counted_in_the_singular(tiny_model_dir, tmp_path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"id": "a", "prompt": "Hi."}\n{not json\n')
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--max-tokens", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "jobrunner: 1 error record; " in result.output, result.output
+    result = CliRunner().invoke(main, args)  # nothing to do
+    assert "the output holds 1 error record; " in result.output, result.output
