@@ -408,9 +408,9 @@ def iter_rows(path: str | Path, options: ReadOptions | None = None) -> Iterator[
         records = _jsonl_records(path)
     for index, (record, problem) in enumerate(records):
         if problem is None:
-            yield _make_row(index, record, options, base_dir)
+            yield _checked_row(index, record, options, base_dir)
         elif record:  # readable apart from some values (set to None): say what else is wrong
-            row = _make_row(index, record, options, base_dir)
+            row = _checked_row(index, record, options, base_dir)
             row.error = "; ".join(filter(None, [problem, row.error]))
             yield row
         else:
@@ -559,6 +559,26 @@ def _python_records(batch) -> Iterator[tuple[dict[str, Any], str | None]]:
                 record[name] = None
                 problems.append(f"column '{name}' holds a value Python cannot represent: {exc}")
         yield record, "; ".join(problems) or None
+
+
+def _checked_row(
+    index: int, record: Mapping[str, Any], options: ReadOptions, base_dir: Path
+) -> Row:
+    """``_make_row``, with a failure that its checks did not foresee as the row's error: an
+    exception out of the reader stops the job, and every resume at the same row again."""
+    try:
+        return _make_row(index, record, options, base_dir)
+    except MemoryError:  # the machine's trouble, not the row's
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value no check foresaw
+        try:
+            row_id = _row_id(record.get(options.id_column), index, options, [])
+        except Exception:  # noqa: BLE001 - the id may be what failed
+            row_id = str(index)
+        error = (
+            f"cannot read this row ({type(exc).__name__}: {exc}); a jobrunner bug, please report it"
+        )
+        return Row(index, row_id, None, None, dict.fromkeys(options.keep_columns), error)
 
 
 def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_dir: Path) -> Row:

@@ -210,6 +210,29 @@ def test_template_value_out_of_the_specs_range_is_the_rows_error(tmp_path: Path,
     assert "cannot fill the prompt template" in rows[1].error and rows[1].prompt is None
 
 
+def test_a_row_that_fails_in_a_way_no_check_foresaw_is_its_own_error(tmp_path, monkeypatch):
+    """Whatever a row's values make the reader raise, that row is an error record with its id,
+    and the rows after it are read: an exception out of the reader would stop the job at that
+    row on every resume (two such holes were found: OverflowError, UnicodeEncodeError)."""
+    from jobrunner import readers
+
+    source = write_jsonl(
+        tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(3)]
+    )
+    real = readers._prompt
+
+    def fails_on_p1(record, options, problems):
+        if record.get("prompt") == "p1":
+            raise RuntimeError("unforeseen")
+        return real(record, options, problems)
+
+    monkeypatch.setattr(readers, "_prompt", fails_on_p1)
+    rows = rows_of(source)
+    assert [r.id for r in rows] == ["r0", "r1", "r2"]
+    assert rows[0].error is None and rows[2].error is None and rows[2].prompt == "p2"
+    assert rows[1].error.startswith("cannot read this row (RuntimeError: unforeseen)"), rows[1]
+
+
 # --- Parquet --------------------------------------------------------------------------------------
 
 
