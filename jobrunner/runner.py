@@ -732,6 +732,10 @@ class _Session:
                 self._unreadable(row, str(err))
             except ROW_ERRORS as err:
                 self._error(row, str(err))
+            except MemoryError:  # the machine's: the run stops (exit 4)
+                raise
+            except Exception as err:  # noqa: BLE001 - unforeseen: the row's, or many a fault
+                self._failed(row, f"preparing the row failed: {_describe(err)}", 0)
             else:
                 ready.append((row, prepared))
                 if row.image is not None and row.image.data is None:  # a file read
@@ -820,24 +824,31 @@ class _Session:
         """Record a row's result; hold a generation failure (error text) until it is clear
         whether it is the row's or the machine's."""
         if isinstance(result, str):
-            if row.index in self.store.retried:  # an error record before: one again
-                self._error(row, result, prompt_tokens=len(prepared.input_ids))
-                return
-            self.failing.append((row, result, len(prepared.input_ids)))
-            images = self._failing_images()
-            if len(self.failing) >= self.fault_limit and images >= FAULT_IMAGES:
-                raise GenerationFault(
-                    f"generation failed for {len(self.failing)} rows in a row, over "
-                    f"{images} images or text rows, the last with "
-                    f"{result}; stopped without recording them as errors, since this looks "
-                    "like a fault of the model or machine: fix it and run the same command "
-                    "again (finished rows are saved)"
-                )
-            if len(self.failing) >= FAILING_HELD:  # a few images' many prompts: theirs
-                self._record_failures()
+            self._failed(row, result, len(prepared.input_ids))
         else:
             self._record_failures()
             self._result(row, result)
+
+    def _failed(self, row: Row, message: str, prompt_tokens: int) -> None:
+        """A row failed in generation, or in preparation in a way no check foresaw: held
+        until a success shows it the row's own; many in a row over enough images stop the run
+        as a fault of the model or machine (or of jobrunner), recording none of them."""
+        if row.index in self.store.retried:  # an error record before: one again
+            self._error(row, message, prompt_tokens=prompt_tokens)
+            return
+        self.failing.append((row, message, prompt_tokens))
+        images = self._failing_images()
+        if len(self.failing) >= self.fault_limit and images >= FAULT_IMAGES:
+            what = "generation" if message.startswith("generation") else "preparing rows"
+            raise GenerationFault(
+                f"{what} failed for {len(self.failing)} rows in a row, over "
+                f"{images} images or text rows, the last with "
+                f"{message}; stopped without recording them as errors, since this looks "
+                "like a fault of the model or machine: fix it and run the same command "
+                "again (finished rows are saved)"
+            )
+        if len(self.failing) >= FAILING_HELD:  # a few images' many prompts: theirs
+            self._record_failures()
 
     def _generate(self, ready: list) -> list:
         """Results of a batch; if the batch fails, each row alone, failures as error text."""

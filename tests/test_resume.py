@@ -853,6 +853,47 @@ def test_a_row_that_fails_in_generation_is_an_error_record(tmp_path, tiny_model_
     assert results[1]["error"] == "generation failed: RuntimeError: device lost"
 
 
+def _failing_preparation(monkeypatch, fails):
+    """Preparing a row (image and prompt to token ids) raising an error no check foresaw for
+    rows whose prompt ``fails``."""
+    from model.processing import Processor
+
+    real = Processor.prepare
+
+    def prepare(self, prompt, *args, **kwargs):
+        if fails(prompt):
+            raise IndexError("unforeseen")
+        return real(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Processor, "prepare", prepare)
+
+
+def test_a_row_that_fails_in_preparation_unforeseen_is_an_error_record(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """An error no check foresaw while preparing one row (a bug met by one odd image, say) is
+    that row's error record: it stopped the run with exit 4 at that row on every resume. Many
+    rows in a row failing so stop the run (exit 4), recording none, as generation faults do."""
+    lines = [{"prompt": p} for p in ["Say one.", "Say BOOM.", "Say three.", "Say four."]]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    with monkeypatch.context() as patch:
+        _failing_preparation(patch, lambda prompt: "BOOM" in prompt)
+        code, text = cli(*args, "--max-tokens", "2", "--quiet")
+    assert code == 1, text
+    results = rows(output)
+    assert [r["finish_reason"] for r in results] == ["length", "error", "length", "length"]
+    assert results[1]["error"] == "preparing the row failed: IndexError: unforeseen"
+
+    lines = [{"prompt": f"Say {i}."} for i in range(20)]
+    output, args = _rows_job(tmp_path, tiny_model_dir, lines)
+    with monkeypatch.context() as patch:
+        _failing_preparation(patch, lambda prompt: True)
+        code, text = cli(*args, "--max-tokens", "2", "--batch-size", "8", "--overwrite", "--quiet")
+    assert code == 4, text
+    assert "preparing rows failed for 16 rows in a row" in text and "unforeseen" in text, text
+    assert not output.exists()
+
+
 def test_generation_failing_for_every_row_stops_and_records_none(
     tmp_path, tiny_model_dir, monkeypatch
 ):
