@@ -145,11 +145,13 @@ def _image_key(rgb: Image.Image, num_crops: int, crop_size: int) -> str:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB. A 16-bit greyscale image (``I;16`` modes: PNG and TIFF scans) is
-    brought to 8 bits first, its values divided by 257 as the 8-bit picture was scaled up:
-    Pillow's own conversion clips them at 255, which turns nearly every pixel white."""
-    if image.mode.startswith("I;16"):
-        values = np.asarray(image).astype(np.uint32)
+    """``image`` as 8-bit RGB. A 16-bit greyscale image (``I;16`` modes: PNG and TIFF scans;
+    Pillow before 13 opens a 16-bit PNG in mode ``I``) is brought to 8 bits first, its values
+    divided by 257 as the 8-bit picture was scaled up: Pillow's own conversion clips them at
+    255, which turns nearly every pixel white."""
+    sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
+    if sixteen_bit:
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
         image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
     return image.convert("RGB")
 

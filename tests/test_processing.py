@@ -596,3 +596,14 @@ def test_16_bit_grey_images_keep_their_picture(mode):
     got = hd_transform(wide, 4, TINY_S, tokens_per_side=TINY_T)
     np.testing.assert_array_equal(got.crops, expected.crops)
     assert got.key == expected.key
+
+
+def test_16_bit_png_opened_in_mode_i_keeps_its_picture():
+    """Pillow before 13 opens a 16-bit greyscale PNG in mode I (32-bit): the same picture."""
+    grey = noise_image(90, 60).convert("L")
+    wide = Image.fromarray(np.asarray(grey).astype(np.int32) * 257)
+    assert wide.mode == "I"
+    wide.format = "PNG"  # as Image.open of such a file sets it
+    expected = hd_transform(grey, 4, TINY_S, tokens_per_side=TINY_T)
+    got = hd_transform(wide, 4, TINY_S, tokens_per_side=TINY_T)
+    np.testing.assert_array_equal(got.crops, expected.crops)
