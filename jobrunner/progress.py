@@ -52,7 +52,9 @@ class Reporter:
 
     def start(self, total: int, done_before: int) -> None:
         self._total, self._done_before = total, done_before
-        self._started = time.monotonic()
+        # the first line after LOG_EVERY_SECONDS too: a rate from the first batch alone (model
+        # warm-up, kernels compiled) gave an ETA many times too long
+        self._started = self._last_log = time.monotonic()
         if self.quiet or not self.tty:
             self.event(f"running {total - done_before} rows ({done_before} done before)")
             return

@@ -22,6 +22,16 @@ def test_log_lines_when_not_a_terminal(monkeypatch):
     assert "\r" not in out.getvalue()  # no bar redraws in logs
 
 
+def test_the_first_progress_line_waits_its_interval_too():
+    """A rate from the first batch alone (warm-up included) gave an ETA far too long: the first
+    line, like the others, comes LOG_EVERY_SECONDS after the start."""
+    out = io.StringIO()
+    reporter = Reporter(stream=out, tty=False)
+    reporter.start(total=10, done_before=0)
+    reporter.update(rows=1, generated_tokens=10, errors=0)
+    assert out.getvalue().splitlines() == ["jobrunner: running 10 rows (0 done before)"]
+
+
 def test_quiet_reports_only_row_errors_and_caps_them():
     out = io.StringIO()
     reporter = Reporter(quiet=True, stream=out, tty=False)
