@@ -187,8 +187,10 @@ def _input_change(key: str, before: Any, after: Any) -> str | None:
         return "input content: other bytes than when the job started"
     if key == "input.mtime_ns" and all(isinstance(x, int) for x in (before, after)):
         when = [
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x / 1e9)) for x in (before, after)
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x // 10**9)) for x in (before, after)
         ]
+        if when[0] == when[1]:  # within one second (a copy that kept only whole seconds, say)
+            when = [f"{w}.{x % 10**9:09d}" for w, x in zip(when, (before, after), strict=True)]
         return (
             f"input modification time: {when[0]} → {when[1]} (a file over 2 MiB is not read "
             "whole, so a new time counts as a change)"

@@ -522,3 +522,18 @@ def test_input_identity_samples_head_and_tail_of_large_files(tmp_path: Path) -> 
         fh.seek(-10, os.SEEK_END)
         fh.write(b"b")
     assert input_identity(big)["sample_sha256"] != before
+
+
+def test_input_modification_time_changed_within_a_second_shows_the_change() -> None:
+    """A large input's mtime that changed by less than a second (a copy that kept whole
+    seconds only) is told with its fraction: two equal times would say nothing changed."""
+    second = 1_700_000_000 * 10**9
+    before = {"input": {"path": "/d.jsonl", "size": 3 << 20, "mtime_ns": second + 123_456_789}}
+    after = {"input": {"path": "/d.jsonl", "size": 3 << 20, "mtime_ns": second}}
+    from jobrunner.spec import comparable_fields
+
+    (change,) = describe_changes(before, after, comparable_fields)
+    assert change.startswith("input modification time: "), change
+    told = change.split(": ", 1)[1].split(" (")[0]
+    old, new = told.split(" → ")
+    assert old != new and old.endswith(".123456789") and new.endswith(".000000000"), change
