@@ -131,6 +131,9 @@ class Row:
     # of the id column and ``keep_columns``, those the row had a value in (for the warnings
     # on misspelt names: a JSONL row may leave any of them out)
     columns_given: frozenset[str] = frozenset()
+    # the image column is there but null: a Parquet table's missing image (a JSONL row says it
+    # has none by leaving the column out)
+    image_null: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,7 +601,8 @@ def _make_row(index: int, record: Mapping[str, Any], options: ReadOptions, base_
     named = (options.id_column, *options.keep_columns)
     columns = frozenset(name for name in named if _has_value(record, name))
     error = "; ".join(problems) or None
-    return Row(index, row_id, image, prompt, extra, error, limit, given, columns)
+    null = options.image_column in record and record[options.image_column] is None
+    return Row(index, row_id, image, prompt, extra, error, limit, given, columns, null)
 
 
 def _scalar_has_value(scalar: pa.Scalar) -> bool:

@@ -402,7 +402,8 @@ class _Session:
         self.images_read = 0
         # the shard's rows, for the column warnings
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
-        # rows with no image (and no error) in a shard where other rows have one: the first ids
+        # rows whose image is null (and no error) in a shard where other rows have one: the
+        # first ids
         self.rows_without_image = 0
         self.ids_without_image: list[str] = []
         self.columns_seen: set[str] = set()  # of the id and kept columns (``Row.columns_given``)
@@ -553,15 +554,15 @@ class _Session:
         return warnings
 
     def _text_only_warning(self) -> str:
-        """Some rows had an image and others none: a missing image (a null in a Hugging Face
-        image column, say) runs text only, and the model answers a prompt about a picture it
-        never saw. Mixed jobs mean it; a table with holes does not, so say how many and which."""
+        """Some rows had an image and others a null one: a missing image (how a Hugging Face
+        image column stores one) runs text only, and the model answers a prompt about a
+        picture it never saw. A JSONL row that leaves the column out says it has none."""
         count, ids = self.rows_without_image, self.ids_without_image
         named = ", ".join(repr(row_id) for row_id in ids) + (", ..." if count > len(ids) else "")
         return (
-            f"warning: {count} of {self.rows_read} rows had no image (column "
-            f"'{self.spec.image_column}' missing or null) and ran as text only (ids {named}); "
-            "where a row should have an image, give it one: its output answers without one"
+            f"warning: {count} of {self.rows_read} rows had a null image (column "
+            f"'{self.spec.image_column}') and ran as text only (ids {named}); where a row "
+            "should have an image, give it one: its output answers without one"
         )
 
     def _stop(self, queue: deque, reason: Exception) -> None:
@@ -602,7 +603,7 @@ class _Session:
             self.ids.add(row.id)
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None
-            if row.image is None and row.error is None:
+            if row.image_null and row.error is None:
                 self.rows_without_image += 1
                 if len(self.ids_without_image) < 3:
                     self.ids_without_image.append(row.id)

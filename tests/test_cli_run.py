@@ -691,28 +691,29 @@ def test_misspelt_image_column_warns_that_every_row_ran_text_only(tiny_model_dir
         assert ("no row had an image in column 'pic'" in result.output) == warned
 
 
-def test_rows_without_an_image_among_rows_with_one_are_counted_in_a_warning(
+def test_rows_with_a_null_image_among_rows_with_one_are_counted_in_a_warning(
     tiny_model_dir, tmp_path
 ):
     """A null image (how a Hugging Face image column stores a missing one) runs its row text
-    only, as a mixed job means it to; where other rows have images, the run says how many
-    rows had none, and which, since their outputs answer without one."""
-    write_image(tmp_path / "a.png", 40, 30, seed=1)
-    images = ["a.png", None, "a.png", None, None, None]
-    source = tmp_path / "pics.jsonl"
-    source.write_text(
-        "".join(json.dumps({"id": f"r{i}", "image": x}) + "\n" for i, x in enumerate(images))
-    )
+    only; where other rows have images, the run says how many rows had a null one, and
+    which, since their outputs answer without one. A JSONL row that leaves the column out is
+    text only by intent (the README's way): no warning for it."""
+    image = write_image(tmp_path / "a.png", 40, 30, seed=1).read_bytes()
+    images = [image, None, image, None, None, None]
+    source = tmp_path / "pics.parquet"
+    table = pa.table({"id": [f"r{i}" for i in range(6)], "image": pa.array(images, pa.binary())})
+    pq.write_table(table, source)
     args = ["--prompt", "Describe.", "--max-tokens", "2"]
     code, text = run_to(source, tiny_model_dir, tmp_path / "out.parquet", *args)
     assert code == 0, text
-    assert "4 of 6 rows had no image (column 'image' missing or null)" in text, text
+    assert "4 of 6 rows had a null image (column 'image')" in text, text
     assert "(ids 'r1', 'r3', 'r4', ...)" in text, text
-    source.write_text(
-        "".join(json.dumps({"id": f"t{i}", "prompt": "Hi."}) + "\n" for i in range(3))
-    )
-    code, text = run_to(source, tiny_model_dir, tmp_path / "text.parquet", "--max-tokens", "2")
-    assert code == 0 and "had no image" not in text, text  # a text-only job: nothing to say
+    lines = [{"id": "a", "image": "a.png"}, {"id": "b"}, {"id": "c", "image": None}]
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, text = run_to(source, tiny_model_dir, tmp_path / "mixed.parquet", *args)
+    assert code == 0 and "1 of 3 rows had a null image" in text, text  # c, not b
+    assert "(ids 'c')" in text, text
 
 
 def test_misspelt_max_tokens_column_warns_that_every_row_took_max_tokens(tiny_model_dir, tmp_path):

@@ -973,7 +973,7 @@ def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_colum
     ]  # fmt: skip
     code, text = cli("run", *args)
     assert code == 0 and "no row had an image" not in text, text
-    assert "3 of 4 rows had no image" in text, text  # a mixed job: counted, not misspelt
+    assert "had a null image" not in text, text  # rows that leave the column out: text only
     # As if killed after the first part: the image row (the longest) ran first.
     shard_dir = parts_dir(output) / SHARD
     records, _ = read_progress(shard_dir)
@@ -982,7 +982,6 @@ def test_resumed_run_over_rows_left_without_images_does_not_warn_about_the_colum
     code, text = cli("run", *args)
     assert "resuming: 1 of 4 rows already done" in text, text
     assert code == 0 and "no row had an image" not in text, text
-    assert "3 of 4 rows had no image" in text, text  # the whole shard's rows, here too
     assert [r["id"] for r in rows(output)] == ["pic", "t0", "t1", "t2"]
 
 
