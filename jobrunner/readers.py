@@ -39,6 +39,7 @@ import math
 import os
 import re
 import stat
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -564,6 +565,17 @@ def _python_records(batch) -> Iterator[tuple[dict[str, Any], str | None]]:
         yield record, "; ".join(problems) or None
 
 
+def unforeseen(exc: BaseException) -> str:
+    """An error no check foresaw, for a row's error record: its type, message and the line
+    that raised it (no traceback is printed for a row's error, and a report needs the place)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f" at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
 def _checked_row(
     index: int, record: Mapping[str, Any], options: ReadOptions, base_dir: Path
 ) -> Row:
@@ -578,9 +590,7 @@ def _checked_row(
             row_id = _row_id(record.get(options.id_column), index, options, [])
         except Exception:  # noqa: BLE001 - the id may be what failed
             row_id = str(index)
-        error = (
-            f"cannot read this row ({type(exc).__name__}: {exc}); a jobrunner bug, please report it"
-        )
+        error = f"cannot read this row ({unforeseen(exc)}); a jobrunner bug, please report it"
         return Row(index, row_id, None, None, dict.fromkeys(options.keep_columns), error)
 
 

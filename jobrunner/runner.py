@@ -71,6 +71,7 @@ from .readers import (
     iter_rows,
     kept_column_types,
     load_image,
+    unforeseen,
 )
 from .spec import (
     JobSpec,
@@ -94,9 +95,10 @@ DEFAULT_BATCH_TOKENS = 16384  # prompt slots per batch when memory allows and no
 # machine, not of the rows (see the module docstring).
 FAULT_IMAGES = 4
 FAILING_HELD = 1024  # failing rows held undecided at most; then they are recorded
-# What preparing a row raises for a bad row (image, prompt, text). Anything else is a fault of
-# the program or the machine (a bug, out of memory): it stops the run instead of becoming an
-# error record for every row, which a re-run after the fix would then skip as done.
+# What preparing a row raises for a bad row (image, prompt, text): its error record at once.
+# Anything else but MemoryError (a bug met by one odd row, or a fault) is held as generation
+# failures are: among successes the row's own error; many in a row stop the run, recording
+# none, so the re-run after the fix does not skip them as done.
 ROW_ERRORS = (ImageError, ValueError, OSError, UnicodeError)
 _CHAT_TAGS = (
     "; the chat template puts the image tag before the prompt itself: take <|image_1|> out of "
@@ -736,7 +738,7 @@ class _Session:
             except MemoryError:  # the machine's: the run stops (exit 4)
                 raise
             except Exception as err:  # noqa: BLE001 - unforeseen: the row's, or many a fault
-                self._failed(row, f"preparing the row failed: {_describe(err)}", 0)
+                self._failed(row, f"preparing the row failed: {unforeseen(err)}", 0)
             else:
                 ready.append((row, prepared))
                 if row.image is not None and row.image.data is None:  # a file read

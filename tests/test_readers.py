@@ -230,7 +230,9 @@ def test_a_row_that_fails_in_a_way_no_check_foresaw_is_its_own_error(tmp_path, m
     rows = rows_of(source)
     assert [r.id for r in rows] == ["r0", "r1", "r2"]
     assert rows[0].error is None and rows[2].error is None and rows[2].prompt == "p2"
-    assert rows[1].error.startswith("cannot read this row (RuntimeError: unforeseen)"), rows[1]
+    error = rows[1].error
+    assert error.startswith("cannot read this row (RuntimeError: unforeseen at "), error
+    assert "in fails_on_p1)" in error, error  # where it was raised, for the report
 
 
 # --- Parquet --------------------------------------------------------------------------------------

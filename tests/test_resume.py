@@ -882,7 +882,9 @@ def test_a_row_that_fails_in_preparation_unforeseen_is_an_error_record(
     assert code == 1, text
     results = rows(output)
     assert [r["finish_reason"] for r in results] == ["length", "error", "length", "length"]
-    assert results[1]["error"] == "preparing the row failed: IndexError: unforeseen"
+    error = results[1]["error"]
+    assert error.startswith("preparing the row failed: IndexError: unforeseen at "), error
+    assert error.endswith(" in prepare"), error
 
     lines = [{"prompt": f"Say {i}."} for i in range(20)]
     output, args = _rows_job(tmp_path, tiny_model_dir, lines)
