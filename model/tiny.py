@@ -134,7 +134,9 @@ def build_tokenizer(out_dir: Path, corpus: list[str] | None = None, vocab_size: 
         add_bos_token=True,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
-        extra_special_tokens=list(SPECIAL_TOKENS[4:]),
+        # transformers 4's name: 4.47-4.57 take extra_special_tokens as a dict only (a list
+        # fails every load); 5 reads this one as its extra_special_tokens.
+        additional_special_tokens=list(SPECIAL_TOKENS[4:]),
     )
     tokenizer.save_pretrained(str(out_dir))
     _portable_tokenizer_class(Path(out_dir) / "tokenizer_config.json")
@@ -156,6 +158,14 @@ def _portable_tokenizer_class(path: Path) -> None:
     # resolve "PreTrainedTokenizerFast".
     tokenizer_config = json.loads(path.read_text())
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # transformers 5 writes the special tokens as an extra_special_tokens list, which 4.47-4.57
+    # fail to load ('list' object has no attribute 'keys', shown as a protobuf ImportError);
+    # additional_special_tokens is read by 4 and 5 alike.
+    extra = tokenizer_config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        tokenizer_config["additional_special_tokens"] = extra
+    elif extra:
+        tokenizer_config["extra_special_tokens"] = extra
     tokenizer_config.setdefault("add_bos_token", True)
     tokenizer_config["chat_template"] = CHAT_TEMPLATE
     path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")

@@ -11,6 +11,26 @@ import numpy as np
 CLIP_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
 
 
+def _longrope_settings(transformers, config: dict, rope: dict) -> dict:
+    """Phi3Config's LongRoPE settings in the form the installed transformers reads.
+
+    transformers 5 takes ``rope_parameters``; transformers 4 (the pyproject allows >=4.45) takes
+    ``rope_theta`` and ``rope_scaling`` and keeps an unknown ``rope_parameters`` as a plain
+    attribute, so the reference would run without the short/long factors at all.
+    """
+    factors = {"short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": config["rope_theta"],
+                **factors,
+                "original_max_position_embeddings": config["original_max_position_embeddings"],
+            }
+        }
+    return {"rope_theta": config["rope_theta"], "rope_scaling": {"type": "longrope", **factors}}
+
+
 def torch_phi3(config: dict, weights: dict[str, np.ndarray]):
     import torch
     import transformers
@@ -34,13 +54,7 @@ def torch_phi3(config: dict, weights: dict[str, np.ndarray]):
                 "eos_token_id",
             )
         },
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": config["rope_theta"],
-            "short_factor": rope["short_factor"],
-            "long_factor": rope["long_factor"],
-            "original_max_position_embeddings": config["original_max_position_embeddings"],
-        },
+        **_longrope_settings(transformers, config, rope),
         tie_word_embeddings=False,
     )
     torch_config._attn_implementation = "eager"

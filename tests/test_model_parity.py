@@ -179,3 +179,20 @@ def test_prompt_prefix_takes_the_rotary_factors_of_its_whole_prompt():
             ref = hf_last_logits(phi, row.input_ids, features)
             assert relative_error(np.array(ours)[0], ref) <= TOL
     assert len(prefixes) == 2 and prefixes.hits == 2
+
+
+@pytest.mark.parametrize("factor", ["short_factor", "long_factor"])
+def test_reference_runs_with_the_longrope_factors(factor):
+    """The reference must read the config's su/longrope factors under every transformers the
+    pyproject allows: transformers 4 keeps an unknown ``rope_parameters`` as a plain attribute
+    and ran plain RoPE, which failed the parity tests above as a model bug."""
+    config = tiny_config(original_max_position_embeddings=16)
+    weights = random_weights(config, seed=3)
+    length = 12 if factor == "short_factor" else 24  # either side of the 16 positions
+    ids = torch.from_numpy(np.random.default_rng(0).integers(16, 500, size=(1, length)))
+    changed = tiny_config(original_max_position_embeddings=16)
+    changed["rope_scaling"][factor] = [f * 2.0 for f in changed["rope_scaling"][factor]]
+    with torch.no_grad():
+        first = torch_phi3(config, weights)(input_ids=ids).logits
+        second = torch_phi3(changed, weights)(input_ids=ids).logits
+    assert not torch.allclose(first, second)

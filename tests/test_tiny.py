@@ -65,6 +65,25 @@ def test_tokenizer_special_ids_bos_and_round_trip(tokenizer_dir):
     assert tok.decode(ids) == "<s>" + chat
 
 
+DEMO = Path(__file__).resolve().parent.parent / "model" / "demo"
+
+
+def test_tokenizer_config_loads_under_transformers_4_and_5(tmp_path):
+    """transformers 5 saves the chat tokens as an ``extra_special_tokens`` list, which 4.47-4.57
+    (the pyproject allows >=4.45) cannot load: every load of the demo model failed there. The
+    built and the shipped tokenizer configs name them ``additional_special_tokens``, which 4 and 5
+    both read, and they stay special tokens."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer(tmp_path / "tok")
+    for folder in (tmp_path / "tok", DEMO):
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        assert not isinstance(settings.get("extra_special_tokens"), list)
+        assert settings["additional_special_tokens"] == list(SPECIAL_TOKENS[4:])
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert set(SPECIAL_TOKENS[4:]) <= set(tok.all_special_tokens)
+
+
 def test_tokenizer_learns_extra_corpus(tmp_path):
     word = " zyzzyva"
     plain = build_tokenizer(tmp_path / "plain")
