@@ -406,8 +406,8 @@ class _Session:
         self.rows_read = self.rows_with_image = self.rows_with_limit = 0
         # rows whose image is null (and no error) in a shard where other rows have one: the
         # first ids
-        self.rows_without_image = 0
-        self.ids_without_image: list[str] = []
+        self.rows_with_null_image = 0
+        self.ids_with_null_image: list[str] = []
         self.columns_seen: set[str] = set()  # of the id and kept columns (``Row.columns_given``)
         # memory's bound on a batch: fits(rows, longest, room)
         self.fits: Callable[[int, int, int | None], bool] | None = None
@@ -533,7 +533,7 @@ class _Session:
                 "--image-column / image_column); every row ran as text only. Check the column "
                 "name."
             )
-        if self.rows_with_image and self.rows_without_image:
+        if self.rows_with_image and self.rows_with_null_image:
             warnings.append(self._text_only_warning())
         unseen = []
         if spec.id_column != ReadOptions.id_column and spec.id_column not in self.columns_seen:
@@ -559,7 +559,7 @@ class _Session:
         """Some rows had an image and others a null one: a missing image (how a Hugging Face
         image column stores one) runs text only, and the model answers a prompt about a
         picture it never saw. A JSONL row that leaves the column out says it has none."""
-        count, ids = self.rows_without_image, self.ids_without_image
+        count, ids = self.rows_with_null_image, self.ids_with_null_image
         named = ", ".join(repr(row_id) for row_id in ids) + (", ..." if count > len(ids) else "")
         return (
             f"warning: {count} of {self.rows_read} rows had a null image (column "
@@ -606,9 +606,9 @@ class _Session:
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None
             if row.image_null and row.error is None:
-                self.rows_without_image += 1
-                if len(self.ids_without_image) < 3:
-                    self.ids_without_image.append(row.id)
+                self.rows_with_null_image += 1
+                if len(self.ids_with_null_image) < 3:
+                    self.ids_with_null_image.append(row.id)
             self.rows_with_limit += row.limit_given
             self.columns_seen |= row.columns_given
             if self.store.is_done(row.index):
