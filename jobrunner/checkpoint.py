@@ -156,7 +156,7 @@ _ABSENT = object()
 def describe_changes(
     old: Mapping[str, Any],
     new: Mapping[str, Any],
-    comparable: Callable[[dict], dict] | None = None,
+    comparable: Callable[..., dict] | None = None,
 ) -> list[str]:
     """``field: old → new`` for every fingerprint field that differs (in ``comparable`` form,
     if given, so that what another fingerprint version recorded differently is not listed).
@@ -166,21 +166,27 @@ def describe_changes(
     """
     old, new = jsonable(dict(old)), jsonable(dict(new))
     if comparable is not None:
-        old, new = comparable(old), comparable(new)
+        old, new = comparable(old), comparable(new, old)
     old, new = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if before != after:
             changes.append(
-                _input_change(key, before, after) or f"{key}: {_short(before)} → {_short(after)}"
+                _in_words(key, before, after) or f"{key}: {_short(before)} → {_short(after)}"
             )
     return changes
 
 
-def _input_change(key: str, before: Any, after: Any) -> str | None:
-    """The input identity's fields in words: its size in bytes, its modification time as a
-    time, and its content sample as what it means (a hash says nothing to a reader)."""
+def _in_words(key: str, before: Any, after: Any) -> str | None:
+    """Fields in words where a value says nothing to a reader (a hash, nanoseconds): the
+    input's size in bytes, modification time as a time and content sample as what it means,
+    and the tokenizer's encoding as what changes it."""
+    if key == "model_identity.prompt_encoding" and _ABSENT not in (before, after):
+        return (
+            "prompt encoding: the installed libraries (transformers, tokenizers) encode prompts "
+            "with this model's tokenizer otherwise than when the job started, its files the same"
+        )
     if key == "input.size" and _ABSENT not in (before, after):
         return f"input.size: {before} → {after} bytes"
     if key == "input.sample_sha256":
@@ -212,7 +218,7 @@ def is_same_job(
     record: Mapping[str, Any],
     fingerprint: str,
     fields: Mapping[str, Any],
-    comparable: Callable[[dict], dict] | None = None,
+    comparable: Callable[..., dict] | None = None,
 ) -> bool:
     """Whether ``record`` (a manifest, or an output's metadata) is of the job with this
     ``fingerprint`` and ``fields``: the same fingerprint, or fields equal in ``comparable``
@@ -222,7 +228,7 @@ def is_same_job(
     stored = record.get("fingerprint_fields")
     if comparable is None or not isinstance(stored, dict) or not stored:
         return False
-    return comparable(stored) == comparable(dict(fields))
+    return comparable(stored) == comparable(dict(fields), stored)
 
 
 def _check_same_job(
@@ -231,7 +237,7 @@ def _check_same_job(
     fingerprint: str,
     fields: dict,
     n: int,
-    comparable: Callable[[dict], dict] | None = None,
+    comparable: Callable[..., dict] | None = None,
 ) -> None:
     changes = []
     if not is_same_job(manifest, fingerprint, fields, comparable):
@@ -412,7 +418,7 @@ class CheckpointStore:
         fingerprint_fields: Mapping[str, Any],
         overwrite: bool = False,
         total_rows: int | None = None,
-        comparable: Callable[[dict], dict] | None = None,
+        comparable: Callable[..., dict] | None = None,
     ) -> ResumeInfo:
         """Create the checkpoint, or resume it if it belongs to the same job.
 
@@ -496,7 +502,7 @@ class CheckpointStore:
         fingerprint: str,
         fields: dict,
         overwrite: bool,
-        comparable: Callable[[dict], dict] | None,
+        comparable: Callable[..., dict] | None,
     ) -> tuple[dict, bool, list[str]]:
         cleaned: list[str] = []
         try:

@@ -184,9 +184,16 @@ class RunResult:
 
 def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
     """Resolve the model and identify it cheaply for the fingerprint: its weights, the bytes of
-    its small files (``MODEL_FILES``: config, stop ids, tokenizer, preprocessor), and the
-    defaults a spec may leave open (crops from preprocessor_config.json, the compute dtype)."""
-    from model.loading import ModelLoadError, default_dtype, resolve_model_path, weights_identity
+    its small files (``MODEL_FILES``: config, stop ids, tokenizer, preprocessor), how the
+    installed libraries encode a prompt with its tokenizer, and the defaults a spec may leave
+    open (crops from preprocessor_config.json, the compute dtype)."""
+    from model.loading import (
+        ModelLoadError,
+        default_dtype,
+        encoding_probe,
+        resolve_model_path,
+        weights_identity,
+    )
 
     try:
         model_dir = resolve_model_path(model)
@@ -201,6 +208,8 @@ def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
         preprocessor = _json_object(files, "preprocessor_config.json", model)
         identity["default_num_crops"] = preprocessor.get("num_crops")
     identity["default_dtype"] = default_dtype()
+    if (encoding := encoding_probe(model_dir)) is not None:
+        identity["prompt_encoding"] = encoding  # the libraries' reading of the tokenizer
     if "snapshots" in model_dir.parts:  # a hub cache snapshot: its folder is the revision
         identity["revision"] = model_dir.name
     return model_dir, identity

@@ -747,12 +747,23 @@ def _unless_default(value: Any, default: Any) -> Any:
     return None if value is not None and value == default else value
 
 
-def comparable_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+# Fields later fingerprints added, compared only where both sides recorded them: a checkpoint
+# from before one was added is still the same job
+_LATER_FIELDS = (("model_identity", "prompt_encoding"),)
+
+
+def comparable_fields(
+    fields: Mapping[str, Any], recorded: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Fingerprint fields as compared to tell whether two are one job, whichever version of the
     fingerprint recorded them: without the input's mtime where its sample is the whole file
-    (fingerprints until 2026-11-24 had it), and with a crop count or dtype that equals the
-    model's recorded default as None (left open)."""
+    (fingerprints until 2026-11-24 had it), with a crop count or dtype that equals the
+    model's recorded default as None (left open), and, compared with ``recorded`` (the other
+    side), without a field added later that it lacks (``_LATER_FIELDS``)."""
     out = json.loads(json.dumps(dict(fields), default=str))
+    for group, key in _LATER_FIELDS if recorded is not None else ():
+        if key not in (recorded.get(group) or {}) and isinstance(out.get(group), dict):
+            out[group].pop(key, None)
     source = out.get("input") if isinstance(out.get("input"), dict) else {}
     size = source.get("size")
     if isinstance(size, int) and _hashed_whole(size):

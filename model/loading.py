@@ -199,6 +199,25 @@ def load(
     return model, processor
 
 
+# Text that exercises what a tokenizer may encode differently: the chat template's special
+# tokens and newlines, runs of spaces, a tab, accents, other scripts, an emoji, digits
+ENCODING_PROBE = "Probe:  two spaces,\ta tab,\nnew line, ümlaut, 漢字, emoji 🙂, 1234 and  end. "
+
+
+def encoding_probe(model_dir: Path) -> str | None:
+    """A digest of how this model's tokenizer, as the installed libraries load it, encodes a
+    chat prompt and decodes it back: the fingerprint holds it, since a library upgrade can
+    change the encoding while the model's files stay the same (transformers 5 did for Phi-3's
+    tokenizer). None where the tokenizer does not load (``load`` then says why)."""
+    try:
+        processor = _quietly(Processor.from_pretrained, model_dir, read_config(model_dir))
+        ids = processor.prepare(ENCODING_PROBE, None, chat=True).input_ids
+        text = processor.decode([i for i in ids if i >= 0])
+    except Exception:  # noqa: BLE001 - a model that does not load is reported by its load
+        return None
+    return hashlib.sha256(json.dumps([ids, text]).encode()).hexdigest()[:16]
+
+
 def _quietly(func, *args, **kwargs):
     """Call ``func`` with transformers' logging at error level: AutoTokenizer reads config.json
     and warns that it does not know ``phi3_v`` or rope type ``su``, which is harmless here.

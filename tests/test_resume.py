@@ -1385,3 +1385,30 @@ def test_embedded_images_do_not_tell_that_the_storage_works(tmp_path, tiny_model
     code, text = cli("run", str(source), "--model", str(tiny_model_dir), "--output", str(output),
                      "--max-tokens", "2", "--batch-size", "8", "--quiet")  # fmt: skip
     assert code == 4 and "reading images failed for 16 rows in a row" in text, text
+
+
+def test_a_library_upgrade_that_changes_prompt_encoding_is_another_job(
+    tmp_path, dataset, tiny_model_dir, greedy, monkeypatch
+):
+    """The model's files alone do not say how prompts encode: transformers 5 encoded Phi-3's
+    tokenizer otherwise than 4. The fingerprint holds a digest of the encoding, so a job
+    started under one library and resumed under another is refused; a checkpoint from before
+    the digest was recorded is still the same job."""
+    from model import loading
+
+    output = tmp_path / "out.parquet"
+    copy_checkpoint(greedy[0], output, keep_parts=5)
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["fingerprint_fields"]["model_identity"]["prompt_encoding"]
+    with monkeypatch.context() as patch:
+        patch.setattr(loading, "encoding_probe", lambda model_dir: "0123456789abcdef")
+        code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+    assert code == 2 and "prompt encoding: the installed libraries" in text, text
+    # as recorded before the digest: no prompt_encoding, another fingerprint
+    del manifest["fingerprint_fields"]["model_identity"]["prompt_encoding"]
+    manifest["fingerprint"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+    assert code == 0 and "different job" not in text, text
+    assert_same_output(output, greedy[1])

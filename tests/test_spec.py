@@ -14,6 +14,7 @@ from jobrunner.spec import (
     JobSpec,
     SpecError,
     build_spec,
+    comparable_fields,
     fingerprint,
     fingerprint_fields,
     input_identity,
@@ -461,6 +462,24 @@ def test_input_changes_are_told_in_words_not_hashes(data: Path, tmp_path: Path) 
     told = [c for c in changes if c.startswith("input modification time: 2023-11-")]
     assert len(told) == 1 and "not read whole" in told[0], changes
     assert not any(c.startswith("input.sample_sha256") or "_ns" in c for c in changes), changes
+
+
+def test_a_field_added_later_is_compared_only_where_both_sides_recorded_it(data: Path) -> None:
+    """A checkpoint from before the prompt-encoding probe was fingerprinted is the same job;
+    two that both recorded it differ when it differs, and the change is told in words."""
+    from jobrunner.checkpoint import is_same_job
+
+    spec, source = spec_for(data), input_identity(data)
+    new = fingerprint_fields(spec, {**MODEL, "prompt_encoding": "aaaa"}, source)
+    old = fingerprint_fields(spec, MODEL, source)
+    record = {"fingerprint": "0" * 64, "fingerprint_fields": old}
+    assert is_same_job(record, "1" * 64, new, comparable_fields)
+    assert describe_changes(old, new, comparable_fields) == []
+    other = fingerprint_fields(spec, {**MODEL, "prompt_encoding": "bbbb"}, source)
+    record = {"fingerprint": "0" * 64, "fingerprint_fields": other}
+    assert not is_same_job(record, "1" * 64, new, comparable_fields)
+    (change,) = describe_changes(other, new, comparable_fields)
+    assert change.startswith("prompt encoding: the installed libraries"), change
 
 
 def test_input_identity_sees_same_size_rewrite(data: Path) -> None:
