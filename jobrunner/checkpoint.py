@@ -398,6 +398,7 @@ class CheckpointStore:
         self.retried: set[int] = set()  # rows that were error records (``drop_errors``)
         self._done: set[int] = set()
         self._records: list[PartRecord] = []
+        self._next_number = 0  # of the next part file: one past the highest recorded
 
     def lock(self) -> JobLock:
         """This shard's lock; use as a context manager around everything else."""
@@ -563,6 +564,7 @@ class CheckpointStore:
         removed = _clean_shard_dir(self.shard_dir, keep={r.part for r in scan.records})
         cleaned += [f"{name}: removed (not a trusted part)" for name in removed]
         self._done, self._records = seen, scan.records
+        self._next_number = self._next_part_number(scan.records)
         self.rows_done, self.errors = scan.rows, scan.errors
         self.retried = retried_rows(self.shard_dir)
         done = read_json(self.shard_dir / COMPLETE)
@@ -602,7 +604,7 @@ class CheckpointStore:
             raise ValueError(f"part has rows that do not belong to shard {self.k}/{self.n}")
         if len(np.unique(index)) != len(index) or not self._done.isdisjoint(index.tolist()):
             raise ValueError("part repeats rows that are already written")
-        record = self._part_file(table, self._next_part_number(self._records))
+        record = self._part_file(table, self._take_part_number())
         _append_record(self.shard_dir / PROGRESS, record)
         self._records.append(record)
         self._done.update(index.tolist())
@@ -618,7 +620,8 @@ class CheckpointStore:
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
         name = f"part-{number:06d}.parquet"
-        atomic_write_bytes(self.shard_dir / name, data)
+        # a new name: its temps, if a killed run left any, went when the shard was opened
+        atomic_write_bytes(self.shard_dir / name, data, clean=False)
         errors = (table.column("finish_reason").to_numpy(zero_copy_only=False) == "error").sum()
         return PartRecord(
             part=name,
@@ -636,6 +639,13 @@ class CheckpointStore:
     def _next_part_number(records: list[PartRecord]) -> int:
         numbers = [int(_PART_RE.match(r.part).group(1)) for r in records]
         return max(numbers, default=-1) + 1
+
+    def _take_part_number(self) -> int:
+        """The next part's number, counted on from the records found on open (not found
+        again from every record for each part: quadratic in a shard's parts)."""
+        number = self._next_number
+        self._next_number += 1
+        return number
 
     def drop_errors(self, waiting: Callable[[], None] | None = None) -> int:
         """Forget this shard's error records, so that their rows run again (``--retry-errors``);
@@ -670,8 +680,7 @@ class CheckpointStore:
                 dropped += table.filter(error).column(INDEX_COLUMN).to_pylist()
                 kept = table.filter(pc.invert(error))
                 if kept.num_rows:
-                    number = self._next_part_number(self._records + written)
-                    new = self._part_file(kept, number)
+                    new = self._part_file(kept, self._take_part_number())
                     # the rows' own time: status's rate counts only what this session runs
                     written.append(replace(new, time=old.time, session_start=old.session_start))
             retried = self.retried | set(dropped)

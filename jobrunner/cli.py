@@ -505,25 +505,31 @@ def show(output: Path, limit: int, errors_only: bool) -> None:
                 f"{output} is not a jobrunner result file ({wanted}): it has no "
                 f"{', '.join(missing)} (its columns: {', '.join(names) or 'none'})"
             )
-        table = pq.read_table(output, columns=columns)
+        total, kind = pq.read_metadata(output).num_rows, "rows"
+        if errors_only:  # how many: from the finish reasons alone
+            reasons = pq.read_table(output, columns=["finish_reason"]).column("finish_reason")
+            total, kind = pc.sum(pc.equal(reasons, "error")).as_py() or 0, "error records"
+        rows = []  # the first rows only, batch by batch: the outputs' text can be gigabytes
+        with pq.ParquetFile(output) as parquet:
+            for batch in parquet.iter_batches(batch_size=max(limit, 1024), columns=columns):
+                if len(rows) >= min(limit, total):
+                    break
+                if errors_only:
+                    batch = batch.filter(pc.equal(batch.column("finish_reason"), "error"))
+                rows += batch.slice(0, limit - len(rows)).to_pylist()
     except (pa.ArrowException, OSError) as err:
         raise _ConfigError(f"{output} is not a jobrunner result file ({wanted}): {err}") from None
-    kind = "rows"
-    if errors_only:
-        table = table.filter(pc.equal(table.column("finish_reason"), "error"))
-        kind = "error records"
-        if not table.num_rows:
-            click.echo(f"{output}: no error records")
-            return
-    rows = table.slice(0, limit).to_pylist()
+    if errors_only and not total:
+        click.echo(f"{output}: no error records")
+        return
     width = max([len(str(r["id"])) for r in rows] + [2])
     click.echo(f"{'id':<{width}}  {'finish':<6}  {'tokens':>6}  output")
     for r in rows:
         text = r["output"] if r["output"] is not None else f"ERROR: {r['error']}"
         tokens = "" if r["output_tokens"] is None else r["output_tokens"]
         click.echo(f"{str(r['id']):<{width}}  {r['finish_reason']:<6}  {tokens:>6}  {text}")
-    if table.num_rows > limit:
-        click.echo(f"... {table.num_rows - limit} more {kind}")
+    if total > limit:
+        click.echo(f"... {total - limit} more {kind}")
 
 
 @main.command()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,20 @@ def _python_values(column: pa.ChunkedArray) -> list:
     return values
 
 
+# Most bytes (Arrow's, in memory) that one merge window of rows may hold: a window of
+# ``rows_per_group`` rows of wide rows (long kept strings or lists, long ids) would hold
+# ``rows_per_group`` times their width, several times over (parts, slices, concat, sort).
+MERGE_WINDOW_BYTES = 64 << 20
+MIN_WINDOW_ROWS = 256
+
+
+def _window_rows(rows_per_group: int, row_bytes: int) -> int:
+    """Rows in a merge window (and output row group): ``rows_per_group``, fewer for rows so
+    wide that so many would hold more than ``MERGE_WINDOW_BYTES``."""
+    fitting = MERGE_WINDOW_BYTES // max(row_bytes, 1)
+    return max(1, min(rows_per_group, max(fitting, MIN_WINDOW_ROWS)))
+
+
 def _write_in_order(
     parts: list[_Part],
     total: int,
@@ -280,12 +295,19 @@ def _write_in_order(
 
     Parts are sorted inside and loaded only when the window reaches their first index, so memory
     holds just the parts that overlap the window (the run writes rows roughly in input order).
+    A window holds at most ``rows_per_group`` rows, and fewer where the widest part loaded so
+    far says that many rows would take more than ``MERGE_WINDOW_BYTES``.
     """
-    pending, active = sorted(parts, key=lambda p: p.min_index), []
-    for start in range(0, total, rows_per_group):
-        end = min(start + rows_per_group, total)
+    pending, active = deque(sorted(parts, key=lambda p: p.min_index)), []
+    row_bytes, start = 1, 0
+    while start < total:
+        end = min(start + _window_rows(rows_per_group, row_bytes), total)
         while pending and pending[0].min_index < end:
-            active.append(_load_part(pending.pop(0), schema, kept))
+            table = _load_part(pending.popleft(), schema, kept)
+            row_bytes = max(row_bytes, table.nbytes // max(table.num_rows, 1))
+            active.append(table)
+            # a wide part narrows the window at once (its rows past the end wait, sliced)
+            end = min(end, start + _window_rows(rows_per_group, row_bytes))
         taken, active_next = [], []
         for table in active:
             cut = int(np.searchsorted(table.column(INDEX_COLUMN).to_numpy(), end))
@@ -297,6 +319,7 @@ def _write_in_order(
         if not np.array_equal(chunk.column(INDEX_COLUMN).to_numpy(), np.arange(start, end)):
             raise CheckpointError(f"rows {start}..{end - 1} changed while merging; merge again")
         writer.write_table(chunk, row_group_size=rows_per_group)
+        start = end
 
 
 def merge(
@@ -318,7 +341,8 @@ def merge(
         num_shards: expected number of shards (default: the manifest's).
         metadata: JSON-able dict stored under the file metadata key ``jobrunner``, on top of the
             manifest's spec and fingerprint (see `jobrunner.writers.ParquetOutputMetadata`).
-        rows_per_group: Parquet row group size, also the merge window.
+        rows_per_group: Parquet row group size, also the merge window (fewer rows where
+            rows are wide: ``MERGE_WINDOW_BYTES``).
 
     Raises:
         IncompleteJob: some shard is missing or unfinished: the only error that means "merge

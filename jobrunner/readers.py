@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import errno
+import hashlib
 import io
 import json
 import math
@@ -972,21 +973,25 @@ class DuplicateIdTracker:
     """Notes ids seen more than once (one set of ids: per-row bookkeeping).
 
     Duplicates are not errors — every row is still written — but the runner warns once.
+    The set holds a 16-byte digest of each id, not the id: the runner keeps it for every row
+    of the shard, and ids can be long (paths, URLs, whole texts), so held as they are they
+    took memory in proportion to the input's ids (200,000 ids of 2 kB: 400 MB more).
     """
 
     def __init__(self) -> None:
-        self._seen: set[str] = set()
+        self._seen: set[bytes] = set()
         self.duplicates = 0
         self.first_duplicate: str | None = None
 
     def add(self, row_id: str) -> bool:
         """Record ``row_id``; True when it was seen before."""
-        if row_id in self._seen:
+        key = hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if key in self._seen:
             self.duplicates += 1
             if self.first_duplicate is None:
                 self.first_duplicate = row_id
             return True
-        self._seen.add(row_id)
+        self._seen.add(key)
         return False
 
     def warning(self) -> str | None:

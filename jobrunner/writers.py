@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -417,10 +418,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def atomic_write_bytes(path: Path, data: bytes, clean: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``clean``: first delete the temps of ``path`` that killed writes left (``remove_orphan_temps``,
+    which lists the folder); False where the caller cleans the folder otherwise (a shard's
+    parts: its open removes every temp, and listing a folder of thousands of parts for each
+    new one made writing parts quadratic).
+    """
     path = Path(path)
-    remove_orphan_temps(path)
+    if clean:
+        remove_orphan_temps(path)
     tmp = temp_path_for(path)
     # O_EXCL with 0o666 (not mkstemp's 0o600) so the final file gets the user's umask.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -526,7 +534,7 @@ def read_output_metadata(path: Path) -> dict[str, Any] | None:
 def error_rows(path: Path) -> int:
     """How many rows of the result file ``path`` are error records."""
     reasons = pq.read_table(path, columns=["finish_reason"]).column("finish_reason")
-    return reasons.to_pylist().count("error")
+    return pc.sum(pc.equal(reasons, "error")).as_py() or 0  # not a Python string a row
 
 
 def merged_metadata(path: Path) -> dict[str, Any] | None:

@@ -524,6 +524,82 @@ def test_merge_writes_input_order_each_row_once(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_merge_window_shrinks_for_wide_rows(tmp_path, monkeypatch):
+    """The merge holds a window of rows at a time: of wide rows (long kept strings), fewer,
+    so that its memory is bounded in bytes, not only in rows (65536 rows of 20 kB each held
+    several times over took 1.4 GB)."""
+    from jobrunner import merge as merge_module
+
+    monkeypatch.setattr(merge_module, "MERGE_WINDOW_BYTES", 40_000)
+    monkeypatch.setattr(merge_module, "MIN_WINDOW_ROWS", 1)
+    directory, out = tmp_path / "parts", tmp_path / "out.parquet"
+    total = 120
+    store, lock, _ = open_store(directory)
+    writer = PartWriter(store, ["blob"], 25, None)
+    for i in range(total):
+        writer.add({**record(i), "blob": f"{i}:" + "x" * 4000})
+        writer.maybe_flush()
+    writer.flush()
+    store.mark_complete(total)
+    lock.release()
+    merge(directory, out)  # rows_per_group 65536: every row in one window, before
+    metadata = pq.ParquetFile(out).metadata
+    groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    assert sum(groups) == total and max(groups) <= 10  # about 40 kB of 4 kB rows each
+    table = pq.read_table(out)
+    assert table.column("row_index").to_pylist() == list(range(total))
+    assert table.column("blob").to_pylist() == [f"{i}:" + "x" * 4000 for i in range(total)]
+
+
+def test_write_part_does_not_list_the_shard_folder(tmp_path, monkeypatch):
+    """Each part write listed the shard folder for orphan temps (a glob): quadratic in the
+    parts of a shard (9.6 ms a part at 12,000 parts, from 2 ms). Stray temps are removed
+    when the shard is opened."""
+    store, lock, _ = open_store(tmp_path / "parts")
+    stray = shard_dir(tmp_path / "parts") / f".part-000003.parquet.{socket.gethostname()}.1.x.tmp"
+    listed = []
+    scandir = os.scandir
+
+    def counting(path="."):
+        listed.append(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    for i in range(30):
+        store.write_part(table_of([i]))
+    assert listed == []
+    lock.release()
+    monkeypatch.undo()
+    stray.write_bytes(b"half a part")  # a run killed while writing part 3
+    store, lock, info = open_store(tmp_path / "parts")
+    assert not stray.exists() and info.rows_done == 30
+    lock.release()
+
+
+def test_next_part_number_does_not_rescan_every_record(tmp_path, monkeypatch):
+    """Writing a part looked at every earlier record for the next part number (a regex
+    match each): quadratic in the parts of a shard (1.6 ms a part at 3,900 parts, and 40 ms
+    at 100,000 parts of a small --checkpoint-every)."""
+    store, lock, _ = open_store(tmp_path / "parts")
+    matched = []
+    pattern = checkpoint._PART_RE
+
+    class Counting:
+        def match(self, name):
+            matched.append(name)
+            return pattern.match(name)
+
+    monkeypatch.setattr(checkpoint, "_PART_RE", Counting())
+    for i in range(60):
+        store.write_part(table_of([i]))
+    assert len(matched) <= 2 * 60  # not 60 * 59 / 2
+    lock.release()
+    store, lock, _ = open_store(tmp_path / "parts")  # numbering goes on after a resume
+    store.write_part(table_of([60]))
+    assert store._records[-1].part == "part-000060.parquet"
+    lock.release()
+
+
 def test_merge_removes_temps_of_killed_merges_only(tmp_path):
     """A merge killed midway leaves a temp next to the output; the next merge on this host
     deletes it, but not a temp another host or a live process may still be writing."""

@@ -730,6 +730,23 @@ def test_duplicate_id_tracker() -> None:
     assert "3 row(s)" in tracker.warning() and "'a'" in tracker.warning()
 
 
+def test_duplicate_id_tracker_memory_does_not_grow_with_id_length() -> None:
+    """The tracker holds one entry per row of the shard: not the ids themselves, which can
+    be long (2,000 ids of 5,000 characters are 10 MB)."""
+    tracker = DuplicateIdTracker()
+    tracemalloc.start()
+    try:
+        for i in range(2000):  # each id dropped once added, as the runner's rows are
+            tracker.add(f"{i}-" + "k" * 5000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000
+    assert tracker.add("7-" + "k" * 5000) and tracker.first_duplicate == "7-" + "k" * 5000
+    assert not tracker.add("\ud800")  # a lone surrogate (JSON's escape) is an id too
+    assert tracker.add("\ud800") and tracker.duplicates == 2
+
+
 def test_parquet_whole_float_ids_are_integers(tmp_path: Path) -> None:
     """pandas stores integer ids with gaps as floats: 7.0 is the id 7, NaN and null are
     missing (the row number); a fraction is still an error."""
