@@ -334,7 +334,7 @@ def _prepare(processor, jsonl: Path) -> list:
 
     prepared = []
     for record in load_rows(jsonl):
-        if record["image"] is None:
+        if record.get("image") is None:
             row = processor.prepare(record["prompt"], None)
         else:
             with Image.open(jsonl.parent / record["image"]) as image:

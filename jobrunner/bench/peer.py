@@ -153,14 +153,14 @@ def run_peer(
     records = load_rows(jsonl)
 
     def call(rows: list[int], tokens: int):
-        images = [str(jsonl.parent / records[i]["image"]) for i in rows if records[i]["image"]]
+        images = [str(jsonl.parent / records[i]["image"]) for i in rows if records[i].get("image")]
         prompts = [records[i]["prompt"] for i in rows]
         return batch_generate(
             model, processor, images=images or None, prompts=prompts, max_tokens=tokens
         )
 
-    with_image = [i for i, r in enumerate(records) if r["image"]]
-    text_only = [i for i, r in enumerate(records) if not r["image"]]
+    with_image = [i for i, r in enumerate(records) if r.get("image")]
+    text_only = [i for i, r in enumerate(records) if not r.get("image")]
     for rows in (with_image[:1], text_only[:1]):  # untimed warm-up
         if rows:
             call(rows, 2)
@@ -218,7 +218,7 @@ def agreement(texts: dict[int, str], reference: dict[int, str], records: list[di
     """Rows (with an image and without) whose peer text equals ``reference``'s, U+FFFD aside."""
     out = {}
     for kind, has_image in (("rows_with_image", True), ("rows_without_image", False)):
-        rows = [i for i in texts if i in reference and bool(records[i]["image"]) == has_image]
+        rows = [i for i in texts if i in reference and bool(records[i].get("image")) == has_image]
         same = sum(comparable(texts[i]) == comparable(reference[i]) for i in rows)
         out[kind] = {"compared": len(rows), "same": same}
     return out

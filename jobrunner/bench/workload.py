@@ -156,7 +156,7 @@ def make_dataset(out_dir: Path, rows: int, seed: int = 0, max_tokens: int | None
         for _ in range(int(rng.integers(1, 4))):
             records.append({"image": name, "prompt": _prompt(rng)})
             if len(records) % TEXT_ONLY_EVERY == 0:
-                records.append({"image": None, "prompt": _prompt(rng)})
+                records.append({"prompt": _prompt(rng)})  # no image key: a text-only row
         image += 1
     records = [records[i] for i in rng.permutation(len(records))[:rows]]
     if max_tokens is not None:
