@@ -41,7 +41,7 @@ import os
 import re
 import stat
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -398,11 +398,17 @@ def count_rows(path: str | Path) -> int:
 # Rows
 
 
-def iter_rows(path: str | Path, options: ReadOptions | None = None) -> Iterator[Row]:
+def iter_rows(
+    path: str | Path,
+    options: ReadOptions | None = None,
+    wanted: Callable[[int], bool] | None = None,
+) -> Iterator[Row]:
     """Stream the rows of a ``.jsonl`` or ``.parquet`` file, in input order.
 
     Call ``check_input`` first: configuration problems found here surface as exceptions from
-    pyarrow or ``open``, while every problem with a single row becomes ``Row.error``.
+    pyarrow or ``open``, while every problem with a single row becomes ``Row.error``. With
+    ``wanted``, only the rows whose index it accepts (a shard's) are built and yielded; the
+    others keep their place in the numbering.
     """
     options = options or _DEFAULT_OPTIONS
     path = Path(path)
@@ -412,6 +418,8 @@ def iter_rows(path: str | Path, options: ReadOptions | None = None) -> Iterator[
     else:
         records = _jsonl_records(path)
     for index, (record, problem) in enumerate(records):
+        if wanted is not None and not wanted(index):
+            continue  # another shard's: building its row (ids, paths, prompt) is its work
         if problem is None:
             yield _checked_row(index, record, options, base_dir)
         elif record:  # readable apart from some values (set to None): say what else is wrong

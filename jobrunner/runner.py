@@ -596,7 +596,7 @@ class _Session:
         """
         from model.generate import token_limit
 
-        rows = iter_rows(self.spec.input, ReadOptions.from_spec(self.spec))
+        rows = iter_rows(self.spec.input, ReadOptions.from_spec(self.spec), self.spec.owns_row)
         while stop.signum is None:
             try:
                 row = next(rows, None)
@@ -609,8 +609,6 @@ class _Session:
                 change = f"more rows than the {self.total} counted at the start"
                 self.read_error = InputChanged(self.spec.input, change)
                 return
-            if not self.spec.owns_row(row.index):
-                continue
             self.ids.add(row.id)
             self.rows_read += 1  # done in an earlier session or not: the whole shard counts
             self.rows_with_image += row.image is not None

@@ -808,3 +808,26 @@ def test_decimal_ids_of_any_size(tmp_path: Path) -> None:
     rows = rows_of(source)
     assert rows[0].id == str(10**30) and rows[0].error is None
     assert "must hold whole numbers" in rows[1].error
+
+
+def test_rows_another_shard_owns_are_not_built(tmp_path: Path, monkeypatch) -> None:
+    """A shard reads the whole input but builds only its own rows (ids, paths, prompts): each
+    of N shards built every row, N times the reading work of one run. Indices keep their
+    place, invalid lines included."""
+    from jobrunner import readers
+
+    lines = [json.dumps({"id": f"r{i}", "prompt": "p"}) for i in range(9)]
+    lines[4] = "{not json"
+    source = tmp_path / "rows.jsonl"
+    source.write_text("\n".join(lines) + "\n\n")
+    built = []
+    make_row = readers._make_row
+
+    def counting(index, *args):
+        built.append(index)
+        return make_row(index, *args)
+
+    monkeypatch.setattr(readers, "_make_row", counting)
+    rows = list(iter_rows(source, ReadOptions(), wanted=lambda i: i % 3 == 1))
+    assert [r.index for r in rows] == [1, 4, 7] and built == [1, 7]
+    assert [r.id for r in rows] == ["r1", "4", "r7"] and rows[1].error.startswith("invalid JSON")
