@@ -495,6 +495,8 @@ def show(output: Path, limit: int, errors_only: bool) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from .writers import error_rows
+
     columns = ["id", "finish_reason", "output_tokens", "output", "error"]
     wanted = f"a Parquet file with the columns {', '.join(columns)}"
     try:
@@ -507,8 +509,7 @@ def show(output: Path, limit: int, errors_only: bool) -> None:
             )
         total, kind = pq.read_metadata(output).num_rows, "rows"
         if errors_only:  # how many: from the finish reasons alone
-            reasons = pq.read_table(output, columns=["finish_reason"]).column("finish_reason")
-            total, kind = pc.sum(pc.equal(reasons, "error")).as_py() or 0, "error records"
+            total, kind = error_rows(output), "error records"
         rows = []  # the first rows only, batch by batch: the outputs' text can be gigabytes
         with pq.ParquetFile(output) as parquet:
             for batch in parquet.iter_batches(batch_size=max(limit, 1024), columns=columns):
