@@ -4,7 +4,8 @@ Takes Arrow tables of results and paths; knows nothing of the model or of job sp
 plain dict and fingerprint it is handed. Layout of a checkpoint directory (default
 ``OUTPUT.parts/``)::
 
-    manifest.json                 spec, fingerprint and its fields, num_shards, total_rows
+    manifest.json                 spec, fingerprint and its fields, num_shards, total_rows,
+                                  and the file an --overwrite run found at the output (replaces)
     manifest.lock                 flock held briefly while the manifest is read, created or wiped
     merge.lock                    flock held by a merge, and while drop_errors changes parts
     unmerged.json                 drop_errors changed parts since the last merge (merge removes it)
@@ -337,6 +338,29 @@ def refuse_if_input_changed(directory: Path) -> None:
         )
 
 
+def file_identity(path: Path) -> dict[str, int] | None:
+    """What tells a file apart from any that replaced it or was written over it: device, inode,
+    size and modification time (None where there is no file)."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    return {
+        "device": stat.st_dev,
+        "inode": stat.st_ino,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def replaces_output(manifest: Mapping[str, Any] | None, path: Path) -> bool:
+    """Whether the file at ``path`` is the one an --overwrite run of the manifest's job found
+    at its output: kept until the job's merge replaces it, and then only that very file (one
+    written over it or moved there since is refused, as any file the job did not merge)."""
+    recorded = (manifest or {}).get("replaces")
+    return recorded is not None and file_identity(path) == recorded
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file's content, or None if it is missing, not whole (never trusted half)
     or holds something other than an object."""
@@ -420,8 +444,14 @@ class CheckpointStore:
         overwrite: bool = False,
         total_rows: int | None = None,
         comparable: Callable[..., dict] | None = None,
+        output: Path | None = None,
     ) -> ResumeInfo:
         """Create the checkpoint, or resume it if it belongs to the same job.
+
+        ``output``: with ``overwrite``, the job's output file. A file there is not removed: the
+        manifest records it (``replaces``) as the file the job's merge replaces, so readers
+        keep the old output until the new one takes its place in one rename, and a run that
+        fails or is stopped before then leaves it as it was.
 
         ``comparable``: the form in which fingerprint fields recorded by another version of
         the fingerprint compare with this one's (``spec.comparable_fields``); a checkpoint whose
@@ -436,8 +466,9 @@ class CheckpointStore:
         self._require(opened=False)
         with _manifest_lock(self.directory):
             existed = (self.directory / MANIFEST).exists()
+            replaces = file_identity(output) if overwrite and output is not None else None
             manifest, resumed, cleaned = self._prepare_manifest(
-                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, comparable
+                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, comparable, replaces
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
             self._created = not resumed and (not existed or overwrite)
@@ -504,6 +535,7 @@ class CheckpointStore:
         fields: dict,
         overwrite: bool,
         comparable: Callable[..., dict] | None,
+        replaces: dict[str, int] | None = None,
     ) -> tuple[dict, bool, list[str]]:
         cleaned: list[str] = []
         try:
@@ -519,7 +551,11 @@ class CheckpointStore:
         same = same and manifest.get("num_shards") == self.n and not changed
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
-            return manifest, False, _discarded(_wipe(self.directory, only_shard=self.name))
+            cleaned = _discarded(_wipe(self.directory, only_shard=self.name))
+            if replaces is not None and replaces != manifest.get("replaces"):
+                manifest = {**manifest, "replaces": replaces}
+                atomic_write_json(self.directory / MANIFEST, manifest)
+            return manifest, False, cleaned
         if overwrite:
             running = _running_shards(self.directory, self.name)
             if running:
@@ -542,6 +578,7 @@ class CheckpointStore:
                 "num_shards": self.n,
                 "total_rows": None,
                 "created": time.time(),
+                "replaces": replaces,
             }
             atomic_write_json(self.directory / MANIFEST, manifest)
             return manifest, False, cleaned

@@ -175,11 +175,15 @@ def run(input_path: Path, **flags) -> None:
         reporter.close()
         from_file = spec.overwrite and input_path.suffix.lower() == ".toml"  # overwrite = true?
         command = shlex.join(_resume_args(sys.argv[1:], from_file))
+        if getattr(err, "nothing_saved", False):  # a new job that recorded nothing: as given
+            command = shlex.join(["jobrunner", *sys.argv[1:]])
         if isinstance(err, StoppedNow):
             saved = (
                 "stopped at once by a second signal; rows in saved parts are kept, the "
                 "rows since the last part run again."
             )
+        elif getattr(err, "nothing_saved", False):
+            saved = "no row had finished."
         else:
             saved = "finished rows are saved."
         click.echo(f"jobrunner: interrupted by {err}; {saved}", err=True)
@@ -410,6 +414,11 @@ def _format_status(output: Path, info: dict, resume: str = "") -> str:
             f"  the input changed since the job started ({change}): a run of it is refused; "
             "--overwrite runs every row again"
         )
+    if info.get("output_replaced_by_merge") and not info.get("complete"):
+        lines.append(
+            "  the file at the output is the one this job found there as it began with "
+            "--overwrite: it stays until the job's merge replaces it"
+        )
     if info.get("exists"):
         lines.append("  " + _progress_line("all", info, info.get("total_rows")))
     for shard in info.get("shards", []):
@@ -434,6 +443,12 @@ def _job_state(info: dict, resume: str = "") -> str:
             return (
                 "every shard is done, but the output is older than the checkpoint (a retry "
                 "stopped before its merge): the same command or `jobrunner merge` writes it again"
+            )
+        if info.get("output_replaced_by_merge"):
+            return (
+                "every shard is done, but the file at the output is still the one the job "
+                "replaces (it began with --overwrite): the same command or `jobrunner merge` "
+                "writes the job's"
             )
         return (
             "every shard is done, but the file at the output is not this job's output; move "

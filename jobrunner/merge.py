@@ -49,6 +49,7 @@ from jobrunner.checkpoint import (
     read_manifest,
     read_progress,
     refuse_if_input_changed,
+    replaces_output,
     retried_rows,
     scan_shard,
     shard_name,
@@ -404,7 +405,11 @@ def merge(
 
 
 def _refuse_foreign_output(output_path: Path, manifest: dict) -> None:
-    if output_path.exists() and not _merged_output(output_path, manifest.get("fingerprint")):
+    if (
+        output_path.exists()
+        and not _merged_output(output_path, manifest.get("fingerprint"))
+        and not replaces_output(manifest, output_path)  # the old output of an --overwrite run
+    ):
         raise CheckpointError(
             f"{output_path} already exists and is not this job's output (not a file that this "
             "job's checkpoint merged), so merging will not replace it; move it away or delete "
@@ -426,13 +431,18 @@ def output_is_current(directory: Path, output_path: Path) -> bool:
     """Whether the merged output at ``output_path`` holds the checkpoint's parts as they are
     now: False once a retry changed them (``unmerged.json``, until the next merge; the
     output is merged again when the retry ends, or by the next run or merge if that one
-    stopped first), or when its recorded digest is not theirs. An output of an older version,
-    which recorded no digest, is otherwise current."""
+    stopped first), or when its recorded digest is not theirs; False as well for a file the
+    checkpoint did not merge (another job's, as the old output an --overwrite run replaces when it
+    merges). An output of an older version, which recorded no digest, is otherwise current."""
     if (Path(directory) / UNMERGED).exists():
         return False
     metadata = merged_metadata(Path(output_path))
     manifest = read_manifest(Path(directory))
-    if metadata is None or manifest is None or "parts" not in metadata:
+    if manifest is None:
+        return True
+    if metadata is None or metadata.get("fingerprint") != manifest.get("fingerprint"):
+        return False
+    if "parts" not in metadata:
         return True
     return metadata["parts"] == parts_digest(directory, manifest["num_shards"])
 
@@ -538,7 +548,9 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     Returns:
         ``exists``, ``num_shards``, ``total_rows``, ``rows_done``, ``errors``, ``running``,
         ``complete``, ``rows_per_second``, ``eta_seconds``, ``output_exists``,
-        ``output_current`` (the output holds the parts as they are now), ``retrying``
+        ``output_current`` (the output holds the parts as they are now),
+        ``output_replaced_by_merge`` (the file at the output is the old one an --overwrite run
+        found there, which the job's merge replaces), ``retrying``
         (rows a retry took back from error records, while the shard is not complete again),
         ``started_with_overwrite``, ``input_changed`` (what changed in the input file since
         the job started, in words, or None) and ``shards`` (one dict per shard with the same
@@ -572,6 +584,9 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     etas = [s["eta_seconds"] for s in shards if s["eta_seconds"] is not None]
     fingerprint = manifest.get("fingerprint")
     ours = result["output_exists"] and _merged_output(Path(output_path), fingerprint)
+    # the file an --overwrite run found there, kept until the job's merge replaces it
+    replaced = bool(result["output_exists"] and not ours)
+    replaced = replaced and replaces_output(manifest, Path(output_path))
     recorded = (manifest.get("fingerprint_fields") or {}).get("input")
     # a run now is refused (status cannot tell apart other changes: flags)
     changed = input_changed(directory)  # while a run of it ran
@@ -580,6 +595,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     return {
         **result,
         "output_is_this_jobs": ours,
+        "output_replaced_by_merge": replaced,
         # merged from the parts as they are (a retry that stopped before its merge: not)
         "output_current": bool(ours) and output_is_current(directory, Path(output_path)),
         "input_changed": changed,

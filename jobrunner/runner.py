@@ -51,6 +51,7 @@ from .checkpoint import (
     is_same_job,
     read_json,
     read_manifest,
+    replaces_output,
     shard_rows,
 )
 from .merge import IncompleteJob, all_shards_complete, merge, output_is_current, shard_errors
@@ -322,11 +323,11 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     # Signals are caught from here on, so one that arrives while the model loads still ends the
     # run with Interrupted (exit 130/143 and the resume command) instead of killing it.
     with _StopFlag() as stop, store.lock():
+        # with --overwrite, the old output stays until the new merge replaces it (its manifest
+        # records which file that is: ``replaces_output``)
         info = store.open_or_create(
-            spec.to_dict(), print_, fields, spec.overwrite, total, comparable_fields
+            spec.to_dict(), print_, fields, spec.overwrite, total, comparable_fields, spec.output
         )
-        if spec.overwrite:  # an output merged from the discarded checkpoint is stale
-            _discard_output(spec.output)
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
@@ -366,6 +367,8 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             abandoned = False
             with contextlib.suppress(OSError):
                 abandoned = store.abandon_new()
+            # nothing of the job is left: the same command (--overwrite and all) starts it again
+            err.nothing_saved = abandoned
             if not abandoned:  # rows saved: if the input changed, they may not be the file's
                 is_change = isinstance(err, InputChanged)
                 change = err.change if is_change else _changed_quietly(spec.input, source)
@@ -999,10 +1002,14 @@ class _Session:
                 "rows_total": info.rows,
                 "rows_ok": info.rows - info.errors,
                 "rows_error": info.errors,
+                "fingerprint": (merged_metadata(spec.output) or {}).get("fingerprint"),
             }
             summary |= counts
+            # a session that only merged keeps the figures of the run that made the rows: the
+            # summary there is of this job, not of the output an --overwrite run replaced
             earlier = read_json(path) if self.rows_run == 0 else None
-            # a session that only merged keeps the figures of the run that made the rows
+            if earlier is not None and not _summary_of_job(earlier, counts["fingerprint"], spec):
+                earlier = None
             write_summary(path, summary if earlier is None else earlier | counts)
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
         except IncompleteJob as err:  # other shards still running: the last one merges
@@ -1081,18 +1088,34 @@ def _check_context(spec: JobSpec, model_dir: Path) -> None:
         )
 
 
+def _summary_of_job(summary: dict[str, Any], fingerprint: str | None, spec: JobSpec) -> bool:
+    """Whether ``OUTPUT.summary.json`` was written for the job of ``fingerprint``. One written
+    before summaries recorded the fingerprint is taken as the job's unless the job began with
+    --overwrite over an earlier output (its manifest records the file it replaced)."""
+    if "fingerprint" in summary:
+        return summary["fingerprint"] == fingerprint
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        return False
+    return (manifest or {}).get("replaces") is None
+
+
 def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:
     """Refuse to go on towards replacing a file at the output that this job did not merge:
     without --overwrite, a run never replaces a file it did not write, checkpoint or not.
 
     With a checkpoint, the file must be what it merged (the rule ``merge`` and ``status``
     apply: its fingerprint is the manifest's; ``open_or_create`` then checks the manifest is
-    this job's); without one, the file's own metadata must be this job's (``is_same_job``)."""
+    this job's) or the old output that the checkpoint's --overwrite run found there and its
+    merge replaces; without one, the file's own metadata must be this job's (``is_same_job``)."""
     metadata = merged_metadata(spec.output)
     try:
         manifest = read_manifest(spec.parts_dir)
     except CheckpointError:
         manifest = None  # damaged: open_or_create says so
+    if replaces_output(manifest, spec.output):
+        return
     if metadata is not None:
         if manifest is not None and metadata.get("fingerprint") == manifest.get("fingerprint"):
             return
@@ -1194,11 +1217,6 @@ def _another_split(manifest: dict, print_: str, fields: dict[str, Any], shards: 
     """Whether ``manifest`` is this job's, run in another number of shards than ``shards``."""
     other = manifest.get("num_shards") != shards
     return other and is_same_job(manifest, print_, fields, comparable_fields)
-
-
-def _discard_output(output: Path) -> None:
-    for path in (output, output.with_name(output.name + ".summary.json")):
-        path.unlink(missing_ok=True)
 
 
 _SAVED = (

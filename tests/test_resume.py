@@ -31,7 +31,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from jobrunner.checkpoint import JobLock, is_locked, read_lock_info, read_progress, shard_name
+from jobrunner.checkpoint import (
+    JobLock,
+    file_identity,
+    is_locked,
+    read_lock_info,
+    read_progress,
+    shard_name,
+)
 from jobrunner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,10 +382,11 @@ def test_sigterm_and_sigint_flush_and_print_the_resume_command(
     # No checkpoint is due by rows or time: only the flush on the signal writes a part.
     args = job_args(dataset, tiny_model_dir, output, "--checkpoint-every", "1000", "--overwrite")
     job = Job(tmp_path, args)  # signalled while it loads the model (it holds the lock by then)
-    resume, _ = interrupt(job, signal.SIGTERM, lambda: (read_lock_info(lock) or {}).get("pid"))
-    assert resume == args[:-1]  # the same command, without --overwrite
-    # nothing was recorded: the new job left no manifest (a changed command is no other job)
+    resume, text = interrupt(job, signal.SIGTERM, lambda: (read_lock_info(lock) or {}).get("pid"))
+    # nothing was recorded: the new job left no manifest (a changed command is no other job),
+    # and the command to run is the same one, --overwrite and all
     assert not (parts_dir(output) / "manifest.json").exists()
+    assert resume == args and "no row had finished" in text, text
 
     # Signalled while generating: held before a random batch, so that the signal cannot come
     # after the last batch however slow this machine is.
@@ -502,9 +510,96 @@ def test_fingerprint_mismatch_refuses_and_overwrite_starts_over(
 
     code, text = cli("run", *base, "--shard", "0/2", "--overwrite", "--quiet")
     assert code == 0, text
-    assert not output.exists()  # the old output belonged to the discarded checkpoint
+    # the old output stays, untouched, until the new job's merge replaces it
+    assert (output.stat().st_mtime_ns, output.read_bytes()) == before
     report = status_json(output)
     assert [s["complete"] for s in report["shards"]] == [True, False]
+    assert report["output_replaced_by_merge"] and not report["output_is_this_jobs"]
+    code, text = cli("status", str(output))
+    assert "stays until the job's merge replaces it" in text, text
+    code, text = cli("run", *base, "--shard", "1/2", "--overwrite", "--quiet")
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
+    assert status_json(output)["output_is_this_jobs"]
+
+
+def test_overwrite_keeps_the_old_output_until_its_merge_replaces_it(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """Readers find the old output while an --overwrite run works, and still after it stops;
+    the job's merge replaces that very file, and no other."""
+    output = tmp_path / "out.parquet"
+    summary = output.with_name(output.name + ".summary.json")
+    base = job_args(dataset, tiny_model_dir, output)
+    code, text = cli("run", *base, "--max-tokens", "3", "--quiet")  # the old job
+    assert code == 0, text
+    old = (output.read_bytes(), summary.read_bytes())
+
+    job = Job(tmp_path, [*base, "--overwrite"], stage="hold", nth=3)
+    assert job.wait_until(job.paused), job.output()
+    assert (output.read_bytes(), summary.read_bytes()) == old
+    report = status_json(output)
+    assert report["output_replaced_by_merge"] and 0 < report["rows_done"] < ROWS
+    # another file put at the output meanwhile is not the one the job replaces: refused
+    other = old[0] + b"\n"
+    output.write_bytes(other)
+    job.release()
+    code, text = job.wait()
+    assert code == 2 and "not this job's output" in text, text
+    assert output.read_bytes() == other
+    assert "not this job's output" in cli("status", str(output))[1]
+
+    output.unlink()  # moved away: the job's merge writes the output (its rows all done)
+    code, text = cli("run", *base)
+    assert code == 0 and "wrote" in text, text
+    assert_same_output(output, greedy[1])
+    fingerprint = json.loads(pq.read_schema(output).metadata[b"jobrunner"])["fingerprint"]
+    written = json.loads(summary.read_text())
+    assert written["fingerprint"] == fingerprint and written["rows_run"] == 0
+
+
+def test_overwrite_run_that_stops_leaves_the_old_output_to_its_resume(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    output = tmp_path / "out.parquet"
+    summary = output.with_name(output.name + ".summary.json")
+    base = job_args(dataset, tiny_model_dir, output)
+    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0
+    old_summary = json.loads(summary.read_text())
+    job = Job(tmp_path, [*base, "--overwrite"], stage="hold", nth=2)
+    resume, _ = interrupt(job, signal.SIGTERM, job.paused)
+    code, text = cli("run", *resume)  # without --overwrite: the old output is the one it replaces
+    assert code == 0 and "resuming" in text, text
+    assert_same_output(output, greedy[1])
+    written = json.loads(summary.read_text())
+    assert written["rows_run"] > 0 and written["rows_total"] == ROWS
+    assert written["fingerprint"] != old_summary["fingerprint"]
+
+
+def test_finished_job_merges_over_the_foreign_file_its_overwrite_run_found(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """A job begun with --overwrite over a file jobrunner did not write, its rows all done but
+    not merged (stopped just before): the next run merges, not "nothing to do"."""
+    output = tmp_path / "out.parquet"
+    copy_checkpoint(greedy[0], output)
+    output.write_text("id,caption\n")  # a CSV someone kept at the output path
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+    assert status_json(output)["output_replaced_by_merge"]
+    assert (
+        "the file at the output is still the one the job replaces" in cli("status", str(output))[1]
+    )
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output))
+    assert code == 0 and "wrote" in text, text
+    assert_same_output(output, greedy[1])
+
+    # --overwrite of the same job (its checkpoint kept) over a file put there since
+    output.write_text("id,caption\n")
+    code, text = cli("run", *job_args(dataset, tiny_model_dir, output, "--overwrite"))
+    assert code == 0 and "wrote" in text, text
+    assert_same_output(output, greedy[1])
 
 
 def test_changed_input_file_refuses(tmp_path, tiny_model_dir):
@@ -886,6 +981,7 @@ def test_a_row_that_fails_in_preparation_unforeseen_is_an_error_record(
     assert error.startswith("preparing the row failed: IndexError: unforeseen at "), error
     assert error.endswith(" in prepare"), error
 
+    before = output.read_bytes()
     lines = [{"prompt": f"Say {i}."} for i in range(20)]
     output, args = _rows_job(tmp_path, tiny_model_dir, lines)
     with monkeypatch.context() as patch:
@@ -893,7 +989,8 @@ def test_a_row_that_fails_in_preparation_unforeseen_is_an_error_record(
         code, text = cli(*args, "--max-tokens", "2", "--batch-size", "8", "--overwrite", "--quiet")
     assert code == 4, text
     assert "preparing rows failed for 16 rows in a row" in text and "unforeseen" in text, text
-    assert not output.exists()
+    assert output.read_bytes() == before  # the old job's output: nothing was merged
+    assert not (parts_dir(output) / "manifest.json").exists()  # nothing recorded, nothing left
 
 
 def test_generation_failing_for_every_row_stops_and_records_none(
