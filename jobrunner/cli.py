@@ -209,8 +209,8 @@ def run(input_path: Path, **flags) -> None:
             f"padding {s['padding_fraction']:.1%}, errors {result.errors}",
             err=True,
         )
-    # a hint, unless this run retried them: where the cause is outside the input
-    retry = "" if spec.retry_errors else f"; {RETRY_HINT}"
+    # a hint, unless this run retried them or every error came from the rows themselves
+    retry = "" if spec.retry_errors or not result.retry_may_help else f"; {RETRY_HINT}"
     if result.nothing_to_do:  # a finished job re-run is a no-op, whatever its rows hold
         if result.errors and not spec.quiet:
             note = f"; {result.retry_note}" if result.retry_note else retry

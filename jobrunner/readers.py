@@ -68,6 +68,10 @@ class ImageError(Exception):
     """An image that cannot be used; the message says which image and what is wrong."""
 
 
+class OverPixelLimit(ImageError):
+    """An image refused for its pixel count (``--max-image-pixels``, part of the job)."""
+
+
 class StorageError(ImageError):
     """An image that could not be read for a reason of the storage rather than of the file: an
     I/O error, a network share or FUSE mount that went away. The same read may work once the
@@ -953,7 +957,7 @@ def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
         raise ImageError(f"not an image (unrecognised format): {ref.describe()}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard fired first (a process-wide limit; ``allow_pixels`` raises it)
-        raise ImageError(
+        raise OverPixelLimit(
             f"image over the pixel limit of {max_pixels:,} ({_PIXELS_FLAG}), refused without "
             f"decoding: {ref.describe()} ({exc}); {_PIXELS_HINT}"
         ) from None
@@ -965,7 +969,7 @@ def _open_header(fh: IO[bytes], ref: ImageRef, max_pixels: int) -> Image.Image:
         raise ImageError(f"cannot read image header of {ref.describe()}: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
+        raise OverPixelLimit(
             f"image is {width}x{height} = {width * height:,} pixels, over the pixel limit of "
             f"{max_pixels:,} ({_PIXELS_FLAG}); refused without decoding: {ref.describe()}; "
             f"{_PIXELS_HINT}"

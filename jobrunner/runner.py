@@ -61,6 +61,7 @@ from .readers import (
     ImageError,
     ImageRef,
     InputReadError,
+    OverPixelLimit,
     ReaderConfigError,
     ReadOptions,
     Row,
@@ -181,6 +182,10 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
     nothing_to_do: bool = False
     retry_note: str | None = None  # why --retry-errors cannot run the errors from here
+    # whether some error record may have its cause outside the input and settings (an image
+    # file, the storage, a fault), so that --retry-errors could help: False only where every
+    # error of the shard is this session's and came from the row itself
+    retry_may_help: bool = True
 
 
 def model_identity(model: str) -> tuple[Path, dict[str, Any]]:
@@ -402,6 +407,7 @@ class _Session:
         self.ids = DuplicateIdTracker()
         self.rows: dict[int, Row] = {}
         self.rows_run = self.errors = self.generated = self.prompt_tokens = 0
+        self.errors_outside = 0  # of them, errors whose cause may be outside the input
         self.started = time.monotonic()
         self.model_seconds = 0.0
         self.feature_cache = self.prefix_cache = None  # made with the model
@@ -625,62 +631,71 @@ class _Session:
                 continue
             limit = token_limit(row.max_tokens, self.spec.max_tokens)
             try:
-                length, problem = self._estimate(row, limit)
+                length, problem, outside = self._estimate(row, limit)
             except StorageError as err:
                 self._unreadable(row, str(err))
                 self.writer.maybe_flush()  # a retried row is an error record at once
                 continue
             if problem is not None:
-                self._error(row, problem)
+                self._error(row, problem, outside=outside)
                 self.writer.maybe_flush()
                 continue
             self.rows[row.index] = row
             key = image_key(row.image) if self.spec.group_images else None
             yield row.index, length, key, limit
 
-    def _estimate(self, row: Row, limit: int) -> tuple[int, str | None]:
-        """(prompt length, None), or (0, what is wrong with the row): among that, a prompt
-        that with ``limit`` new tokens would not fit in the model's context, or whose KV cache
-        alone would not fit in memory (allocating it could kill the process)."""
+    def _estimate(self, row: Row, limit: int) -> tuple[int, str | None, bool]:
+        """(prompt length, None, False), or (0, what is wrong with the row, whether the cause
+        may be outside the input: ``_outside_input``): among that, a prompt that with ``limit``
+        new tokens would not fit in the model's context, or whose KV cache alone would not fit
+        in memory (allocating it could kill the process)."""
         from model.generate import kv_bytes_per_token, kv_positions, static_shapes
         from model.processing import ImageTagError
 
         if row.error:
-            return 0, row.error
+            return 0, row.error, False
         try:
             size = image_size(row.image, self.spec.max_image_pixels) if row.image else None
         except StorageError:
             raise  # not the row's: _estimates holds it
         except ROW_ERRORS as err:
-            return 0, str(err)
+            return 0, str(err), _outside_input(row, err)
         if size is not None and row.image.data is None:  # a file read: the storage works
             self._image_read()
         try:
             length = self.processor.estimate_tokens(row.prompt, size, chat=self.spec.chat)
         except ImageTagError as err:
             if not self.spec.chat:
-                return 0, f"{err}{_NO_CHAT_TAGS}"
+                return 0, f"{err}{_NO_CHAT_TAGS}", False
             hint = _CHAT_TAGS if row.image else "; this row has no image: take it out of the prompt"
-            return 0, f"{err}{hint}"
+            return 0, f"{err}{hint}", False
         except ROW_ERRORS as err:
-            return 0, str(err)
+            return 0, str(err), False
         context = self.model.config.max_position_embeddings
         if length + limit > context:
-            return 0, (
-                f"the prompt ({length} tokens) and up to {limit} new tokens exceed the model's "
-                f"context of {context} positions; shorten the prompt or lower --max-tokens"
+            return (
+                0,
+                (
+                    f"the prompt ({length} tokens) and up to {limit} new tokens exceed the model's "
+                    f"context of {context} positions; shorten the prompt or lower --max-tokens"
+                ),
+                False,
             )
         needed = kv_positions(length, limit, static_shapes(self.params))
         if self.row_kv_limit is not None and needed > self.row_kv_limit:
             gib = kv_bytes_per_token(self.model) / 2**30
-            return 0, (
-                f"the prompt ({length} tokens) and up to {limit} new tokens need a KV cache of "
-                f"{needed} positions ({needed * gib:.1f} GiB), more than the "
-                f"{self.row_kv_limit} ({self.row_kv_limit * gib:.1f} GiB) that fit in this "
-                "machine's memory beside the model; lower --max-tokens or this row's limit, "
-                "or shorten the prompt"
+            return (
+                0,
+                (
+                    f"the prompt ({length} tokens) and up to {limit} new tokens need a KV cache of "
+                    f"{needed} positions ({needed * gib:.1f} GiB), more than the "
+                    f"{self.row_kv_limit} ({self.row_kv_limit * gib:.1f} GiB) that fit in this "
+                    "machine's memory beside the model; lower --max-tokens or this row's limit, "
+                    "or shorten the prompt"
+                ),
+                False,
             )
-        return length, None
+        return length, None, False
 
     def _submit(self, pool: ThreadPoolExecutor, batch: list[int]) -> list[tuple[Row, Future]]:
         rows = [self.rows.pop(index) for index in batch]
@@ -744,7 +759,7 @@ class _Session:
             except StorageError as err:
                 self._unreadable(row, str(err))
             except ROW_ERRORS as err:
-                self._error(row, str(err))
+                self._error(row, str(err), outside=_outside_input(row, err))
             except MemoryError:  # the machine's: the run stops (exit 4)
                 raise
             except Exception as err:  # noqa: BLE001 - unforeseen: the row's, or many a fault
@@ -847,7 +862,7 @@ class _Session:
         until a success shows it the row's own; many in a row over enough images stop the run
         as a fault of the model or machine (or of jobrunner), recording none of them."""
         if row.index in self.store.retried:  # an error record before: one again
-            self._error(row, message, prompt_tokens=prompt_tokens)
+            self._error(row, message, prompt_tokens=prompt_tokens, outside=True)
             return
         self.failing.append((row, message, prompt_tokens))
         images = self._failing_images()
@@ -889,7 +904,7 @@ class _Session:
     def _record_failures(self) -> None:
         """Generation failures of rows among successes are the rows' own: record them."""
         for row, message, prompt_tokens in self.failing:
-            self._error(row, message, prompt_tokens=prompt_tokens)
+            self._error(row, message, prompt_tokens=prompt_tokens, outside=True)
         self.failing = []
 
     def _image_read(self) -> None:
@@ -919,7 +934,7 @@ class _Session:
         (``--retry-errors``) is an error record again at once, as it was: a retry that runs
         to its end leaves a finished job finished, whatever the storage does."""
         if row.index in self.store.retried:
-            self._error(row, message)
+            self._error(row, message, outside=True)
             return
         self.unread.append((row, message))
         images = _images_among([row for row, _ in self.unread])
@@ -936,7 +951,7 @@ class _Session:
     def _record_unread(self) -> None:
         """Images read again (or the run's end): the held rows' failures are their own."""
         for row, message in self.unread:
-            self._error(row, message)
+            self._error(row, message, outside=True)
         self.unread = []
 
     def _failing_images(self) -> int:
@@ -959,7 +974,10 @@ class _Session:
         self.generated += result.output_tokens
         self.prompt_tokens += result.prompt_tokens
 
-    def _error(self, row: Row, message: str, prompt_tokens: int = 0) -> None:
+    def _error(self, row: Row, message: str, prompt_tokens: int = 0, outside: bool = False) -> None:
+        """Record the row as an error record; ``outside``: its cause may be outside the input
+        and settings (``RunResult.retry_may_help``)."""
+        self.errors_outside += outside
         self.writer.add(
             {
                 "index": row.index,
@@ -1018,7 +1036,11 @@ class _Session:
         # the job is not sharded): a shard that finishes last and merges reports its rows, not
         # the other shards' (the merge line above gives the output's).
         errors = store.errors
-        return RunResult(total, self.done_before, self.rows_run, errors, merged, summary)
+        # earlier sessions' error records: of causes this one cannot tell
+        may_help = self.errors_outside > 0 or errors > self.errors
+        return RunResult(
+            total, self.done_before, self.rows_run, errors, merged, summary, retry_may_help=may_help
+        )
 
     def summary(self) -> dict[str, Any]:
         seconds = time.monotonic() - self.started
@@ -1086,6 +1108,19 @@ def _check_context(spec: JobSpec, model_dir: Path) -> None:
             f"--max-tokens {spec.max_tokens} leaves no room for a prompt in the model's context "
             f"of {context} positions (max_position_embeddings in its config.json); lower it"
         )
+
+
+def _outside_input(row: Row, err: Exception) -> bool:
+    """Whether an error preparing ``row`` may have its cause outside the input and settings,
+    where fixing it and ``--retry-errors`` help: an image file missing, damaged or not an image
+    (its bytes are not in the input), but not one over the pixel limit (a setting)."""
+    image = row.image
+    return (
+        isinstance(err, ImageError)
+        and not isinstance(err, OverPixelLimit)
+        and image is not None
+        and image.data is None
+    )
 
 
 def _summary_of_job(summary: dict[str, Any], fingerprint: str | None, spec: JobSpec) -> bool:

@@ -1103,6 +1103,6 @@ def test_one_error_record_is_counted_in_the_singular(tiny_model_dir, tmp_path):
     source.write_text('{"id": "a", "prompt": "Hi."}\n{not json\n')
     args = ["run", str(source), "--model", str(tiny_model_dir), "--max-tokens", "2"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and "jobrunner: 1 error record; " in result.output, result.output
+    assert result.exit_code == 1 and "jobrunner: 1 error record\n" in result.output, result.output
     result = CliRunner().invoke(main, args)  # nothing to do
     assert "the output holds 1 error record; " in result.output, result.output

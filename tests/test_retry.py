@@ -103,6 +103,31 @@ def test_a_retry_runs_only_the_error_rows_and_ends_as_a_fresh_run(job, tmp_path)
     assert cli("show", str(output), "--errors") == (0, f"{output}: no error records\n")
 
 
+def test_no_retry_hint_where_every_error_came_from_the_rows_themselves(tmp_path, tiny_model_dir):
+    """A retry cannot help an image tag in a prompt, a malformed line or an image over the
+    pixel limit (a setting): the run does not suggest one. A missing image file can be
+    restored: with one among them, it does."""
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "small.png")
+    Image.new("RGB", (200, 200), "blue").save(tmp_path / "large.png")
+    lines = [
+        json.dumps({"id": "ok", "image": "small.png", "prompt": "Describe."}),
+        json.dumps({"id": "tag", "image": "small.png", "prompt": "Describe <|image_1|>."}),
+        json.dumps({"id": "large", "image": "large.png", "prompt": "Describe."}),
+        "{not json",
+    ]
+    source = tmp_path / "data.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    args = ["run", str(source), "--model", str(tiny_model_dir), *ARGS]
+    args += ["--max-image-pixels", "10000"]
+    code, text = cli(*args, "--output", str(tmp_path / "a.parquet"))
+    assert code == 1 and "3 error records" in text, text
+    assert "--retry-errors" not in text, text
+    source.write_text(source.read_text() + json.dumps({"id": "gone", "image": "gone.png"}) + "\n")
+    # (--prompt: one prompt for every row, the tag row then fine)
+    code, text = cli(*args, "--output", str(tmp_path / "b.parquet"), "--prompt", "Describe.")
+    assert code == 1 and "3 error records; where the cause is outside the input" in text, text
+
+
 def test_rows_that_fail_again_are_error_records_again(job, tmp_path):
     output, args = job
     job_file = tmp_path / "job.toml"
