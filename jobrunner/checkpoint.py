@@ -361,6 +361,18 @@ def replaces_output(manifest: Mapping[str, Any] | None, path: Path) -> bool:
     return recorded is not None and file_identity(path) == recorded
 
 
+def forget_replaced(directory: Path) -> None:
+    """Drop the manifest's ``replaces`` once the job's merge has replaced that file: a file
+    put at the output later with the same identity (the old output moved or linked back, an
+    inode number reused with a copy's size and time) is no longer taken for it. It stays
+    known as ``replaced``: the job began over another output (``OUTPUT.summary.json``)."""
+    with _manifest_lock(Path(directory)):
+        manifest = read_manifest(Path(directory))
+        if manifest is not None and manifest.get("replaces") is not None:
+            gone = {"replaces": None, "replaced": manifest["replaces"]}
+            atomic_write_json(Path(directory) / MANIFEST, {**manifest, **gone})
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file's content, or None if it is missing, not whole (never trusted half)
     or holds something other than an object."""
@@ -552,7 +564,8 @@ class CheckpointStore:
         if overwrite and same:
             # Same job: redo only this shard; the others' work is valid and they may be running.
             cleaned = _discarded(_wipe(self.directory, only_shard=self.name))
-            if replaces is not None and replaces != manifest.get("replaces"):
+            # what this run found there (nothing, once the old output was moved away)
+            if replaces != manifest.get("replaces"):
                 manifest = {**manifest, "replaces": replaces}
                 atomic_write_json(self.directory / MANIFEST, manifest)
             return manifest, False, cleaned

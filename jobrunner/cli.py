@@ -9,6 +9,7 @@ command).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -167,9 +168,13 @@ def run(input_path: Path, **flags) -> None:
         raise _ConfigError(f"{err}{note}") from None
     except OSError as err:  # a full disk, a read-only folder: durable parts stay as they are
         where = f" ({err.filename})" if err.filename else ""
+        again = "run the same command again"
+        if spec.overwrite and getattr(err, "nothing_saved", None) is False:
+            # rows saved: the same command, --overwrite and all, would run them all again
+            from_file = input_path.suffix.lower() == ".toml"
+            again = f"resume with {shlex.join(_resume_args(sys.argv[1:], from_file))}"
         raise _StorageFault(
-            f"{err.strerror or err}{where}; finished rows are saved: fix it and run the same "
-            "command again"
+            f"{err.strerror or err}{where}; finished rows are saved: fix it and {again}"
         ) from None
     except (Interrupted, StoppedNow) as err:
         reporter.close()
@@ -447,8 +452,8 @@ def _job_state(info: dict, resume: str = "") -> str:
         if info.get("output_replaced_by_merge"):
             return (
                 "every shard is done, but the file at the output is still the one the job "
-                "replaces (it began with --overwrite): the same command or `jobrunner merge` "
-                "writes the job's"
+                "replaces (it began with --overwrite): `jobrunner merge` writes the job's (the "
+                "job's command with --overwrite would run every row again)"
             )
         return (
             "every shard is done, but the file at the output is not this job's output; move "
@@ -495,6 +500,10 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
             f"cannot merge into {output}: {err.strerror or err}{where}; "
             "fix it and run `jobrunner merge` again"
         ) from None
+    from .runner import refresh_summary
+
+    with contextlib.suppress(OSError):  # the output is written; a summary is a side note
+        refresh_summary(output, parts, info.rows, info.errors)
     click.echo(f"wrote {info.path}: {info.rows} rows, {info.errors} errors")
     sys.exit(EXIT_ROW_ERRORS if info.errors else EXIT_OK)
 

@@ -41,6 +41,7 @@ from jobrunner.checkpoint import (
     CheckpointError,
     PartRecord,
     _manifest_lock,
+    forget_replaced,
     input_changed,
     is_locked,
     jsonable,
@@ -396,6 +397,11 @@ def merge(
         }
         file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
         _atomic_parquet(output_path, file_schema, parts, total, kept, rows_per_group)
+        if manifest.get("replaces") is not None:  # that file is gone: accept it no more
+            try:
+                forget_replaced(directory)
+            except OSError:  # a read-only checkpoint: the identity stays, as it was
+                pass
         if (directory / UNMERGED).exists():
             (directory / UNMERGED).unlink()
             fsync_dir(directory)

@@ -337,7 +337,8 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
         retried = store.drop_errors(_waiting_for_merge(reporter, stop)) if retry else 0
-        merged = info.complete and spec.output.exists()
+        # the output merged from this checkpoint (not the old one an --overwrite run replaces)
+        merged = info.complete and _merged_by_checkpoint(spec)
         if retried:
             reporter.event(
                 f"retrying {retried} error rows; {store.rows_done} of {owed} rows stay done"
@@ -383,7 +384,11 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
                     err.input_changed = change  # the resume advice no longer holds (cli)
             raise
         store.mark_complete(total)
-        return session.finish(total, identity, stop)
+        try:
+            return session.finish(total, identity, stop)
+        except OSError as err:  # the merge (a full disk, the old output not replaceable)
+            err.nothing_saved = False  # every row is saved: resuming only merges
+            raise
 
 
 class _Session:
@@ -1026,7 +1031,8 @@ class _Session:
             # a session that only merged keeps the figures of the run that made the rows: the
             # summary there is of this job, not of the output an --overwrite run replaced
             earlier = read_json(path) if self.rows_run == 0 else None
-            if earlier is not None and not _summary_of_job(earlier, counts["fingerprint"], spec):
+            fingerprint = counts["fingerprint"]
+            if earlier is not None and not _summary_of_job(earlier, fingerprint, spec.parts_dir):
                 earlier = None
             write_summary(path, summary if earlier is None else earlier | counts)
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
@@ -1123,17 +1129,48 @@ def _outside_input(row: Row, err: Exception) -> bool:
     )
 
 
-def _summary_of_job(summary: dict[str, Any], fingerprint: str | None, spec: JobSpec) -> bool:
+def _merged_by_checkpoint(spec: JobSpec) -> bool:
+    """Whether the file at the output was merged from this job's checkpoint (its fingerprint is
+    the manifest's), as opposed to the old output an --overwrite run found there."""
+    metadata = merged_metadata(spec.output)
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        return False
+    if metadata is None or manifest is None:
+        return False
+    return metadata.get("fingerprint") == manifest.get("fingerprint")
+
+
+def refresh_summary(output: Path, parts_dir: Path, rows: int, errors: int) -> None:
+    """After ``jobrunner merge``: ``OUTPUT.summary.json`` records the merged output's rows and
+    fingerprint; one of another job (the output an --overwrite run replaced) is not kept."""
+    path = output.with_name(output.name + ".summary.json")
+    earlier = read_json(path)
+    if earlier is None:
+        return
+    counts = {
+        "rows_total": rows,
+        "rows_ok": rows - errors,
+        "rows_error": errors,
+        "fingerprint": (merged_metadata(output) or {}).get("fingerprint"),
+    }
+    ours = _summary_of_job(earlier, counts["fingerprint"], parts_dir)
+    write_summary(path, earlier | counts if ours else counts)
+
+
+def _summary_of_job(summary: dict[str, Any], fingerprint: str | None, parts_dir: Path) -> bool:
     """Whether ``OUTPUT.summary.json`` was written for the job of ``fingerprint``. One written
     before summaries recorded the fingerprint is taken as the job's unless the job began with
     --overwrite over an earlier output (its manifest records the file it replaced)."""
     if "fingerprint" in summary:
         return summary["fingerprint"] == fingerprint
     try:
-        manifest = read_manifest(spec.parts_dir)
+        manifest = read_manifest(parts_dir)
     except CheckpointError:
         return False
-    return (manifest or {}).get("replaces") is None
+    manifest = manifest or {}  # the file it replaced, still there or replaced by its merge
+    return manifest.get("replaces") is None and manifest.get("replaced") is None
 
 
 def _check_output(spec: JobSpec, print_: str, fields: dict[str, Any]) -> None:

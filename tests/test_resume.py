@@ -602,6 +602,145 @@ def test_finished_job_merges_over_the_foreign_file_its_overwrite_run_found(
     assert_same_output(output, greedy[1])
 
 
+def test_complete_shard_over_the_old_output_it_replaces_is_not_merged_yet(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """A shard of an --overwrite job that is complete, run again while the old output (a CSV
+    here) still sits there: no "merged again" and no error count read from that file (it
+    crashed on a file that is not Parquet); the last shard's merge replaces it."""
+    output = tmp_path / "out.parquet"
+    output.write_text("id,caption\n")
+    base = job_args(dataset, tiny_model_dir, output)
+    code, text = cli("run", *base, "--shard", "0/2", "--overwrite", "--quiet")
+    assert code == 0, text
+    for extra in ((), ("--retry-errors",)):
+        code, text = cli("run", *base, "--shard", "0/2", *extra)
+        assert code == 0 and "Traceback" not in text, text
+        assert "merged again" not in text and "not merged yet" in text, text
+    assert output.read_text() == "id,caption\n"
+    code, text = cli("run", *base, "--shard", "1/2", "--quiet")
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
+
+
+def test_a_merge_forgets_the_file_it_replaced(tmp_path, dataset, tiny_model_dir, greedy):
+    """Once the job's merge replaced the old output, that file put back (moved, or a link kept
+    as a backup) is another job's file like any other: refused, not replaced."""
+    output = tmp_path / "out.parquet"
+    base = job_args(dataset, tiny_model_dir, output)
+    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
+    backup = tmp_path / "backup.parquet"
+    os.link(output, backup)
+    old = output.read_bytes()
+    code, text = cli("run", *base, "--overwrite", "--quiet")
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
+    os.replace(backup, output)  # last night's output put back
+    assert not status_json(output)["output_replaced_by_merge"]
+    code, text = cli("merge", str(output))
+    assert code == 2 and "not this job's output" in text, text
+    code, text = cli("run", *base)
+    assert code == 2 and "written by another job" in text, text
+    assert output.read_bytes() == old
+
+
+def test_overwrite_of_one_shard_records_that_it_found_no_file(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """A later --overwrite shard that finds no file at the output (the old one moved away)
+    records so: the old file moved back is then refused like any other."""
+    output = tmp_path / "out.parquet"
+    base = job_args(dataset, tiny_model_dir, output)
+    pq.write_table(pa.table({"x": [1, 2]}), output)
+    aside = tmp_path / "aside.parquet"
+    assert cli("run", *base, "--shard", "0/3", "--overwrite", "--quiet")[0] == 0
+    os.replace(output, aside)
+    assert cli("run", *base, "--shard", "1/3", "--overwrite", "--quiet")[0] == 0
+    os.replace(aside, output)  # moved back after that run began
+    kept = output.read_bytes()
+    code, text = cli("run", *base, "--shard", "2/3", "--quiet")
+    assert code == 2 and "move it away" in text, text
+    assert output.read_bytes() == kept
+
+
+def test_merge_of_an_overwrite_job_leaves_no_summary_of_the_old_one(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """`jobrunner merge`, as status advises for a finished --overwrite job over the old output,
+    leaves OUTPUT.summary.json describing the merged output, not the replaced one's job."""
+    output = tmp_path / "out.parquet"
+    summary = output.with_name(output.name + ".summary.json")
+    base = job_args(dataset, tiny_model_dir, output)
+    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
+    shutil.rmtree(parts_dir(output))
+    copy_checkpoint(greedy[0], output)  # the --overwrite run's rows, all done, not merged
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["spec"]["overwrite"] = True
+    manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+    code, text = cli("status", str(output))
+    assert "`jobrunner merge` writes the job's" in text and "same command" not in text, text
+    code, text = cli("merge", str(output))
+    assert code == 0, text
+    assert_same_output(output, greedy[1])
+    fingerprint = json.loads(pq.read_schema(output).metadata[b"jobrunner"])["fingerprint"]
+    written = json.loads(summary.read_text())
+    assert written["fingerprint"] == fingerprint and written["rows_total"] == ROWS
+
+
+def test_a_summary_of_an_older_version_beside_the_replaced_output_is_not_kept(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """The replaced output's summary, written before summaries recorded the fingerprint, is
+    not taken for the job's by a session that only merges (also once the merge has replaced
+    the file the manifest recorded)."""
+    output = tmp_path / "out.parquet"
+    summary = output.with_name(output.name + ".summary.json")
+    base = job_args(dataset, tiny_model_dir, output)
+    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
+    legacy = json.loads(summary.read_text())
+    del legacy["fingerprint"]
+    summary.write_text(json.dumps({**legacy, "rows_run": 12345}))
+    shutil.rmtree(parts_dir(output))
+    copy_checkpoint(greedy[0], output)  # the --overwrite run's rows, all done, not merged
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+    code, text = cli("run", *base)
+    assert code == 0 and "wrote" in text, text
+    written = json.loads(summary.read_text())
+    assert written["rows_run"] == 0 and "fingerprint" in written
+
+
+def test_overwrite_run_whose_final_merge_fails_advises_resuming_not_overwriting(
+    tmp_path, dataset, tiny_model_dir, greedy, monkeypatch
+):
+    """The old output stays until the final merge, so that merge is where replacing it can
+    fail (a full disk, a file that cannot be replaced): every row is saved, and the advice is
+    the command without --overwrite, which merges, not the same one, which runs them all."""
+    import jobrunner.merge as merge_module
+
+    output = tmp_path / "out.parquet"
+    base = job_args(dataset, tiny_model_dir, output)
+    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old output
+    old = output.read_bytes()
+
+    def full_disk(path, *args):
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merge_module, "_atomic_parquet", full_disk)
+        patch.setattr(sys, "argv", ["jobrunner", "run", *base, "--overwrite"])
+        code, text = cli("run", *base, "--overwrite")
+    assert code != 0 and "No space left on device" in text, text
+    assert output.read_bytes() == old
+    command = shlex.split(re.search(r"resume with (.+)", text).group(1))
+    assert command[:2] == ["jobrunner", "run"] and "--overwrite" not in command, text
+    code, text = cli(*command[1:])
+    assert code == 0 and "wrote" in text and "running" not in text, text
+    assert_same_output(output, greedy[1])
+
+
 def test_changed_input_file_refuses(tmp_path, tiny_model_dir):
     source = tmp_path / "small.jsonl"
     source.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(3)))
