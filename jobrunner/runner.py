@@ -103,8 +103,8 @@ FAILING_HELD = 1024  # failing rows held undecided at most; then they are record
 # none, so the re-run after the fix does not skip them as done.
 ROW_ERRORS = (ImageError, ValueError, OSError, UnicodeError)
 _CHAT_TAGS = (
-    "; the chat template puts the image tag before the prompt itself: take <|image_1|> out of "
-    "the prompt, or pass --no-chat to send prompts as they are"
+    "; the chat template puts the image tag before the prompt itself: take the <|image_N|> tags "
+    "out of the prompt, or pass --no-chat to send prompts as they are"
 )
 _NO_CHAT_TAGS = (
     "; with --no-chat the prompt is sent as it is, so it must hold <|image_1|> where a row's "
@@ -672,7 +672,11 @@ class _Session:
         except ImageTagError as err:
             if not self.spec.chat:
                 return 0, f"{err}{_NO_CHAT_TAGS}", False
-            hint = _CHAT_TAGS if row.image else "; this row has no image: take it out of the prompt"
+            hint = (
+                _CHAT_TAGS
+                if row.image
+                else "; this row has no image: take the tag out of the prompt"
+            )
             return 0, f"{err}{hint}", False
         except ROW_ERRORS as err:
             return 0, str(err), False

@@ -841,7 +841,8 @@ def test_no_chat_sends_prompts_as_they_are_and_untagged_image_rows_get_a_hint(
     chat = read(tmp_path / "chat.parquet")
     assert chat[1]["finish_reason"] == "length" and chat[0]["finish_reason"] == "error"
     assert "the chat template puts the image tag before the prompt itself" in chat[0]["error"]
-    assert "this row has no image: take it out of the prompt" in chat[3]["error"]
+    assert "take the <|image_N|> tags out of the prompt" in chat[0]["error"]
+    assert "this row has no image: take the tag out of the prompt" in chat[3]["error"]
 
 
 def test_a_finished_job_run_again_reports_its_rows_and_errors(tiny_model_dir, tmp_path):
