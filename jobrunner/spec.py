@@ -93,7 +93,8 @@ class JobSpec:
         dtype: ``float16`` | ``bfloat16`` | ``float32``; ``None`` = the checkpoint's own.
         quantize: 4 or 8 to quantize the weights at load; ``None`` = as stored.
         shard: ``(k, n)``: run only rows with ``index % n == k``; ``None`` = every row.
-        overwrite: discard an existing output and checkpoint instead of resuming.
+        overwrite: discard an existing checkpoint instead of resuming; the output there is
+            replaced when the new job merges.
         retry_errors: run the rows whose saved record is an error again, finished job or not
             (the other rows stay done); ``overwrite`` runs every row again anyway.
         quiet: no progress output (for cron).
