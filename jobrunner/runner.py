@@ -459,6 +459,19 @@ class _Session:
             )
         except Exception as err:  # a model that does not load is a configuration error
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
+        quantized = getattr(self.model, "quantized_on_cpu", None)
+        if quantized == "expanded":
+            self.reporter.event(
+                "the model's quantized layers run as float32 weights on the CPU, where MLX's "
+                "quantized matmul is many times slower: memory as for float32, outputs those "
+                "of the quantized weights"
+            )
+        elif quantized == "kept":
+            self.reporter.warning(
+                "the model's quantized layers stay quantized, as float32 weights would not fit "
+                "in memory; on the CPU MLX's quantized matmul is many times slower than float32 "
+                "(14x on the bench's small model, more for long prompts)"
+            )
         self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
         # ... and prefill the prompt up to it once
         memory = device_memory_bytes()

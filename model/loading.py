@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import ModelConfig
 from .phi3_v import Model, sanitize
@@ -150,8 +150,24 @@ def _is_decoder_linear(path: str, module: nn.Module) -> bool:
     return path.startswith("model.layers.") or path == "lm_head"
 
 
-def build_model(model_dir: Path, dtype: str | None = None, quantize: int | None = None) -> Model:
-    """Build the model from ``config.json`` and the safetensors in ``model_dir``."""
+# Share of the memory a process may use that expanded weights may take (the KV cache and
+# activations need the rest).
+EXPAND_MEMORY_SHARE = 0.75
+
+
+def build_model(
+    model_dir: Path,
+    dtype: str | None = None,
+    quantize: int | None = None,
+    expand: bool | None = None,
+) -> Model:
+    """Build the model from ``config.json`` and the safetensors in ``model_dir``.
+
+    ``expand``: replace quantized layers (a quantized checkpoint's, or ``quantize``'s) by float
+    layers that hold the same weights (``expand_quantized``); default: on the CPU, where MLX's
+    quantized matmul runs far slower than a float32 one, when the float weights take at most
+    ``EXPAND_MEMORY_SHARE`` of the memory. ``model.quantized_on_cpu`` then says what was done:
+    "expanded", "kept" (no room), or None (nothing quantized, or not on the CPU)."""
     config = read_config(model_dir)
     model = Model(config)
     weights = sanitize(read_weights(model_dir))
@@ -171,9 +187,72 @@ def build_model(model_dir: Path, dtype: str | None = None, quantize: int | None 
         if quantize not in (4, 8):
             raise ValueError("quantize must be 4 or 8")
         nn.quantize(model, group_size=64, bits=quantize, class_predicate=_is_decoder_linear)
+    model.quantized_on_cpu = None
+    if _quantized_bytes(model) and (expand or (expand is None and mx.default_device() == mx.cpu)):
+        if expand or _expanded_bytes(model, target) <= EXPAND_MEMORY_SHARE * _memory_bytes():
+            expand_quantized(model, target)
+            model.quantized_on_cpu = "expanded"
+        else:
+            model.quantized_on_cpu = "kept"
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _quantized_modules(model: nn.Module) -> list[nn.Module]:
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    return [m for _, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _quantized_bytes(model: nn.Module) -> int:
+    return sum(m.weight.nbytes for m in _quantized_modules(model))
+
+
+def _expanded_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
+    """Bytes of the model's parameters once its quantized layers hold float weights."""
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    for m in _quantized_modules(model):
+        rows, packed = m.weight.shape
+        total += rows * packed * 32 // m.bits * dtype.size
+        biases = getattr(m, "biases", None)
+        total -= m.weight.nbytes + m.scales.nbytes + (0 if biases is None else biases.nbytes)
+    return total
+
+
+def _memory_bytes() -> int:
+    from .generate import device_memory_bytes  # generate imports this module's neighbours
+
+    return device_memory_bytes() or 0
+
+
+def expand_quantized(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Replace each quantized linear and embedding layer by a float one of ``dtype`` whose
+    weight is the quantized weight dequantized (``mx.dequantize``): the same weights the
+    quantized layer computes with, at float speed and float memory."""
+
+    def expanded(_, module):
+        if not isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            return module
+        weight = mx.dequantize(
+            module.weight,
+            module.scales,
+            getattr(module, "biases", None),
+            module.group_size,
+            module.bits,
+            mode=getattr(module, "mode", "affine"),
+        ).astype(dtype)
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(*weight.shape)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        layer.weight = weight
+        mx.eval(layer.parameters())  # one layer at a time: the packed weights go as it goes
+        return layer
+
+    leaves = tree_map_with_path(expanded, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
 
 
 def load(

@@ -1107,3 +1107,22 @@ def test_one_error_record_is_counted_in_the_singular(tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "jobrunner: 1 error record\n" in result.output, result.output
     result = CliRunner().invoke(main, args)  # nothing to do
     assert "the output holds 1 error record; " in result.output, result.output
+
+
+def test_quantized_model_on_the_cpu_says_how_its_layers_run(tiny_model_dir, tmp_path, monkeypatch):
+    """--quantize on the CPU runs float layers of the quantized weights (MLX's quantized
+    matmul is many times slower there) and says so; where they would not fit in memory the
+    layers stay quantized, with a warning even when quiet."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"id": "a", "prompt": "Hi."}\n')
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--max-tokens", "2"]
+    args += ["--quantize", "8"]
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a.parquet")])
+    assert result.exit_code == 0, result.output
+    assert "quantized layers run as float32 weights on the CPU" in result.output, result.output
+    monkeypatch.setattr("model.loading._memory_bytes", lambda: 1 << 20)
+    result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "b.parquet"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "quantized layers stay quantized" in result.output, result.output
+    same = pq.read_table(tmp_path / "a.parquet").column("output").to_pylist()
+    assert pq.read_table(tmp_path / "b.parquet").column("output").to_pylist() == same

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from model.config import ModelConfig
 from model.generate import GenerationParams, generate_batch, image_features, kv_bytes_per_token
-from model.loading import ModelLoadError, load, weights_identity
+from model.loading import ModelLoadError, build_model, load, weights_identity
 from model.tiny import random_weights, save_model, tiny_config
 
 _CLIP = "model.vision_embed_tokens.img_processor.vision_model."
@@ -47,10 +47,21 @@ def test_float_layouts_load_to_the_same_model(fixture, request, reference):
     assert result[0].output_tokens == 4
 
 
+def assert_expanded_like(model, kept, processor, module):
+    """``model`` holds ``kept``'s quantized layers as float ones that compute the same: on the
+    CPU, where MLX's quantized matmul is many times slower, quantized layers are expanded."""
+    assert model.quantized_on_cpu == "expanded" and kept.quantized_on_cpu is None
+    assert type(module(model)) in (nn.Linear, nn.Embedding)
+    assert isinstance(module(kept), nn.QuantizedLinear | nn.QuantizedEmbedding)
+    ours, theirs = first_logits(model, processor), first_logits(kept, processor)
+    assert float(mx.abs(ours - theirs).max()) < 1e-4 * float(mx.abs(theirs).max())
+
+
 def test_quantized_checkpoint_loads_and_generates(tiny_model_dir_q4, reference):
     model, processor = load(str(tiny_model_dir_q4))
-    assert isinstance(model.layers[0].self_attn.qkv_proj, nn.QuantizedLinear)
-    assert not isinstance(model.vision.img_projection[0], nn.QuantizedLinear)
+    kept = build_model(tiny_model_dir_q4, expand=False)
+    assert_expanded_like(model, kept, processor, lambda m: m.layers[0].self_attn.qkv_proj)
+    assert not isinstance(kept.vision.img_projection[0], nn.QuantizedLinear)
     logits = first_logits(model, processor)
     assert float(mx.abs(logits - reference).max()) < 0.25 * float(mx.abs(reference).max())
     result = generate_batch(
@@ -62,10 +73,21 @@ def test_quantized_checkpoint_loads_and_generates(tiny_model_dir_q4, reference):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_at_load(tiny_model_dir, reference, bits):
     model, processor = load(str(tiny_model_dir), quantize=bits)
-    assert isinstance(model.layers[1].mlp.down_proj, nn.QuantizedLinear)
-    assert model.layers[1].mlp.down_proj.bits == bits
+    kept = build_model(tiny_model_dir, quantize=bits, expand=False)
+    assert_expanded_like(model, kept, processor, lambda m: m.layers[1].mlp.down_proj)
+    assert kept.layers[1].mlp.down_proj.bits == bits
     logits = first_logits(model, processor)
     assert float(mx.abs(logits - reference).max()) < 0.25 * float(mx.abs(reference).max())
+
+
+def test_quantized_layers_stay_quantized_where_float_ones_would_not_fit(
+    tiny_model_dir, monkeypatch
+):
+    monkeypatch.setattr("model.loading._memory_bytes", lambda: 1 << 20)  # 1 MiB
+    model = build_model(tiny_model_dir, quantize=8)
+    assert model.quantized_on_cpu == "kept"
+    assert isinstance(model.layers[1].mlp.down_proj, nn.QuantizedLinear)
+    assert build_model(tiny_model_dir).quantized_on_cpu is None  # nothing quantized
 
 
 def copy_model(src, dst):
@@ -214,6 +236,10 @@ def test_half_precision_dtypes_follow_float32(tiny_model_dir, reference, dtype):
     assert result[0].output_tokens == 3
 
 
+def _position_embedding(model):
+    return model.vision.img_processor.vision_model.embeddings.position_embedding
+
+
 def test_checkpoint_with_quantized_vision_tower_loads_and_encodes(tmp_path):
     """mlx-vlm's converter quantizes the vision tower as well (its linears and the CLIP position
     embedding) and the token embedding unless told to skip them; such a checkpoint loads,
@@ -243,11 +269,12 @@ def test_checkpoint_with_quantized_vision_tower_loads_and_encodes(tmp_path):
     config_file.write_text(json.dumps(quantized_config))
 
     model, processor = load(str(q4_dir))
-    assert isinstance(
-        model.vision.img_processor.vision_model.embeddings.position_embedding, nn.QuantizedEmbedding
-    )
-    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    kept = build_model(q4_dir, expand=False)
+    assert_expanded_like(model, kept, processor, _position_embedding)
+    assert_expanded_like(model, kept, processor, lambda m: m.model.embed_tokens)
     row = processor.prepare(PROMPT, Image.new("RGB", (90, 40), "red"))
+    features = image_features(kept, [row], 4)
+    assert mx.allclose(image_features(model, [row], 4), features, atol=1e-4)
     ours = image_features(model, [row], 4)
     float_model = load(str(float_dir))[0]
     reference = image_features(float_model, [row], 4)
