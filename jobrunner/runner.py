@@ -443,7 +443,12 @@ class _Session:
 
     def run(self, model_dir: Path, stop: _StopFlag) -> None:
         from model.cache import ImageFeatureCache, PrefixCache
-        from model.generate import GenerationParams, device_memory_bytes, weight_bytes
+        from model.generate import (
+            GenerationParams,
+            activation_dtype,
+            device_memory_bytes,
+            weight_bytes,
+        )
         from model.loading import load
 
         spec = self.spec
@@ -460,15 +465,16 @@ class _Session:
         except Exception as err:  # a model that does not load is a configuration error
             raise ConfigError(f"cannot load model {spec.model!r}: {err}") from None
         quantized = getattr(self.model, "quantized_on_cpu", None)
+        dtype = str(activation_dtype(self.model)).rsplit(".", 1)[-1]
         if quantized == "expanded":
             self.reporter.event(
-                "the model's quantized layers run as float32 weights on the CPU, where MLX's "
-                "quantized matmul is many times slower: memory as for float32, outputs those "
+                f"the model's quantized layers run as {dtype} weights on the CPU, where MLX's "
+                f"quantized matmul is many times slower: memory as for {dtype}, outputs those "
                 "of the quantized weights"
             )
         elif quantized == "kept":
             self.reporter.warning(
-                "the model's quantized layers stay quantized, as float32 weights would not fit "
+                f"the model's quantized layers stay quantized, as {dtype} weights would not fit "
                 "in memory; on the CPU MLX's quantized matmul is many times slower than float32 "
                 "(14x on the bench's small model, more for long prompts)"
             )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .phi3_v import Model, sanitize
@@ -181,6 +181,7 @@ def build_model(
         )
     _check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
+    weights.clear()  # the model holds them: what quantizing or expanding replaces can go
     target = DTYPES[dtype or default_dtype()]
     model.apply(lambda x: x.astype(target) if mx.issubdtype(x.dtype, mx.floating) else x)
     if quantize:
@@ -199,9 +200,11 @@ def build_model(
     return model
 
 
+_QUANTIZED_KINDS = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
 def _quantized_modules(model: nn.Module) -> list[nn.Module]:
-    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding)
-    return [m for _, m in model.named_modules() if isinstance(m, kinds)]
+    return [m for _, m in model.named_modules() if isinstance(m, _QUANTIZED_KINDS)]
 
 
 def _quantized_bytes(model: nn.Module) -> int:
@@ -230,29 +233,38 @@ def expand_quantized(model: nn.Module, dtype: mx.Dtype) -> None:
     weight is the quantized weight dequantized (``mx.dequantize``): the same weights the
     quantized layer computes with, at float speed and float memory."""
 
-    def expanded(_, module):
-        if not isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
-            return module
-        weight = mx.dequantize(
-            module.weight,
-            module.scales,
-            getattr(module, "biases", None),
-            module.group_size,
-            module.bits,
-            mode=getattr(module, "mode", "affine"),
-        ).astype(dtype)
-        if isinstance(module, nn.QuantizedEmbedding):
-            layer = nn.Embedding(*weight.shape)
+    paths = [p for p, m in model.named_modules() if isinstance(m, _QUANTIZED_KINDS)]
+    for path in paths:  # one layer at a time: each one's packed weights go as it goes
+        *parents, name = path.split(".")
+        parent = model
+        for key in parents:
+            parent = parent[int(key)] if isinstance(parent, list) else parent[key]
+        module = parent[int(name)] if isinstance(parent, list) else parent[name]
+        if isinstance(parent, list):
+            parent[int(name)] = _expanded(module, dtype)
         else:
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            if "bias" in module:
-                layer.bias = module.bias
-        layer.weight = weight
-        mx.eval(layer.parameters())  # one layer at a time: the packed weights go as it goes
-        return layer
+            setattr(parent, name, _expanded(module, dtype))
+        del module
 
-    leaves = tree_map_with_path(expanded, model.leaf_modules(), is_leaf=nn.Module.is_module)
-    model.update_modules(leaves)
+
+def _expanded(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    weight = mx.dequantize(
+        module.weight,
+        module.scales,
+        getattr(module, "biases", None),
+        module.group_size,
+        module.bits,
+        mode=getattr(module, "mode", "affine"),
+    ).astype(dtype)
+    if isinstance(module, nn.QuantizedEmbedding):
+        layer = nn.Embedding(*weight.shape)
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+        if "bias" in module:
+            layer.bias = module.bias
+    layer.weight = weight
+    mx.eval(layer.parameters())
+    return layer
 
 
 def load(

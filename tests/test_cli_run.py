@@ -1126,3 +1126,15 @@ def test_quantized_model_on_the_cpu_says_how_its_layers_run(tiny_model_dir, tmp_
     assert "quantized layers stay quantized" in result.output, result.output
     same = pq.read_table(tmp_path / "a.parquet").column("output").to_pylist()
     assert pq.read_table(tmp_path / "b.parquet").column("output").to_pylist() == same
+
+
+def test_quantized_model_note_names_the_dtype_its_layers_run_in(tiny_model_dir, tmp_path):
+    """With --dtype bfloat16 the expanded layers hold bfloat16 weights, and the note says so."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"id": "a", "prompt": "Hi."}\n')
+    args = ["run", str(source), "--model", str(tiny_model_dir), "--max-tokens", "2"]
+    args += ["--quantize", "8", "--dtype", "bfloat16", "--output", str(tmp_path / "a.parquet")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "quantized layers run as bfloat16 weights on the CPU" in result.output, result.output
+    assert "float32 weights" not in result.output, result.output
