@@ -190,7 +190,12 @@ def build_model(
         nn.quantize(model, group_size=64, bits=quantize, class_predicate=_is_decoder_linear)
     model.quantized_on_cpu = None
     if _quantized_bytes(model) and (expand or (expand is None and mx.default_device() == mx.cpu)):
-        if expand or _expanded_bytes(model, target) <= EXPAND_MEMORY_SHARE * _memory_bytes():
+        memory = _memory_bytes()  # unknown: as on most machines, expanded
+        if (
+            expand
+            or memory is None
+            or _expanded_bytes(model, target) <= EXPAND_MEMORY_SHARE * memory
+        ):
             expand_quantized(model, target)
             model.quantized_on_cpu = "expanded"
         else:
@@ -222,10 +227,10 @@ def _expanded_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
     return total
 
 
-def _memory_bytes() -> int:
+def _memory_bytes() -> int | None:
     from .generate import device_memory_bytes  # generate imports this module's neighbours
 
-    return device_memory_bytes() or 0
+    return device_memory_bytes()
 
 
 def expand_quantized(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -89,6 +89,8 @@ def test_quantized_layers_stay_quantized_where_float_ones_would_not_fit(
     assert model.quantized_on_cpu == "kept"
     assert isinstance(model.layers[1].mlp.down_proj, nn.QuantizedLinear)
     assert build_model(tiny_model_dir).quantized_on_cpu is None  # nothing quantized
+    monkeypatch.setattr("model.loading._memory_bytes", lambda: None)  # unknown: expanded
+    assert build_model(tiny_model_dir, quantize=8).quantized_on_cpu == "expanded"
 
 
 def test_expanding_quantized_layers_holds_no_second_copy_of_the_weights(tiny_model_dir):
