@@ -173,10 +173,13 @@ def build_model(
     weights = sanitize(read_weights(model_dir))
     if config.quantization:
         q = config.quantization
+        mode = q.get("mode", "affine")  # mxfp4 and the like: MLX's defaults for the mode
+        affine = mode == "affine"
         nn.quantize(
             model,
-            group_size=q.get("group_size", 64),
-            bits=q.get("bits", 4),
+            group_size=q.get("group_size", 64 if affine else None),
+            bits=q.get("bits", 4 if affine else None),
+            mode=mode,
             class_predicate=lambda path, _: f"{path}.scales" in weights,
         )
     _check_weights(model, weights)

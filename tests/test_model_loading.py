@@ -137,6 +137,28 @@ def test_expanded_size_is_computed_before_expanding(tiny_model_dir, tiny_model_d
     assert expected == weight_bytes(model)
 
 
+def test_checkpoint_quantized_in_another_mode_loads(tiny_model_dir_mlx, tmp_path):
+    """A checkpoint quantized as mxfp4 (scales, no biases; ``quantization.mode``) loads in that
+    mode (it failed with "missing tensors: ...biases") and computes as its quantized layers."""
+    q_dir = copy_model(tiny_model_dir_mlx, tmp_path / "mxfp4")
+    tensors = load_file(q_dir / "model.safetensors")
+    for name, value in list(tensors.items()):
+        if name.startswith("model.layers.") and value.ndim == 2 and value.shape[-1] % 32 == 0:
+            packed, scales = mx.quantize(mx.array(value), group_size=32, bits=4, mode="mxfp4")
+            tensors[name], tensors[name[: -len(".weight")] + ".scales"] = (
+                np.array(packed),
+                np.array(scales),
+            )
+    save_file(tensors, q_dir / "model.safetensors", metadata={"format": "mlx"})
+    config = json.loads((q_dir / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    (q_dir / "config.json").write_text(json.dumps(config))
+    model, processor = load(str(q_dir))
+    kept = build_model(q_dir, expand=False)
+    assert kept.layers[0].mlp.down_proj.mode == "mxfp4"
+    assert_expanded_like(model, kept, processor, lambda m: m.layers[0].mlp.down_proj)
+
+
 def copy_model(src, dst):
     dst.mkdir()
     for file in src.iterdir():
