@@ -478,6 +478,12 @@ class _Session:
                 "in memory; on the CPU MLX's quantized matmul is many times slower than float32 "
                 "(14x on the bench's small model, more for long prompts)"
             )
+        if dtype != "float32" and _on_cpu():
+            self.reporter.warning(
+                f"--dtype {dtype} on the CPU: MLX's CPU kernels run it many times slower than "
+                "float32 (8 rows of the bench's small model: 46 s in bfloat16, 61 s in float16, "
+                "3.1-3.6 s in float32); it halves the weights' memory, at that cost"
+            )
         self.feature_cache = ImageFeatureCache()  # rows sharing an image encode it once
         # ... and prefill the prompt up to it once
         memory = device_memory_bytes()
@@ -1137,6 +1143,12 @@ def _check_context(spec: JobSpec, model_dir: Path) -> None:
             f"--max-tokens {spec.max_tokens} leaves no room for a prompt in the model's context "
             f"of {context} positions (max_position_embeddings in its config.json); lower it"
         )
+
+
+def _on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
 
 
 def _outside_input(row: Row, err: Exception) -> bool:

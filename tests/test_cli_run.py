@@ -1138,3 +1138,9 @@ def test_quantized_model_note_names_the_dtype_its_layers_run_in(tiny_model_dir, 
     assert result.exit_code == 0, result.output
     assert "quantized layers run as bfloat16 weights on the CPU" in result.output, result.output
     assert "float32 weights" not in result.output, result.output
+    # and bfloat16 itself is slow on the CPU: said even when quiet
+    result = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "b.parquet"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "--dtype bfloat16 on the CPU" in result.output, result.output
+    result = CliRunner().invoke(main, [*args[:-4], "--output", str(tmp_path / "c.parquet")])
+    assert result.exit_code == 0 and "on the CPU: MLX" not in result.output, result.output
