@@ -500,10 +500,10 @@ def merge_command(target: Path, checkpoint_dir: Path | None) -> None:
             f"cannot merge into {output}: {err.strerror or err}{where}; "
             "fix it and run `jobrunner merge` again"
         ) from None
-    from .runner import refresh_summary
+    from .runner import write_output_summary
 
     with contextlib.suppress(OSError):  # the output is written; a summary is a side note
-        refresh_summary(output, parts, info.rows, info.errors)
+        write_output_summary(output, parts, info.rows, info.errors)
     click.echo(f"wrote {info.path}: {info.rows} rows, {info.errors} errors")
     sys.exit(EXIT_ROW_ERRORS if info.errors else EXIT_OK)
 

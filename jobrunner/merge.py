@@ -413,7 +413,7 @@ def merge(
 def _refuse_foreign_output(output_path: Path, manifest: dict) -> None:
     if (
         output_path.exists()
-        and not _merged_output(output_path, manifest.get("fingerprint"))
+        and not merged_output(output_path, manifest.get("fingerprint"))
         and not replaces_output(manifest, output_path)  # the old output of an --overwrite run
     ):
         raise CheckpointError(
@@ -532,7 +532,7 @@ def _shard_status(directory: Path, k: int, n: int, total: int | None) -> dict[st
     }
 
 
-def _merged_output(path: Path, fingerprint: str | None = None) -> bool:
+def merged_output(path: Path, fingerprint: str | None = None) -> bool:
     """Whether ``path`` is a Parquet file jobrunner merged (it carries jobrunner's metadata);
     with ``fingerprint``, merged by the job of that fingerprint."""
     metadata = merged_metadata(path)
@@ -573,7 +573,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     }
     if manifest is None:
         # only the output is left: complete if it is a file that jobrunner merged
-        merged = result["output_exists"] and _merged_output(Path(output_path))
+        merged = result["output_exists"] and merged_output(Path(output_path))
         fields = (merged_metadata(Path(output_path)) or {}) if merged else {}
         recorded = (fields.get("fingerprint_fields") or {}).get("input")
         changed = _change_since(recorded) if isinstance(recorded, dict) else None
@@ -589,7 +589,7 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     rates = [s["rows_per_second"] for s in shards if s["rows_per_second"]]
     etas = [s["eta_seconds"] for s in shards if s["eta_seconds"] is not None]
     fingerprint = manifest.get("fingerprint")
-    ours = result["output_exists"] and _merged_output(Path(output_path), fingerprint)
+    ours = result["output_exists"] and merged_output(Path(output_path), fingerprint)
     # the file an --overwrite run found there, kept until the job's merge replaces it
     replaced = bool(result["output_exists"] and not ours)
     replaced = replaced and replaces_output(manifest, Path(output_path))

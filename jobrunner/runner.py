@@ -54,7 +54,14 @@ from .checkpoint import (
     replaces_output,
     shard_rows,
 )
-from .merge import IncompleteJob, all_shards_complete, merge, output_is_current, shard_errors
+from .merge import (
+    IncompleteJob,
+    all_shards_complete,
+    merge,
+    merged_output,
+    output_is_current,
+    shard_errors,
+)
 from .progress import Reporter
 from .readers import (
     DuplicateIdTracker,
@@ -1048,22 +1055,10 @@ class _Session:
             waiting = _waiting_for_merge(self.reporter, stop) if stop is not None else None
             info = merge(spec.parts_dir, spec.output, total, metadata=metadata, waiting=waiting)
             merged = True
-            path = spec.output.with_name(spec.output.name + ".summary.json")
             # the rows of the whole output; the rest is this session's (of shard ``shard``)
-            counts = {
-                "rows_total": info.rows,
-                "rows_ok": info.rows - info.errors,
-                "rows_error": info.errors,
-                "fingerprint": (merged_metadata(spec.output) or {}).get("fingerprint"),
-            }
-            summary |= counts
-            # a session that only merged keeps the figures of the run that made the rows: the
-            # summary there is of this job, not of the output an --overwrite run replaced
-            earlier = read_json(path) if self.rows_run == 0 else None
-            fingerprint = counts["fingerprint"]
-            if earlier is not None and not _summary_of_job(earlier, fingerprint, spec.parts_dir):
-                earlier = None
-            write_summary(path, summary if earlier is None else earlier | counts)
+            summary |= write_output_summary(
+                spec.output, spec.parts_dir, info.rows, info.errors, summary
+            )
             self.reporter.event(f"wrote {spec.output} ({info.rows} rows, {info.errors} errors)")
         except IncompleteJob as err:  # other shards still running: the last one merges
             self.reporter.event(f"shard done; not merged yet: {err}")
@@ -1167,31 +1162,35 @@ def _outside_input(row: Row, err: Exception) -> bool:
 def _merged_by_checkpoint(spec: JobSpec) -> bool:
     """Whether the file at the output was merged from this job's checkpoint (its fingerprint is
     the manifest's), as opposed to the old output an --overwrite run found there."""
-    metadata = merged_metadata(spec.output)
     try:
         manifest = read_manifest(spec.parts_dir)
     except CheckpointError:
         return False
-    if metadata is None or manifest is None:
-        return False
-    return metadata.get("fingerprint") == manifest.get("fingerprint")
+    return manifest is not None and merged_output(spec.output, manifest.get("fingerprint"))
 
 
-def refresh_summary(output: Path, parts_dir: Path, rows: int, errors: int) -> None:
-    """After ``jobrunner merge``: ``OUTPUT.summary.json`` records the merged output's rows and
-    fingerprint; one of another job (the output an --overwrite run replaced) is not kept."""
+def write_output_summary(
+    output: Path, parts_dir: Path, rows: int, errors: int, session: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``OUTPUT.summary.json`` for the output just merged: its rows and its job's
+    fingerprint, over the figures of ``session`` (the run that merged), or of the summary
+    there where it is this job's and the session ran no row or there is none (``jobrunner
+    merge``): a session that only merged keeps the figures of the run that made the rows, and
+    a summary of another job (of the output an --overwrite run replaced) is not kept. Without
+    a session or a summary there, nothing is written. Returns the output's counts."""
     path = output.with_name(output.name + ".summary.json")
-    earlier = read_json(path)
-    if earlier is None:
-        return
     counts = {
         "rows_total": rows,
         "rows_ok": rows - errors,
         "rows_error": errors,
         "fingerprint": (merged_metadata(output) or {}).get("fingerprint"),
     }
-    ours = _summary_of_job(earlier, counts["fingerprint"], parts_dir)
-    write_summary(path, earlier | counts if ours else counts)
+    earlier = read_json(path) if not session or session.get("rows_run") == 0 else None
+    if earlier is not None and _summary_of_job(earlier, counts["fingerprint"], parts_dir):
+        session = earlier
+    if session is not None or earlier is not None:
+        write_summary(path, (session or {}) | counts)
+    return counts
 
 
 def _summary_of_job(summary: dict[str, Any], fingerprint: str | None, parts_dir: Path) -> bool:
