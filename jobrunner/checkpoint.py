@@ -339,18 +339,15 @@ def refuse_if_input_changed(directory: Path) -> None:
 
 
 def file_identity(path: Path) -> dict[str, int] | None:
-    """What tells a file apart from any that replaced it or was written over it: device, inode,
-    size and modification time (None where there is no file)."""
+    """What tells a file at a path apart from any that replaced it or was written over it:
+    inode, size and modification time (None where there is no file). Not the device number,
+    which a network share's remount may change while the job waits; not the change time,
+    which a backup's hard link or a chmod moves without touching the file."""
     try:
         stat = Path(path).stat()
     except FileNotFoundError:
         return None
-    return {
-        "device": stat.st_dev,
-        "inode": stat.st_ino,
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-    }
+    return {"inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def replaces_output(manifest: Mapping[str, Any] | None, path: Path) -> bool:
@@ -358,7 +355,10 @@ def replaces_output(manifest: Mapping[str, Any] | None, path: Path) -> bool:
     at its output: kept until the job's merge replaces it, and then only that very file (one
     written over it or moved there since is refused, as any file the job did not merge)."""
     recorded = (manifest or {}).get("replaces")
-    return recorded is not None and file_identity(path) == recorded
+    identity = file_identity(path)
+    if not isinstance(recorded, dict) or identity is None:
+        return False
+    return all(recorded.get(key) == value for key, value in identity.items())
 
 
 def forget_replaced(directory: Path) -> None:

@@ -909,3 +909,27 @@ def test_a_new_job_with_an_empty_progress_log_is_still_abandoned(tmp_path):
     (shard_dir(directory) / "progress.jsonl").write_bytes(b"")
     assert store.abandon_new() and not (directory / "manifest.json").exists()
     lock.release()
+
+
+def test_the_file_an_overwrite_run_replaces_is_told_by_inode_size_and_time(tmp_path):
+    """The recorded old output is that very file: not one written over it or put in its place,
+    but still it after a network share's remount changes the device number (an older record
+    that holds one), a chmod or a backup's hard link."""
+    old = tmp_path / "out.parquet"
+    old.write_bytes(b"old output")
+    manifest = {"replaces": {**checkpoint.file_identity(old), "device": -1}}
+    os.chmod(old, 0o444)
+    os.link(old, tmp_path / "backup.parquet")
+    assert checkpoint.replaces_output(manifest, old)
+    stat = old.stat()
+    old.chmod(0o644)
+    old.write_bytes(b"a new output")  # written over, its time put back: the size tells
+    os.utime(old, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not checkpoint.replaces_output(manifest, old)
+    other = tmp_path / "other"
+    other.write_bytes(b"old output")
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, old)  # another file put there: another inode
+    assert not checkpoint.replaces_output(manifest, old)
+    assert not checkpoint.replaces_output({"replaces": None}, old)
+    assert not checkpoint.replaces_output(manifest, tmp_path / "missing")
