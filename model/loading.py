@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
+from .generate import device_memory_bytes, weight_bytes
 from .phi3_v import Model, sanitize
 from .processing import Processor
 
@@ -192,8 +193,8 @@ def build_model(
             raise ValueError("quantize must be 4 or 8")
         nn.quantize(model, group_size=64, bits=quantize, class_predicate=_is_decoder_linear)
     model.quantized_on_cpu = None
-    if _quantized_bytes(model) and (expand or (expand is None and mx.default_device() == mx.cpu)):
-        memory = _memory_bytes()  # unknown: as on most machines, expanded
+    if _quantized_modules(model) and (expand or (expand is None and mx.default_device() == mx.cpu)):
+        memory = device_memory_bytes()  # unknown: as on most machines, expanded
         if (
             expand
             or memory is None
@@ -211,18 +212,15 @@ def build_model(
 _QUANTIZED_KINDS = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
-def _quantized_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for _, m in model.named_modules() if isinstance(m, _QUANTIZED_KINDS)]
-
-
-def _quantized_bytes(model: nn.Module) -> int:
-    return sum(m.weight.nbytes for m in _quantized_modules(model))
+def _quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the model's quantized linear and embedding layers."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, _QUANTIZED_KINDS)]
 
 
 def _expanded_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
     """Bytes of the model's parameters once its quantized layers hold float weights."""
-    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    for m in _quantized_modules(model):
+    total = weight_bytes(model)
+    for _, m in _quantized_modules(model):
         rows, packed = m.weight.shape
         total += rows * packed * 32 // m.bits * dtype.size
         biases = getattr(m, "biases", None)
@@ -230,18 +228,12 @@ def _expanded_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
     return total
 
 
-def _memory_bytes() -> int | None:
-    from .generate import device_memory_bytes  # generate imports this module's neighbours
-
-    return device_memory_bytes()
-
-
 def expand_quantized(model: nn.Module, dtype: mx.Dtype) -> None:
     """Replace each quantized linear and embedding layer by a float one of ``dtype`` whose
     weight is the quantized weight dequantized (``mx.dequantize``): the same weights the
     quantized layer computes with, at float speed and float memory."""
 
-    paths = [p for p, m in model.named_modules() if isinstance(m, _QUANTIZED_KINDS)]
+    paths = [path for path, _ in _quantized_modules(model)]
     for path in paths:  # one layer at a time: each one's packed weights go as it goes
         *parents, name = path.split(".")
         parent = model

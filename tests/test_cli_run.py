@@ -1120,7 +1120,7 @@ def test_quantized_model_on_the_cpu_says_how_its_layers_run(tiny_model_dir, tmp_
     result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a.parquet")])
     assert result.exit_code == 0, result.output
     assert "quantized layers run as float32 weights on the CPU" in result.output, result.output
-    monkeypatch.setattr("model.loading._memory_bytes", lambda: 1 << 20)
+    monkeypatch.setattr("model.loading.device_memory_bytes", lambda: 1 << 20)
     result = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "b.parquet"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "quantized layers stay quantized" in result.output, result.output

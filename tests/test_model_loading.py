@@ -84,12 +84,12 @@ def test_quantize_at_load(tiny_model_dir, reference, bits):
 def test_quantized_layers_stay_quantized_where_float_ones_would_not_fit(
     tiny_model_dir, monkeypatch
 ):
-    monkeypatch.setattr("model.loading._memory_bytes", lambda: 1 << 20)  # 1 MiB
+    monkeypatch.setattr("model.loading.device_memory_bytes", lambda: 1 << 20)  # 1 MiB
     model = build_model(tiny_model_dir, quantize=8)
     assert model.quantized_on_cpu == "kept"
     assert isinstance(model.layers[1].mlp.down_proj, nn.QuantizedLinear)
     assert build_model(tiny_model_dir).quantized_on_cpu is None  # nothing quantized
-    monkeypatch.setattr("model.loading._memory_bytes", lambda: None)  # unknown: expanded
+    monkeypatch.setattr("model.loading.device_memory_bytes", lambda: None)  # unknown: expanded
     assert build_model(tiny_model_dir, quantize=8).quantized_on_cpu == "expanded"
 
 
