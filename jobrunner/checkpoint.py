@@ -39,7 +39,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -661,6 +661,37 @@ class CheckpointStore:
         self.rows_done += record.rows
         self.errors += record.errors
         return record
+
+    def import_parts(self, tables: Iterable[pa.Table], made: float) -> int:
+        """Make ``tables`` (rows of this shard, as ``write_part`` takes them) the parts of this
+        empty shard, all recorded at once: every file is made durable first, then
+        ``progress.jsonl`` is written with their records in one replace, so a process killed
+        meanwhile leaves the shard empty (the files unrecorded, removed on the next open).
+        ``made``: when the rows were made, their records' time and session (``status``'s rate
+        counts only what this session runs). Returns the rows imported. On an error the files
+        written so far are removed.
+        """
+        self._require()
+        if self._records:
+            raise RuntimeError("parts are imported into an empty shard only")
+        records, done = [], set()
+        try:
+            for table in tables:
+                index = table.column(INDEX_COLUMN).to_numpy()
+                if np.any(index % self.n != self.k) or not done.isdisjoint(index.tolist()):
+                    raise ValueError(f"imported rows repeat or are not of shard {self.name}")
+                done.update(index.tolist())
+                record = self._part_file(table, self._take_part_number())
+                records.append(replace(record, time=made, session_start=made))
+            atomic_write_bytes(self.shard_dir / PROGRESS, b"".join(r.to_line() for r in records))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _clean_shard_dir(self.shard_dir, keep=set())
+            raise
+        self._records, self._done = records, done
+        self.rows_done = sum(r.rows for r in records)
+        self.errors = sum(r.errors for r in records)
+        return self.rows_done
 
     def _part_file(self, table: pa.Table, number: int) -> PartRecord:
         """Write ``table`` as part ``number``, durable but not recorded; its record."""

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from jobrunner.writers import (
     kept_json_text,
     kept_type,
     merged_metadata,
+    part_from_output,
     part_kept_types,
     remove_orphan_temps,
     results_schema,
@@ -393,6 +394,8 @@ def merge(
             "fingerprint": manifest.get("fingerprint"),
             "fingerprint_fields": manifest.get("fingerprint_fields"),
             "parts": digest,
+            # what turns the output back into parts (``output_parts``)
+            KEPT_KINDS: {c: sorted(kept.kinds.get(c, ())) for c in keep if c not in kept.types},
             **jsonable(dict(metadata or {})),
         }
         file_schema = schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta, sort_keys=True)})
@@ -408,6 +411,52 @@ def merge(
         errors = sum(_scan_errors(directory, k, n) for k in range(n))
     size = output_path.stat().st_size
     return MergeInfo(path=output_path, rows=total, errors=errors, parts=len(parts), bytes=size)
+
+
+# the output's metadata: the kinds of the values of each kept column typed from JSON values
+KEPT_KINDS = "kept_kinds"
+IMPORT_ROWS = 8192
+
+
+def rebuild_refusal(output_path: Path, fingerprint: str, keep_columns: Sequence[str]) -> str | None:
+    """Why the job's checkpoint cannot be rebuilt from its merged output (``output_parts``), or
+    None: the output must be this job's by its very fingerprint (a merge replaces no other
+    file) and, with kept columns, record their kinds (outputs merged before 2026-11-24 do
+    not)."""
+    meta = merged_metadata(output_path) or {}
+    if meta.get("fingerprint") != fingerprint:
+        return "it was written by an older jobrunner, whose fingerprint reads otherwise"
+    if keep_columns and not isinstance(meta.get(KEPT_KINDS), dict):
+        return "it was merged before outputs recorded what their kept columns hold (2026-11-24)"
+    names = pq.read_schema(output_path).names
+    if names != results_schema(keep_columns).names:
+        return f"its columns are not this job's ({', '.join(names)})"
+    return None
+
+
+def output_parts(
+    output_path: Path, total: int, keep_columns: Sequence[str], rows: int = IMPORT_ROWS
+) -> Iterator[pa.Table]:
+    """The rows of a merged output as parts (``part_from_output``), ``rows`` at a time, checked
+    to be input rows ``0..total-1`` in order; merged again they give the same file.
+
+    Raises:
+        CheckpointError: the output does not hold every input row once, in order.
+    """
+    kinds = (merged_metadata(output_path) or {}).get(KEPT_KINDS) or {}
+    source = pq.ParquetFile(output_path)
+    if source.metadata.num_rows != total:
+        raise CheckpointError(
+            f"{output_path} holds {source.metadata.num_rows} rows, the input {total}"
+        )
+    start = 0
+    for batch in source.iter_batches(batch_size=rows):
+        table = pa.Table.from_batches([batch])
+        index = table.column(INDEX_COLUMN).to_numpy()
+        if not np.array_equal(index, np.arange(start, start + len(index))):
+            raise CheckpointError(f"{output_path} does not hold the input rows in order")
+        start += len(index)
+        yield part_from_output(table, keep_columns, kinds)
 
 
 def _refuse_foreign_output(output_path: Path, manifest: dict) -> None:

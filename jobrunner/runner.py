@@ -51,7 +51,9 @@ from .checkpoint import (
     is_same_job,
     read_json,
     read_manifest,
+    read_progress,
     replaces_output,
+    shard_name,
     shard_rows,
 )
 from .merge import (
@@ -60,6 +62,8 @@ from .merge import (
     merge,
     merged_output,
     output_is_current,
+    output_parts,
+    rebuild_refusal,
     shard_errors,
 )
 from .progress import Reporter
@@ -317,7 +321,9 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         _check_output(spec, print_, fields)
     if retry and (refusal := _retry_refusal(spec, print_, fields, store.n)):
         raise ConfigError(refusal)
-    if finished and _finished_before(spec, print_, fields, store.n):
+    # its checkpoint folder removed, the output's own rows make the checkpoint again
+    rebuild = retry and finished and _rebuilds_checkpoint(spec, print_, store.n)
+    if finished and not rebuild and _finished_before(spec, print_, fields, store.n):
         reporter.event(f"nothing to do: {spec.output} is this job's finished output")
         owed = shard_rows(total, store.k, store.n)
         errors = error_rows(spec.output)
@@ -343,6 +349,8 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
         owed = shard_rows(total, store.k, store.n)
+        if rebuild and not store.parts:
+            _rebuild_checkpoint(spec, store, total, reporter)
         retried = store.drop_errors(_waiting_for_merge(reporter, stop)) if retry else 0
         # the output merged from this checkpoint (not the old one an --overwrite run replaces)
         merged = info.complete and _merged_by_checkpoint(spec)
@@ -1263,13 +1271,22 @@ def _retry_refusal(spec: JobSpec, print_: str, fields: dict[str, Any], shards: i
     except CheckpointError:
         return None  # damaged: open_or_create says so
     if manifest is None:
-        if spec.output.exists() and (errors := error_rows(spec.output)):
+        if not spec.output.exists() or not (errors := error_rows(spec.output)):
+            return None
+        why = rebuild_refusal(spec.output, print_, spec.keep_columns)
+        if why is None and shards == 1:
+            return None  # the output makes the checkpoint again (``_rebuilds_checkpoint``)
+        if why is None:
             return (
-                f"the {errors} error rows of {spec.output} cannot run again alone: its "
-                f"checkpoint ({spec.parts_dir}), which holds the other rows, was removed; "
-                "--overwrite runs every row again"
+                f"the {errors} error rows of {spec.output} run again without --shard: its "
+                f"checkpoint ({spec.parts_dir}) was removed, and one run makes it again from "
+                "the output"
             )
-        return None
+        return (
+            f"the {errors} error rows of {spec.output} cannot run again alone: its "
+            f"checkpoint ({spec.parts_dir}), which holds the other rows, was removed, and the "
+            f"output cannot take its place ({why}); --overwrite runs every row again"
+        )
     if not _another_split(manifest, print_, fields, shards):
         return None
     counts = shard_errors(spec.parts_dir)
@@ -1284,6 +1301,46 @@ def _retry_refusal(spec: JobSpec, print_: str, fields: dict[str, Any], shards: i
             f"{_shards_with_errors(counts)}: run each of those again with --retry-errors"
         )
     return None
+
+
+def _rebuilds_checkpoint(spec: JobSpec, print_: str, shards: int) -> bool:
+    """Whether ``--retry-errors`` makes the job's checkpoint again from its output: the output
+    holds error rows, its checkpoint was removed (or holds no row: a rebuild that was stopped)
+    and its rows read back as parts (``rebuild_refusal``). Not in shards: a sharded run holds
+    its shard's rows only, and the whole output's belong to one checkpoint."""
+    if shards != 1:
+        return False
+    try:
+        manifest = read_manifest(spec.parts_dir)
+    except CheckpointError:
+        return False  # damaged: open_or_create says so
+    if manifest is not None and (
+        manifest.get("fingerprint") != print_
+        or manifest.get("num_shards") != 1
+        or read_progress(spec.parts_dir / shard_name(0, 1))[0]
+    ):
+        return False
+    return (
+        rebuild_refusal(spec.output, print_, spec.keep_columns) is None
+        and error_rows(spec.output) > 0
+    )
+
+
+def _rebuild_checkpoint(spec: JobSpec, store: CheckpointStore, total: int, reporter) -> None:
+    """Import the output's rows as the parts of the (new, empty) checkpoint and mark it
+    complete, as the run that merged the output left it; if that fails, the new checkpoint is
+    taken back, so the output stays the job's finished one."""
+    try:
+        made = spec.output.stat().st_mtime
+        rows = store.import_parts(output_parts(spec.output, total, spec.keep_columns), made)
+        store.mark_complete(total)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            store.abandon_new()
+        raise
+    reporter.event(
+        f"checkpoint: made again from {spec.output} ({rows} rows), its folder having been removed"
+    )
 
 
 def _shards_with_errors(counts: list[int]) -> str:

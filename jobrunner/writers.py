@@ -328,6 +328,38 @@ def part_kept_types(schema: pa.Schema) -> dict[str, pa.DataType]:
     return {name: schema.field(name).type for name in (json.loads(raw) if raw else [])}
 
 
+def part_from_output(
+    table: pa.Table, keep_columns: Sequence[str], json_kinds: Mapping[str, Sequence[str]]
+) -> pa.Table:
+    """Rows of a merged output as a part holds them, so that merging them again gives the same
+    values and types (``CheckpointStore.import_parts``).
+
+    Args:
+        table: output rows (``results_schema``: result fields, kept columns, ``row_index``).
+        keep_columns: the kept column names.
+        json_kinds: the kinds of the values of each kept column the merge typed from JSON values
+            (the output's ``kept_kinds`` metadata); the other kept columns are typed (Parquet
+            input) and stay as they are.
+    """
+    keep = check_keep_columns(keep_columns)
+    typed = {name: table.schema.field(name).type for name in keep if name not in json_kinds}
+    kinds = {name: sorted(json_kinds[name]) for name in keep if name in json_kinds}
+    schema = part_schema(keep, typed)
+    columns = []
+    for name in schema.names:
+        column = table.column(name)
+        if name in kinds:
+            values = column.to_pylist()
+            # a column left as JSON text holds each value's text already
+            texts = values if kept_type(kinds[name]) is None else kept_json_text(values)[0]
+            column = pa.array(texts, pa.string())
+        columns.append(column)
+    metadata = {KINDS_METADATA_KEY: json.dumps(kinds).encode()}
+    if typed:
+        metadata[ARROW_METADATA_KEY] = json.dumps(list(typed)).encode()
+    return pa.Table.from_arrays(columns, schema=schema.with_metadata(metadata))
+
+
 # --- buffered part writer ----------------------------------------------------------------------
 
 

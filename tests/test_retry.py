@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -168,17 +169,132 @@ def test_each_shard_retries_its_own_error_rows(job, tmp_path):
     assert rows(output) == fresh_run(output, args, tmp_path)
 
 
-def test_a_retry_without_the_checkpoint_says_to_overwrite(job):
+def with_kept_columns(output: Path, args: list[str], parquet: bool) -> list[str]:
+    """The job's rows with kept columns of every kind (as JSONL, or as Parquet with Arrow types
+    JSON has not), and the `run` arguments that keep them."""
+    source = output.parent / "data.jsonl"
+    lines = [json.loads(line) for line in source.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        line |= {"n": i, "x": i / 2 if i % 2 else i, "tags": [i, "t"] if i % 3 else None}
+        line |= {"mixed": f"s{i}" if i % 2 else i, "text": None if i == 4 else f"\u00e9{i}"}
+    keep = ["n", "x", "tags", "mixed", "text"]
+    if parquet:
+        table = pa.table(
+            {
+                **{k: [line[k] for line in lines] for k in ("id", "image", "prompt", "n")},
+                "when": pa.array([i * 10**9 + 7 for i in range(ROWS)], pa.timestamp("ns")),
+                "price": pa.array([Decimal(f"{i}.25") for i in range(ROWS)], pa.decimal128(9, 2)),
+                "tags": pa.array([[i, i + 1] if i % 3 else None for i in range(ROWS)]),
+            }
+        )
+        source = source.with_suffix(".parquet")
+        pq.write_table(table, source)
+        keep = ["n", "when", "price", "tags"]
+    else:
+        source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = [str(source) if a.endswith("data.jsonl") else a for a in args]
+    return [*args, "--keep-columns", ",".join(keep)]
+
+
+@pytest.mark.parametrize("parquet", [False, True], ids=["jsonl", "parquet"])
+def test_a_retry_without_the_checkpoint_makes_it_again_from_the_output(job, tmp_path, parquet):
+    """A finished job whose checkpoint folder was removed retries from its output: the output's
+    rows become the checkpoint's parts, only the error rows run, and the output ends as a fresh
+    run's, kept columns' values and types included."""
     output, args = job
+    args = with_kept_columns(output, args, parquet)
+    code, text = cli(*args)
+    assert code == 1 and errors_of(output) == list(MISSING), text
+    shutil.rmtree(parts_dir(output))
+    code, text = cli(*args)  # without the flag, the hint says a retry helps
+    assert code == 0 and "nothing to do" in text and "--retry-errors" in text, text
+    restore_images(output)
+    made = output.stat().st_mtime
+    code, text = cli(*args, "--retry-errors")
+    assert code == 0, text
+    assert f"checkpoint: made again from {output} ({ROWS} rows)" in text, text
+    # the output's rows are recorded as made when it was, not by this run (status's rate)
+    progress = parts_dir(output) / "shard-00000-of-00001" / "progress.jsonl"
+    records = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert sum(r["rows"] for r in records if r["session_start"] == made) == ROWS - 3
+    assert f"retrying 3 error rows; {ROWS - 3} of {ROWS} rows stay done" in text, text
+    assert summary(output)["rows_run"] == 3 and summary(output)["rows_error"] == 0
+    fresh = tmp_path / "fresh.parquet"
+    assert rows(output) == fresh_run(output, args, tmp_path)
+    assert pq.read_schema(output).remove_metadata() == pq.read_schema(fresh).remove_metadata()
+    code, text = cli(*args, "--retry-errors")  # the checkpoint is there again
+    assert code == 0 and "nothing to do" in text, text
+
+
+def test_a_retry_in_shards_without_the_checkpoint_runs_unsharded(job, tmp_path):
+    output, args = job
+    for shard in ("0/2", "1/2"):
+        assert cli(*args, "--shard", shard)[0] == 1
+    shutil.rmtree(parts_dir(output))
+    restore_images(output)
+    code, text = cli(*args, "--shard", "0/2", "--retry-errors")
+    assert code == 2 and "run again without --shard" in text, text
+    code, text = cli(*args, "--retry-errors")
+    assert code == 0 and "retrying 3 error rows" in text, text
+    assert rows(output) == fresh_run(output, args, tmp_path)
+
+
+def test_a_retry_without_the_checkpoint_of_an_older_output_says_to_overwrite(job):
+    """An output merged before outputs recorded their kept columns' kinds cannot be read back
+    as parts: the retry says so, and --overwrite runs every row."""
+    output, args = job
+    args = with_kept_columns(output, args, parquet=False)
     code, text = cli(*args)
     assert code == 1, text
     shutil.rmtree(parts_dir(output))
+    table = pq.read_table(output)
+    meta = json.loads(table.schema.metadata[b"jobrunner"])
+    del meta["kept_kinds"]
+    pq.write_table(table.replace_schema_metadata({b"jobrunner": json.dumps(meta)}), output)
     code, text = cli(*args, "--retry-errors")
-    assert code == 2 and "its checkpoint" in text and "--overwrite" in text, text
+    assert code == 2 and "cannot run again alone" in text and "(2026-11-24)" in text, text
     code, text = cli(*args)  # the hint says so too, not to --retry-errors
     assert code == 0 and "3 error rows of" in text and "cannot run again alone" in text, text
     code, text = cli(*args, "--retry-errors", "--overwrite")  # every row again
     assert code == 1 and summary(output)["rows_run"] == ROWS, text
+
+
+def test_a_rebuild_that_fails_leaves_the_finished_output_and_one_stopped_runs_again(
+    job, tmp_path, monkeypatch
+):
+    """A rebuild that fails partway takes its checkpoint back (the job is finished, as before);
+    one stopped before it recorded its parts (a kill: nothing taken back) leaves a checkpoint
+    without rows, which the next retry makes again."""
+    from jobrunner import checkpoint, runner
+
+    output, args = job
+    assert cli(*args)[0] == 1
+    first = rows(output)
+    shutil.rmtree(parts_dir(output))
+    restore_images(output)
+    real = runner.output_parts
+
+    def failing(*a, **k):
+        parts = real(*a, **k)
+        yield next(parts)
+        raise OSError(errno.EIO, "Input/output error", str(output))
+
+    monkeypatch.setattr(runner, "output_parts", failing)
+    code, text = cli(*args, "--retry-errors")
+    assert code == 4 and "Input/output error" in text, text
+    assert not parts_dir(output).exists() or not any(parts_dir(output).rglob("*.json*"))
+    code, text = cli(*args)
+    assert code == 0 and "nothing to do" in text and rows(output) == first, text
+    # stopped as a kill would stop it: neither the parts nor the new checkpoint taken back
+    monkeypatch.setattr(checkpoint, "_clean_shard_dir", lambda *a, **k: [])
+    monkeypatch.setattr(checkpoint.CheckpointStore, "abandon_new", lambda self: False)
+    code, text = cli(*args, "--retry-errors")
+    assert code == 4, text
+    assert (parts_dir(output) / "manifest.json").exists()
+    monkeypatch.undo()
+    code, text = cli(*args, "--retry-errors")
+    assert code == 0 and "made again from" in text and "retrying 3 error rows" in text, text
+    assert rows(output) == fresh_run(output, args, tmp_path)
 
 
 def test_a_retry_that_fails_before_any_row_keeps_the_job(job, monkeypatch):
