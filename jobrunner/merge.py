@@ -37,6 +37,7 @@ from jobrunner.checkpoint import (
     COMPLETE,
     MANIFEST,
     MERGE_LOCK,
+    RETRYING,
     UNMERGED,
     CheckpointError,
     PartRecord,
@@ -357,6 +358,12 @@ def merge(
     manifest = read_manifest(directory)
     if manifest is None:
         raise CheckpointError(f"no {MANIFEST} in {directory}: nothing to merge")
+    if stopped_rebuild(directory, output_path):
+        raise CheckpointError(
+            f"nothing to merge: {directory} holds no rows (a --retry-errors run stopped while it "
+            f"made it again from {output_path}, the job's finished output, which stays as it "
+            "is); --retry-errors makes it again"
+        )
     refuse_if_input_changed(directory)
     n = manifest["num_shards"]
     if num_shards is not None and num_shards != n:
@@ -418,11 +425,13 @@ KEPT_KINDS = "kept_kinds"
 IMPORT_ROWS = 8192
 
 
-def rebuild_refusal(output_path: Path, fingerprint: str, keep_columns: Sequence[str]) -> str | None:
+def rebuild_refusal(
+    output_path: Path, fingerprint: str, keep_columns: Sequence[str], total: int
+) -> str | None:
     """Why the job's checkpoint cannot be rebuilt from its merged output (``output_parts``), or
     None: the output must be this job's by its very fingerprint (a merge replaces no other
-    file) and, with kept columns, record their kinds (outputs merged before 2026-11-24 do
-    not)."""
+    file), with kept columns record their kinds (outputs merged before 2026-11-24 do not), and
+    hold input rows ``0..total-1`` in order, as its merge wrote them (not so once edited)."""
     meta = merged_metadata(output_path) or {}
     if meta.get("fingerprint") != fingerprint:
         return "it was written by an older jobrunner, whose fingerprint reads otherwise"
@@ -431,7 +440,35 @@ def rebuild_refusal(output_path: Path, fingerprint: str, keep_columns: Sequence[
     names = pq.read_schema(output_path).names
     if names != results_schema(keep_columns).names:
         return f"its columns are not this job's ({', '.join(names)})"
+    try:
+        in_order = _holds_rows_in_order(output_path, total)
+    except (OSError, ValueError) as err:
+        if not _damaged(err):
+            raise
+        return f"it is damaged ({err})"
+    if not in_order:
+        return "its rows are not the input's, each once and in order, as its merge wrote them"
     return None
+
+
+def _holds_rows_in_order(output_path: Path, total: int) -> bool:
+    """Whether the output's ``row_index`` is ``0..total-1`` in order (read a batch at a time)."""
+    source = pq.ParquetFile(output_path)
+    if source.metadata.num_rows != total:
+        return False
+    start = 0
+    for batch in source.iter_batches(batch_size=IMPORT_ROWS, columns=[INDEX_COLUMN]):
+        index = batch.column(0).to_numpy(zero_copy_only=False)
+        if not np.array_equal(index, np.arange(start, start + len(index))):
+            return False
+        start += len(index)
+    return True
+
+
+def _damaged(err: OSError | ValueError) -> bool:
+    """Whether ``err``, raised reading a Parquet file, says the file is damaged: pyarrow's
+    errors (bad pages, bad UTF-8) carry no errno, where the system's (EIO) do, and may pass."""
+    return not isinstance(err, OSError) or err.errno is None
 
 
 def output_parts(
@@ -441,22 +478,57 @@ def output_parts(
     to be input rows ``0..total-1`` in order; merged again they give the same file.
 
     Raises:
-        CheckpointError: the output does not hold every input row once, in order.
+        CheckpointError: the output does not hold every input row once, in order, or is
+            damaged (it changed since ``rebuild_refusal``); the message says what runs instead.
     """
     kinds = (merged_metadata(output_path) or {}).get(KEPT_KINDS) or {}
-    source = pq.ParquetFile(output_path)
-    if source.metadata.num_rows != total:
-        raise CheckpointError(
-            f"{output_path} holds {source.metadata.num_rows} rows, the input {total}"
-        )
-    start = 0
-    for batch in source.iter_batches(batch_size=rows):
-        table = pa.Table.from_batches([batch])
-        index = table.column(INDEX_COLUMN).to_numpy()
-        if not np.array_equal(index, np.arange(start, start + len(index))):
-            raise CheckpointError(f"{output_path} does not hold the input rows in order")
-        start += len(index)
-        yield part_from_output(table, keep_columns, kinds)
+    cannot = f"{output_path} cannot make the job's checkpoint again"
+    instead = "--overwrite runs every row again"
+    try:
+        source = pq.ParquetFile(output_path)
+        if source.metadata.num_rows != total:
+            raise CheckpointError(
+                f"{cannot}: it holds {source.metadata.num_rows} rows, the input {total}; {instead}"
+            )
+        start = 0
+        for batch in source.iter_batches(batch_size=rows):
+            batch.validate(full=True)  # bad UTF-8 fails here, not in a part or the merge
+            table = pa.Table.from_batches([batch])
+            index = table.column(INDEX_COLUMN).to_numpy()
+            if not np.array_equal(index, np.arange(start, start + len(index))):
+                raise CheckpointError(
+                    f"{cannot}: it does not hold the input rows in order; {instead}"
+                )
+            start += len(index)
+            yield part_from_output(table, keep_columns, kinds)
+    except (OSError, ValueError) as err:
+        if not _damaged(err):
+            raise
+        raise CheckpointError(f"{cannot}: it is damaged ({err}); {instead}") from None
+
+
+def stopped_rebuild(
+    directory: Path, output_path: Path | None, fingerprint: str | None = None
+) -> bool:
+    """Whether the checkpoint is the empty one a rebuild from the output (``output_parts``) left
+    when killed before it recorded its parts: one shard holding nothing (no row, no retry
+    begun, not complete), replacing no file, beside an output its job merged (with
+    ``fingerprint``: that job's). It stands for the removed checkpoint it was to replace: the
+    output is the job's finished one, which runs, ``status`` and ``merge`` take as it was."""
+    try:
+        manifest = read_manifest(Path(directory))
+    except CheckpointError:
+        return False  # damaged: said where it is read
+    if output_path is None or manifest is None or manifest.get("num_shards") != 1:
+        return False
+    if manifest.get("replaces") is not None or (Path(directory) / UNMERGED).exists():
+        return False  # an --overwrite run, or a retry, that recorded no row yet
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        return False
+    shard_dir = Path(directory) / shard_name(0, 1)
+    if read_progress(shard_dir)[0] or any((shard_dir / f).exists() for f in (COMPLETE, RETRYING)):
+        return False
+    return merged_output(Path(output_path), manifest.get("fingerprint"))
 
 
 def _refuse_foreign_output(output_path: Path, manifest: dict) -> None:
@@ -614,6 +686,8 @@ def status(directory: Path, output_path: Path | None = None) -> dict[str, Any]:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if stopped_rebuild(directory, output_path):  # the removed checkpoint it was to replace
+        manifest = None
     result: dict[str, Any] = {
         "directory": str(directory),
         "exists": manifest is not None,

@@ -51,9 +51,7 @@ from .checkpoint import (
     is_same_job,
     read_json,
     read_manifest,
-    read_progress,
     replaces_output,
-    shard_name,
     shard_rows,
 )
 from .merge import (
@@ -65,6 +63,7 @@ from .merge import (
     output_parts,
     rebuild_refusal,
     shard_errors,
+    stopped_rebuild,
 )
 from .progress import Reporter
 from .readers import (
@@ -319,15 +318,15 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     finished = not spec.overwrite and spec.output.exists()
     if finished:
         _check_output(spec, print_, fields)
-    if retry and (refusal := _retry_refusal(spec, print_, fields, store.n)):
+    if retry and (refusal := _retry_refusal(spec, print_, fields, store.n, total)):
         raise ConfigError(refusal)
     # its checkpoint folder removed, the output's own rows make the checkpoint again
-    rebuild = retry and finished and _rebuilds_checkpoint(spec, print_, store.n)
+    rebuild = retry and finished and _rebuilds_checkpoint(spec, print_, store.n, total)
     if finished and not rebuild and _finished_before(spec, print_, fields, store.n):
         reporter.event(f"nothing to do: {spec.output} is this job's finished output")
         owed = shard_rows(total, store.k, store.n)
         errors = error_rows(spec.output)
-        note = _retry_refusal(spec, print_, fields, store.n) if errors else None
+        note = _retry_refusal(spec, print_, fields, store.n, total) if errors else None
         return RunResult(total, owed, 0, errors, True, nothing_to_do=True, retry_note=note)
     if (
         not (finished and output_is_current(spec.parts_dir, spec.output))
@@ -1262,18 +1261,21 @@ def _waiting_for_merge(reporter: Reporter, stop: _StopFlag) -> Callable[[], None
     return waiting
 
 
-def _retry_refusal(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> str | None:
+def _retry_refusal(
+    spec: JobSpec, print_: str, fields: dict[str, Any], shards: int, total: int
+) -> str | None:
     """Why ``--retry-errors`` cannot reach the job's error rows from this run, or None: the
-    checkpoint of its finished output (which holds the rows to keep) was removed, or the job
-    ran in another number of shards. A job without error rows is left to the usual checks."""
+    checkpoint of its finished output (which holds the rows to keep) was removed and the output
+    cannot take its place, or the job ran in another number of shards. A job without error
+    rows is left to the usual checks."""
     try:
-        manifest = read_manifest(spec.parts_dir)
+        manifest = _kept_manifest(spec, print_)
     except CheckpointError:
         return None  # damaged: open_or_create says so
     if manifest is None:
         if not spec.output.exists() or not (errors := error_rows(spec.output)):
             return None
-        why = rebuild_refusal(spec.output, print_, spec.keep_columns)
+        why = rebuild_refusal(spec.output, print_, spec.keep_columns, total)
         if why is None and shards == 1:
             return None  # the output makes the checkpoint again (``_rebuilds_checkpoint``)
         if why is None:
@@ -1303,27 +1305,37 @@ def _retry_refusal(spec: JobSpec, print_: str, fields: dict[str, Any], shards: i
     return None
 
 
-def _rebuilds_checkpoint(spec: JobSpec, print_: str, shards: int) -> bool:
+def _rebuilds_checkpoint(spec: JobSpec, print_: str, shards: int, total: int) -> bool:
     """Whether ``--retry-errors`` makes the job's checkpoint again from its output: the output
-    holds error rows, its checkpoint was removed (or holds no row: a rebuild that was stopped)
-    and its rows read back as parts (``rebuild_refusal``). Not in shards: a sharded run holds
-    its shard's rows only, and the whole output's belong to one checkpoint."""
+    holds error rows, its checkpoint was removed (or is the empty one a stopped rebuild left:
+    ``_kept_manifest``) and its rows read back as parts (``rebuild_refusal``). Not in shards: a
+    sharded run holds its shard's rows only, and the whole output's belong to one checkpoint."""
     if shards != 1:
         return False
     try:
-        manifest = read_manifest(spec.parts_dir)
+        if _kept_manifest(spec, print_) is not None:
+            return False
     except CheckpointError:
         return False  # damaged: open_or_create says so
-    if manifest is not None and (
-        manifest.get("fingerprint") != print_
-        or manifest.get("num_shards") != 1
-        or read_progress(spec.parts_dir / shard_name(0, 1))[0]
-    ):
-        return False
     return (
-        rebuild_refusal(spec.output, print_, spec.keep_columns) is None
+        rebuild_refusal(spec.output, print_, spec.keep_columns, total) is None
         and error_rows(spec.output) > 0
     )
+
+
+def _kept_manifest(spec: JobSpec, print_: str) -> dict[str, Any] | None:
+    """The checkpoint's manifest; None where the checkpoint was removed or is the empty one
+    that a rebuild of this job left when killed (``stopped_rebuild``): that one stands for the
+    removed checkpoint, so a run after the kill does what it did before the retry (nothing, not
+    every row again).
+
+    Raises:
+        CheckpointError: the manifest is damaged.
+    """
+    manifest = read_manifest(spec.parts_dir)
+    if manifest is not None and stopped_rebuild(spec.parts_dir, spec.output, print_):
+        return None
+    return manifest
 
 
 def _rebuild_checkpoint(spec: JobSpec, store: CheckpointStore, total: int, reporter) -> None:
@@ -1351,10 +1363,10 @@ def _shards_with_errors(counts: list[int]) -> str:
 
 def _finished_before(spec: JobSpec, print_: str, fields: dict[str, Any], shards: int) -> bool:
     """Whether the output, this job's (``_check_output``), was finished in a way this run's
-    checkpoint would not say: its checkpoint folder was removed, or the job ran in another
-    number of shards (all of which finished, since the output was merged)."""
+    checkpoint would not say: its checkpoint folder was removed (``_kept_manifest``), or the
+    job ran in another number of shards (all of which finished, since the output was merged)."""
     try:
-        manifest = read_manifest(spec.parts_dir)
+        manifest = _kept_manifest(spec, print_)
     except CheckpointError:
         return False  # damaged: open_or_create says so
     if manifest is None:

@@ -187,6 +187,8 @@ def decode_kept(texts: pa.Array, kinds: Iterable[str]) -> pa.Array:
     values = [None if t is None else json.loads(t) for t in texts.to_pylist()]
     if target == pa.string():  # the JSON text "\\ud800" decodes to a lone surrogate again
         values = [storable_text(v) for v in values]
+    if target == pa.float64():  # Arrow refuses an int past 2**53 as a double: its nearest one
+        values = [None if v is None else float(v) for v in values]
     return pa.array(values, type=target)
 
 

@@ -297,6 +297,93 @@ def test_a_rebuild_that_fails_leaves_the_finished_output_and_one_stopped_runs_ag
     assert rows(output) == fresh_run(output, args, tmp_path)
 
 
+def test_a_rebuild_killed_midway_leaves_the_job_finished_until_a_retry(job, tmp_path):
+    """A rebuild killed (kill -9) before it recorded its parts leaves a checkpoint without rows
+    beside the finished output: it stands for the removed checkpoint it was to replace, so a run
+    has nothing to do and status and merge say so, as before the retry; a retry makes it
+    again."""
+    output, args = job
+    assert cli(*args)[0] == 1
+    first = rows(output)
+    shutil.rmtree(parts_dir(output))
+    restore_images(output)
+    killed = Job(tmp_path, [*args[1:], "--retry-errors"], stage="tmp", nth=1)  # its first part
+    assert killed.wait_until(killed.paused), killed.output()
+    killed.signal(signal.SIGKILL)
+    killed.wait()
+    assert (parts_dir(output) / "manifest.json").exists()
+    code, text = cli(*args)  # not every row again
+    assert code == 0 and "nothing to do" in text and "--retry-errors" in text, text
+    assert rows(output) == first and summary(output)["rows_run"] == ROWS
+    code, text = cli(*args, "--shard", "0/2")
+    assert code == 0 and "nothing to do" in text and "run again without --shard" in text, text
+    code, text = cli(*args, "--shard", "0/2", "--retry-errors")
+    assert code == 2 and "run again without --shard" in text, text
+    assert cli("status", str(output)) == (0, f"{output}: complete\n")
+    code, text = cli("merge", str(output))
+    assert code == 2 and "holds no rows" in text and "--retry-errors" in text, text
+    assert rows(output) == first
+    code, text = cli(*args, "--retry-errors")
+    assert code == 0 and "made again from" in text and "retrying 3 error rows" in text, text
+    assert rows(output) == fresh_run(output, args, tmp_path)
+
+
+def test_a_retry_resumes_an_overwrite_run_killed_before_its_first_part(job, tmp_path):
+    """An --overwrite run killed before it recorded a row leaves a checkpoint without rows that
+    replaces the old output: a retry resumes it (every row, as the run was asked), never takes
+    the old output for its checkpoint."""
+    output, args = job
+    assert cli(*args)[0] == 1
+    restore_images(output)
+    pixels = np.zeros((40, 40, 3), np.uint8)  # an image changed: why every row runs again
+    Image.fromarray(pixels).save(output.parent / image_name(0))
+    killed = Job(tmp_path, [*args[1:], "--overwrite"], stage="tmp", nth=1)  # its first part
+    assert killed.wait_until(killed.paused), killed.output()
+    killed.signal(signal.SIGKILL)
+    killed.wait()
+    code, text = cli(*args, "--retry-errors")  # its resume command (--overwrite dropped)
+    assert code == 0 and "made again" not in text, text
+    assert summary(output)["rows_run"] == ROWS
+    assert rows(output) == fresh_run(output, args, tmp_path)
+
+
+def test_a_retry_without_the_checkpoint_refuses_an_output_whose_rows_were_changed(job):
+    """An output whose rows were edited out or reordered cannot take the checkpoint's
+    place: the retry says so and what runs instead, the hint of a run does not point to it, and
+    nothing is left of the checkpoint it did not make."""
+    output, args = job
+    assert cli(*args)[0] == 1
+    shutil.rmtree(parts_dir(output))
+    table = pq.read_table(output)
+    for changed in (table.slice(1), table.take([1, 0, *range(2, ROWS)])):
+        pq.write_table(changed, output)
+        code, text = cli(*args, "--retry-errors")
+        assert code == 2 and "--overwrite runs every row again" in text, text
+        assert "its rows are not the input's" in text, text
+        code, text = cli(*args)
+        assert code == 0 and "cannot run again alone" in text, text
+        assert not (parts_dir(output) / "manifest.json").exists()
+
+
+def test_a_retry_without_the_checkpoint_of_a_damaged_output_says_so(job):
+    """An output whose text is not UTF-8 (a damaged file, which pyarrow reads without a word)
+    cannot take the checkpoint's place: a clear refusal, no traceback and no part of bad text,
+    the finished output kept as it was."""
+    output, args = job
+    assert cli(*args)[0] == 1
+    shutil.rmtree(parts_dir(output))
+    restore_images(output)
+    table = pq.read_table(output)
+    texts = [b"\xff\xfe", *(t.encode() if t else None for t in table["output"].to_pylist()[1:])]
+    damaged = pa.array(texts, pa.binary()).view(pa.string())  # unchecked, as read from disk
+    pq.write_table(table.set_column(1, "output", damaged), output)
+    before = output.read_bytes()
+    code, text = cli(*args, "--retry-errors")
+    assert code == 2 and "Traceback" not in text and "it is damaged" in text, text
+    assert "UTF8" in text and "--overwrite runs every row again" in text, text
+    assert not (parts_dir(output) / "manifest.json").exists() and output.read_bytes() == before
+
+
 def test_a_retry_that_fails_before_any_row_keeps_the_job(job, monkeypatch):
     output, args = job
     code, text = cli(*args)

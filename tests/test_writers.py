@@ -137,6 +137,16 @@ def test_kept_values_round_trip():
     assert decoded.to_pylist() == ['"AAE="', '"2024-05-01"', '{"b": 1, "a": [1, 2]}']
 
 
+def test_kept_ints_past_a_double_in_a_column_of_floats_are_the_nearest_double():
+    # ints and floats make a float64 column; an int that no double holds exactly (past 2**53)
+    # is the nearest double, as Python's float() gives it, never a failed merge
+    values = [2**53 + 1, 0.5, -(2**63), None]
+    table = records_to_table([record(i, v=v) for i, v in enumerate(values)], ["v"])
+    decoded = decode_kept(table.column("v").combine_chunks(), part_kinds(table.schema)["v"])
+    assert decoded.type == pa.float64()
+    assert decoded.to_pylist() == [float(2**53), 0.5, -float(2**63), None]
+
+
 def typed_columns() -> dict[str, pa.Array]:
     """A column of each kind a Parquet input may hold, each with a null, values that a trip
     through Python or JSON would change (nanoseconds, decimals past a float, uint64 past int64)."""
