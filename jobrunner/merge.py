@@ -441,28 +441,36 @@ def rebuild_refusal(
     if names != results_schema(keep_columns).names:
         return f"its columns are not this job's ({', '.join(names)})"
     try:
-        in_order = _holds_rows_in_order(output_path, total)
+        for _ in _batches_in_order(output_path, total, [INDEX_COLUMN]):
+            pass
+    except _OutOfOrder:
+        return "its rows are not the input's, each once and in order, as its merge wrote them"
     except (OSError, ValueError) as err:
         if not _damaged(err):
             raise
         return f"it is damaged ({err})"
-    if not in_order:
-        return "its rows are not the input's, each once and in order, as its merge wrote them"
     return None
 
 
-def _holds_rows_in_order(output_path: Path, total: int) -> bool:
-    """Whether the output's ``row_index`` is ``0..total-1`` in order (read a batch at a time)."""
+class _OutOfOrder(Exception):
+    """The output's rows are not input rows ``0..total-1`` in order."""
+
+
+def _batches_in_order(
+    output_path: Path, total: int, columns: list[str] | None = None, rows: int = IMPORT_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """The output's ``columns`` (default: all), ``rows`` at a time, as long as its
+    ``row_index`` goes ``0..total-1`` in order; ``_OutOfOrder`` where it does not."""
     source = pq.ParquetFile(output_path)
     if source.metadata.num_rows != total:
-        return False
+        raise _OutOfOrder
     start = 0
-    for batch in source.iter_batches(batch_size=IMPORT_ROWS, columns=[INDEX_COLUMN]):
-        index = batch.column(0).to_numpy(zero_copy_only=False)
+    for batch in source.iter_batches(batch_size=rows, columns=columns):
+        index = batch.column(INDEX_COLUMN).to_numpy(zero_copy_only=False)
         if not np.array_equal(index, np.arange(start, start + len(index))):
-            return False
+            raise _OutOfOrder
         start += len(index)
-    return True
+        yield batch
 
 
 def _damaged(err: OSError | ValueError) -> bool:
@@ -485,22 +493,13 @@ def output_parts(
     cannot = f"{output_path} cannot make the job's checkpoint again"
     instead = "--overwrite runs every row again"
     try:
-        source = pq.ParquetFile(output_path)
-        if source.metadata.num_rows != total:
-            raise CheckpointError(
-                f"{cannot}: it holds {source.metadata.num_rows} rows, the input {total}; {instead}"
-            )
-        start = 0
-        for batch in source.iter_batches(batch_size=rows):
+        for batch in _batches_in_order(output_path, total, rows=rows):
             batch.validate(full=True)  # bad UTF-8 fails here, not in a part or the merge
-            table = pa.Table.from_batches([batch])
-            index = table.column(INDEX_COLUMN).to_numpy()
-            if not np.array_equal(index, np.arange(start, start + len(index))):
-                raise CheckpointError(
-                    f"{cannot}: it does not hold the input rows in order; {instead}"
-                )
-            start += len(index)
-            yield part_from_output(table, keep_columns, kinds)
+            yield part_from_output(pa.Table.from_batches([batch]), keep_columns, kinds)
+    except _OutOfOrder:
+        raise CheckpointError(
+            f"{cannot}: it does not hold the input rows 0..{total - 1} in order; {instead}"
+        ) from None
     except (OSError, ValueError) as err:
         if not _damaged(err):
             raise

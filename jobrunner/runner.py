@@ -318,10 +318,10 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     finished = not spec.overwrite and spec.output.exists()
     if finished:
         _check_output(spec, print_, fields)
-    if retry and (refusal := _retry_refusal(spec, print_, fields, store.n, total)):
-        raise ConfigError(refusal)
     # its checkpoint folder removed, the output's own rows make the checkpoint again
     rebuild = retry and finished and _rebuilds_checkpoint(spec, print_, store.n, total)
+    if retry and not rebuild and (refusal := _retry_refusal(spec, print_, fields, store.n, total)):
+        raise ConfigError(refusal)
     if finished and not rebuild and _finished_before(spec, print_, fields, store.n):
         reporter.event(f"nothing to do: {spec.output} is this job's finished output")
         owed = shard_rows(total, store.k, store.n)
