@@ -306,14 +306,18 @@ def _checkpoint_every(value: str | None) -> dict:
     out: dict = {}
     units = {"s": 1, "m": 60, "h": 3600}
     for part in (p.strip().lower() for p in value.split(",")):
+        key = "checkpoint_every_seconds" if part and part[-1] in units else "checkpoint_every_rows"
         try:
-            if part and part[-1] in units:
-                out["checkpoint_every_seconds"] = float(part[:-1]) * units[part[-1]]
+            if key in out:  # "500,600": the later one would silently replace the first
+                raise ValueError(part)
+            if key == "checkpoint_every_seconds":
+                out[key] = float(part[:-1]) * units[part[-1]]
             else:
-                out["checkpoint_every_rows"] = int(part)
+                out[key] = int(part)
         except ValueError:
             raise click.BadParameter(
-                f"expected rows (500), a time (30s, 5m) or both (500,30s), got {value!r}",
+                f"expected rows (500), a time (30s, 5m) or both (500,30s), each at most once, "
+                f"got {value!r}",
                 param_hint="--checkpoint-every",
             ) from None
     return out

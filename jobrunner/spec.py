@@ -16,6 +16,7 @@ sampling parameters (``top_p``, ``top_k``, ``seed``) cannot change the output an
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import datetime
 import difflib
@@ -205,39 +206,117 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
     Keys are the ``JobSpec`` field names (see its docstring for each one), all at the top level.
     ``input``, ``output``, ``image_root`` and ``checkpoint_dir`` are resolved against the job
     file's folder when relative; so is ``model`` when that relative path exists (otherwise it is
-    taken as a hub id). ``shard`` may be ``"K/N"`` or ``[K, N]``.
+    taken as a hub id). ``shard`` may be ``"K/N"`` or ``[K, N]``. A leading UTF-8 byte order
+    mark (as some Windows editors save) is skipped.
 
     Raises:
-        SpecError: the file is missing, not UTF-8 or not TOML, or holds a key that is not a field.
+        SpecError: the file is missing, not UTF-8 or not TOML, sets a key twice, holds a key that
+            is not a field or a table, names an environment variable in a path, or names a
+            relative model found only in the current folder.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise SpecError(f"job file not found: {path}", ("job_file",)) from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(
-            f"job file {path} is not UTF-8 text (byte {exc.start}); TOML files must be UTF-8: "
-            "save it with that encoding",
-            ("job_file",),
-        ) from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SpecError(f"cannot read job file {path}: {exc}", ("job_file",)) from None
-    for key in data:
+    data = _read_toml(path)
+    for key, value in data.items():
         if key not in FIELD_NAMES:
-            hint = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
-            fix = f"did you mean '{hint[0]}'?" if hint else "remove it (see the JobSpec fields)"
-            raise SpecError(f"unknown key '{key}' in job file {path}: {fix}", (key,))
+            raise SpecError(
+                f"unknown key '{key}' in job file {path}: {_key_fix(key, value)}", (key,)
+            )
+    _refuse_variables(path, data)
     base = path.parent.absolute()
-    for key in _PATH_FIELDS:
-        if isinstance(data.get(key), str):
+    for key in _PATH_FIELDS:  # "" stays "", refused by validation, not taken as the folder
+        if isinstance(data.get(key), str) and data[key]:
             data[key] = base / Path(data[key]).expanduser()
     model = data.get("model")
     if isinstance(model, str) and model and not Path(model).is_absolute():
         if (base / model).exists():
             data["model"] = str(base / model)
+        elif Path(model).exists():  # the loader would take it from the current folder
+            raise SpecError(
+                f"`model` = {model!r} in job file {path}: there is no {base / model}, but there "
+                "is a folder of that name in the current folder; a job file's relative paths "
+                "are taken from its own folder, so write the model's path from there or in full",
+                ("model",),
+            )
     return data
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+        bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+        text = raw[bom:].decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise SpecError(f"job file not found: {path}", ("job_file",)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"job file {path} is not UTF-8 text (byte {bom + exc.start}); TOML files must be "
+            "UTF-8: save it with that encoding",
+            ("job_file",),
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(_toml_error(path, text, exc), ("job_file",)) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read job file {path}: {exc}", ("job_file",)) from None
+
+
+def _refuse_variables(path: Path, data: Mapping[str, Any]) -> None:
+    """A path naming ``$NAME`` would be kept as text: a folder literally named ``$DATE``."""
+    for key in (*_PATH_FIELDS, "model"):
+        if isinstance(data.get(key), str) and (var := _ENV_VAR.search(data[key])):
+            flag = "" if key == "input" else f", or give it as {_flag(key)} for the shell to expand"
+            raise SpecError(
+                f"`{key}` = {data[key]!r} in job file {path}: job files do not expand "
+                f"environment variables ({var.group()}); write the path out in full{flag}",
+                (key,),
+            )
+
+
+# $NAME or ${NAME}: a shell variable that a job file would otherwise keep as literal text
+_ENV_VAR = re.compile(r"\$(?:\w+|\{\w+\})")
+_DUPLICATE = "Cannot overwrite a value"
+
+
+def _toml_error(path: Path, text: str, exc: Exception) -> str:
+    """The parser's message, or for a key set twice which key and where (the parser names
+    neither, and points past the file's end when the second one is on its last line)."""
+    message = f"cannot read job file {path}: {exc}"
+    if not str(exc).startswith(_DUPLICATE):
+        return message
+    lines = text.splitlines()
+    found = re.search(r"at line (\d+)", str(exc))
+    last = len(lines) - next((i for i, line in enumerate(reversed(lines)) if line.strip()), 0)
+    where = int(found.group(1)) if found else last
+    key = _key_of(lines[where - 1] if 0 < where <= len(lines) else "")
+    if key is None:
+        return message
+    first = next((n for n, line in enumerate(lines[: where - 1], 1) if _key_of(line) == key), 0)
+    lines_named = f"lines {first} and {where}" if first else f"line {where} and before"
+    return f"job file {path} sets `{key}` more than once ({lines_named}): keep one of them"
+
+
+def _key_of(line: str) -> str | None:
+    """The key a ``key = value`` line sets (bare or quoted), or None."""
+    match = re.match(r"""\s*(["']?)([\w-]+)\1\s*=""", line)
+    return match and match[2]
+
+
+def _key_fix(key: str, value: Any) -> str:
+    """What to do about a key that is not a field."""
+    if isinstance(value, dict):  # [key] or key.x = ...: the keys inside were never read
+        return (
+            "a table ([" + key + "] or dotted keys) is not read; job files set every key at the "
+            "top level (see jobs/captions.example.toml): move its keys out of the table"
+        )
+    if key.replace("-", "_") == "checkpoint_every":  # the flag's name, which joins two keys
+        return (
+            "in a job file --checkpoint-every is two keys: set `checkpoint_every_rows` and/or "
+            "`checkpoint_every_seconds`"
+        )
+    hint = difflib.get_close_matches(key, sorted(FIELD_NAMES), n=1)
+    if hint:
+        return f"did you mean '{hint[0]}'?"
+    return "remove it (jobs/captions.example.toml lists every key)"
 
 
 def job_file_paths(values: Mapping[str, Any]) -> tuple[Path, Path]:
@@ -250,7 +329,7 @@ def job_file_paths(values: Mapping[str, Any]) -> tuple[Path, Path]:
     output, source = values.get("output"), values.get("input")
     if not isinstance(output, Path):
         if not isinstance(source, Path):
-            raise SpecError("the job file sets neither `output` nor `input`", ("output",))
+            raise SpecError("the job file sets no `output` or `input` path", ("output",))
         output = default_output(source)
     checkpoint_dir = values.get("checkpoint_dir")
     return output, checkpoint_dir if isinstance(checkpoint_dir, Path) else default_parts_dir(output)

@@ -63,6 +63,14 @@ def test_bad_input_exits_2_before_any_work(data, tmp_path, no_run, args, fragmen
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("value", ["500,600", "30s,1m"])
+def test_checkpoint_every_refuses_a_bound_given_twice(data, no_run, value):
+    """``500,600`` ran with 600 rows and dropped the 500 without a word."""
+    result = invoke("run", data, "--model", "org/model", "--checkpoint-every", value)
+    assert result.exit_code == 2, result.output
+    assert "each at most once" in result.output and "Traceback" not in result.output
+
+
 def test_damaged_manifest_is_explained_and_overwrite_starts_over(data, tiny_model_dir):
     output = data.with_name("out.parquet")
     parts = output.with_name("out.parquet.parts")

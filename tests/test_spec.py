@@ -143,9 +143,94 @@ def test_job_file_paths_name_output_and_checkpoint_folder(tmp_path: Path) -> Non
         tmp_path / "o" / "r.parquet",
         tmp_path / "o" / "r.parquet.parts",
     )
-    job.write_text('model = "m"\n')
-    with pytest.raises(SpecError, match="neither `output` nor `input`"):
-        job_file_paths(load_job_file(job))
+    for text in ('model = "m"\n', "input = 5\n"):  # a number is no path either
+        job.write_text(text)
+        with pytest.raises(SpecError, match="sets no `output` or `input` path"):
+            job_file_paths(load_job_file(job))
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [
+        ('max_tokens = 3\nmodel = "m"\nmax_tokens = 5\nquiet = true\n', "lines 1 and 3"),
+        ('max_tokens = 3\nmodel = "m"\nmax_tokens = 5', "lines 1 and 3"),  # the parser: "end"
+        ('"max_tokens" = 3\n\nmax_tokens = 5\n\n', "lines 1 and 3"),
+    ],
+)
+def test_job_file_key_set_twice_is_named_with_its_lines(
+    tmp_path: Path, text: str, lines: str
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    with pytest.raises(SpecError, match=f"sets `max_tokens` more than once \\({lines}\\)"):
+        load_job_file(job)
+
+
+def test_job_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """Windows editors may save UTF-8 with a BOM, which the TOML parser calls line 1 invalid."""
+    job = tmp_path / "job.toml"
+    job.write_bytes(b'\xef\xbb\xbfmodel = "org/m"\nmax_tokens = 3\n')
+    assert load_job_file(job) == {"model": "org/m", "max_tokens": 3}
+    job.write_bytes(b'\xef\xbb\xbfmodel = "\xff"\n')
+    with pytest.raises(SpecError, match=r"not UTF-8 text \(byte 12\)"):  # counted in the file
+        load_job_file(job)
+
+
+@pytest.mark.parametrize("field", ["output", "image_root", "checkpoint_dir"])
+def test_job_file_empty_path_is_refused_not_taken_as_its_folder(
+    tmp_path: Path, data: Path, field: str
+) -> None:
+    """TOML has no null: ``checkpoint_dir = ""`` put the parts and manifest in the job file's
+    folder, and ``image_root = ""`` confined images to it, without a word."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "{data.name}"\nmodel = "org/m"\n{field} = ""\n')
+    with pytest.raises(SpecError, match=f"{field}: got '', expected a file system path"):
+        build_spec(load_job_file(job), {})
+
+
+@pytest.mark.parametrize("path", ["out/$DATE.parquet", "${RESULTS}/o.parquet"])
+def test_job_file_environment_variable_in_a_path_is_refused(tmp_path: Path, path: str) -> None:
+    """Kept as text, ``$DATE`` made a folder or file literally named so, night after night."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "rows.jsonl"\noutput = "{path}"\n')
+    with pytest.raises(SpecError, match="do not expand environment variables") as info:
+        load_job_file(job)
+    assert info.value.fields == ("output",)
+
+
+def test_job_file_model_is_not_looked_up_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative model missing from the job file's folder was loaded from the current folder
+    where one of that name was there: the job depended on where it was run from."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    job = jobs / "job.toml"
+    job.write_text('model = "models/tiny"\n')
+    assert load_job_file(job)["model"] == "models/tiny"  # elsewhere: a hub id, as documented
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match="there is no .*jobs/models/tiny, but there is a folder"):
+        load_job_file(job)
+    (jobs / "models" / "tiny").mkdir(parents=True)  # the job file's own: no doubt
+    assert load_job_file(job)["model"] == str(jobs / "models" / "tiny")
+
+
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("[job]\nmax_tokens = 3\n", "a table .* job files set every key at the top level"),
+        ("generation.max_tokens = 3\n", "a table .* job files set every key at the top level"),
+        ('checkpoint_every = "30s"\n', "`checkpoint_every_rows` and/or `checkpoint_every_seconds`"),
+        ('checkpoint-every = "30s"\n', "`checkpoint_every_rows` and/or `checkpoint_every_seconds`"),
+        ("zzqqx = 1\n", "captions.example.toml lists every key"),
+    ],
+)
+def test_job_file_unknown_key_says_what_to_do(tmp_path: Path, text: str, fix: str) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    with pytest.raises(SpecError, match=fix):
+        load_job_file(job)
 
 
 BAD_VALUES = [
