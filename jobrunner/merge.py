@@ -63,6 +63,7 @@ from jobrunner.writers import (
     OUTPUT_METADATA_KEY,
     RESERVED_COLUMNS,
     decode_kept,
+    error_rows,
     fsync_dir,
     kept_json_text,
     kept_type,
@@ -471,6 +472,25 @@ def _batches_in_order(
             raise _OutOfOrder
         start += len(index)
         yield batch
+
+
+def output_error_rows(output_path: Path) -> int:
+    """How many rows of the job's output are error records (``error_rows``).
+
+    Raises:
+        CheckpointError: the output is damaged (a bad page), which no retry of the same
+            command mends; the message says what does.
+    """
+    try:
+        return error_rows(output_path)
+    except (OSError, ValueError) as err:
+        if not _damaged(err):
+            raise
+        raise CheckpointError(
+            f"{output_path} cannot be read: it is damaged ({err}); move it away or delete it (a "
+            "finished checkpoint of this job then merges it again), or run with --overwrite "
+            "(every row runs again)"
+        ) from None
 
 
 def _damaged(err: OSError | ValueError) -> bool:

@@ -59,6 +59,7 @@ from .merge import (
     all_shards_complete,
     merge,
     merged_output,
+    output_error_rows,
     output_is_current,
     output_parts,
     rebuild_refusal,
@@ -96,7 +97,6 @@ from .spec import (
 from .writers import (
     ParquetOutputMetadata,
     PartWriter,
-    error_rows,
     merged_metadata,
     write_summary,
 )
@@ -325,7 +325,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     if finished and not rebuild and _finished_before(spec, print_, fields, store.n):
         reporter.event(f"nothing to do: {spec.output} is this job's finished output")
         owed = shard_rows(total, store.k, store.n)
-        errors = error_rows(spec.output)
+        errors = output_error_rows(spec.output)
         note = _retry_refusal(spec, print_, fields, store.n, total) if errors else None
         return RunResult(total, owed, 0, errors, True, nothing_to_do=True, retry_note=note)
     if (
@@ -362,14 +362,14 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
             if retry and store.n > 1 and sum(counts := shard_errors(spec.parts_dir)):
                 note = f"; this shard holds no error rows, {_shards_with_errors(counts)} do"
             reporter.event(f"nothing to do: {spec.output} is complete ({total} rows){note}")
-            errors = error_rows(spec.output)  # the output's, as the message says
+            errors = output_error_rows(spec.output)  # the output's, as the message says
             return RunResult(total, info.rows_done, 0, errors, True, nothing_to_do=True)
         elif merged and not all_shards_complete(spec.parts_dir):  # another shard is retrying
             reporter.event(
                 f"nothing to do: this shard is complete; {spec.output} is merged again when "
                 "every shard is"
             )
-            errors = error_rows(spec.output)
+            errors = output_error_rows(spec.output)
             return RunResult(total, info.rows_done, 0, errors, False, nothing_to_do=True)
         elif merged:  # a retry stopped before its merge
             reporter.event(f"{spec.output} is older than its checkpoint: merging it again")
@@ -1273,7 +1273,7 @@ def _retry_refusal(
     except CheckpointError:
         return None  # damaged: open_or_create says so
     if manifest is None:
-        if not spec.output.exists() or not (errors := error_rows(spec.output)):
+        if not spec.output.exists() or not (errors := output_error_rows(spec.output)):
             return None
         why = rebuild_refusal(spec.output, print_, spec.keep_columns, total)
         if why is None and shards == 1:
@@ -1319,7 +1319,7 @@ def _rebuilds_checkpoint(spec: JobSpec, print_: str, shards: int, total: int) ->
         return False  # damaged: open_or_create says so
     return (
         rebuild_refusal(spec.output, print_, spec.keep_columns, total) is None
-        and error_rows(spec.output) > 0
+        and output_error_rows(spec.output) > 0
     )
 
 

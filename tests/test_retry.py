@@ -750,3 +750,35 @@ def test_a_merge_that_waited_writes_the_metadata_the_other_merge_left_out(job):
         assert worker.is_alive()
     worker.join(10)
     assert merged_metadata(output).get("model_id") == "m"
+
+
+def damage_finish_reasons(output: Path) -> None:
+    """Garble the page header of the output's ``finish_reason`` column (a bad disk block)."""
+    column = pq.ParquetFile(output).metadata.row_group(0).column(2)
+    assert column.path_in_schema == "finish_reason"
+    data = bytearray(output.read_bytes())
+    for i in range(column.data_page_offset + 4, column.data_page_offset + 16):
+        data[i] ^= 0xFF
+    output.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("checkpoint", ["kept", "removed"])
+def test_a_damaged_output_is_said_to_be_damaged(job, checkpoint):
+    """An output whose error count cannot be read (a damaged page) is refused as damaged with
+    what mends it, never a storage fault that the same command would meet again (exit 4)."""
+    output, args = job
+    assert cli(*args)[0] == 1
+    if checkpoint == "removed":
+        shutil.rmtree(parts_dir(output))
+    damage_finish_reasons(output)
+    code, text = cli(*args)
+    assert code == 2 and "it is damaged" in text and "--overwrite" in text, text
+    code, text = cli(*args, "--retry-errors")
+    if checkpoint == "removed":  # the output cannot make the checkpoint again
+        assert code == 2 and "it is damaged" in text and "--overwrite" in text, text
+    else:  # the checkpoint holds the rows: the retry's merge writes the output again
+        assert code == 1 and "retrying 3 error rows" in text and errors_of(output) == [1, 6, 7]
+        damage_finish_reasons(output)
+        output.rename(output.with_suffix(".damaged"))  # moved away: the checkpoint merges it
+        code, text = cli(*args)
+        assert code == 1 and errors_of(output) == list(MISSING), text
