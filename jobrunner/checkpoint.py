@@ -405,6 +405,7 @@ class ResumeInfo:
     total_rows: int | None  # input rows, if known to the manifest
     cleaned: list[str] = field(default_factory=list)  # what was ignored and deleted, and why
     created: bool = False  # this call wrote the manifest (a new job)
+    made_with: dict[str, Any] | None = None  # the versions the job was started with
 
 
 class CheckpointStore:
@@ -457,6 +458,7 @@ class CheckpointStore:
         total_rows: int | None = None,
         comparable: Callable[..., dict] | None = None,
         output: Path | None = None,
+        made_with: Mapping[str, Any] | None = None,
     ) -> ResumeInfo:
         """Create the checkpoint, or resume it if it belongs to the same job.
 
@@ -464,6 +466,9 @@ class CheckpointStore:
         manifest records it (``replaces``) as the file the job's merge replaces, so readers
         keep the old output until the new one takes its place in one rename, and a run that
         fails or is stopped before then leaves it as it was.
+
+        ``made_with``: the versions of what shapes the rows (``writers.collect_versions``),
+        recorded in a new manifest so that a resume on other versions can say so.
 
         ``comparable``: the form in which fingerprint fields recorded by another version of
         the fingerprint compare with this one's (``spec.comparable_fields``); a checkpoint whose
@@ -480,7 +485,13 @@ class CheckpointStore:
             existed = (self.directory / MANIFEST).exists()
             replaces = file_identity(output) if overwrite and output is not None else None
             manifest, resumed, cleaned = self._prepare_manifest(
-                dict(spec), fingerprint, dict(fingerprint_fields), overwrite, comparable, replaces
+                dict(spec),
+                fingerprint,
+                dict(fingerprint_fields),
+                overwrite,
+                comparable,
+                replaces,
+                made_with,
             )
             manifest = _set_total_rows(self.directory, manifest, total_rows)
             self._created = not resumed and (not existed or overwrite)
@@ -501,6 +512,7 @@ class CheckpointStore:
             total_rows=self.total_rows,
             cleaned=cleaned,
             created=self._created,
+            made_with=manifest.get("made_with"),
         )
 
     def mark_input_changed(self, change: str) -> None:
@@ -548,6 +560,7 @@ class CheckpointStore:
         overwrite: bool,
         comparable: Callable[..., dict] | None,
         replaces: dict[str, int] | None = None,
+        made_with: Mapping[str, Any] | None = None,
     ) -> tuple[dict, bool, list[str]]:
         cleaned: list[str] = []
         try:
@@ -592,6 +605,7 @@ class CheckpointStore:
                 "total_rows": None,
                 "created": time.time(),
                 "replaces": replaces,
+                "made_with": jsonable(dict(made_with)) if made_with is not None else None,
             }
             atomic_write_json(self.directory / MANIFEST, manifest)
             return manifest, False, cleaned

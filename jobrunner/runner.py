@@ -97,6 +97,7 @@ from .spec import (
 from .writers import (
     ParquetOutputMetadata,
     PartWriter,
+    collect_versions,
     merged_metadata,
     write_summary,
 )
@@ -342,11 +343,25 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
     with _StopFlag() as stop, store.lock():
         # with --overwrite, the old output stays until the new merge replaces it (its manifest
         # records which file that is: ``replaces_output``)
+        made_with = collect_versions()
         info = store.open_or_create(
-            spec.to_dict(), print_, fields, spec.overwrite, total, comparable_fields, spec.output
+            spec.to_dict(),
+            print_,
+            fields,
+            spec.overwrite,
+            total,
+            comparable_fields,
+            spec.output,
+            made_with,
         )
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
+        if info.resumed and (changes := version_changes(info.made_with, made_with)):
+            reporter.warning(
+                f"this job's saved rows were made with {changes[0]}; this run has {changes[1]}: "
+                "the rows it makes may differ from theirs in the last digits (--overwrite makes "
+                "every row again with this one)"
+            )
         owed = shard_rows(total, store.k, store.n)
         if rebuild and not store.parts:
             _rebuild_checkpoint(spec, store, total, reporter)
@@ -1353,6 +1368,29 @@ def _rebuild_checkpoint(spec: JobSpec, store: CheckpointStore, total: int, repor
     reporter.event(
         f"checkpoint: made again from {spec.output} ({rows} rows), its folder having been removed"
     )
+
+
+# what makes a row's output: a change of any between a job's runs may change the rows made after
+_ROW_MAKERS = (
+    "jobrunner-code",
+    "mlx-jobrunner",
+    "mlx",
+    "numpy",
+    "pillow",
+    "transformers",
+    "tokenizers",
+    "platform",
+)
+
+
+def version_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> tuple[str, str] | None:
+    """What of ``_ROW_MAKERS`` differs between the versions a checkpoint was started with
+    (``before``; None for a checkpoint that did not record them) and ``now``, in words: the
+    old ones and the new ones, or None."""
+    changed = [k for k in _ROW_MAKERS if before and k in before and before[k] != now.get(k)]
+    if not changed:
+        return None
+    return tuple(", ".join(f"{k} {v.get(k)}" for k in changed) for v in (before, now))
 
 
 def _shards_with_errors(counts: list[int]) -> str:

@@ -45,7 +45,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import functools
 import glob
+import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -537,7 +540,21 @@ def collect_versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = None
     versions["platform"] = f"{sys.platform}-{platform.machine()}"
+    versions["jobrunner-code"] = code_digest()
     return versions
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of jobrunner's own source (``jobrunner`` and ``model``): its version number
+    stays the same while the code that makes the rows changes."""
+    digest = hashlib.sha256()
+    for package in ("jobrunner", "model"):
+        spec = importlib.util.find_spec(package)
+        for root in spec.submodule_search_locations if spec else []:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @dataclass

@@ -782,3 +782,34 @@ def test_a_damaged_output_is_said_to_be_damaged(job, checkpoint):
         output.rename(output.with_suffix(".damaged"))  # moved away: the checkpoint merges it
         code, text = cli(*args)
         assert code == 1 and errors_of(output) == list(MISSING), text
+
+
+def test_a_run_on_other_versions_than_the_job_started_with_says_so(job):
+    """The manifest records the versions that make the rows (MLX, jobrunner's own code, ...):
+    a later run of the job on others says its rows may differ from the saved ones; on the
+    same, or on a checkpoint that recorded none, it says nothing."""
+    output, args = job
+    assert cli(*args)[0] == 1
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    made_with = manifest["made_with"]
+    assert made_with["mlx"] and len(made_with["jobrunner-code"]) == 12
+    restore_images(output)
+    shutil.copy(output.parent / "spare" / "1.png", output.parent / "spare-1.png")
+    (output.parent / "1.png").unlink()  # row 1 fails again: a second retry has work to do
+    code, text = cli(*args, "--retry-errors")
+    assert code == 1 and "were made with" not in text, text
+    manifest["made_with"] = made_with | {"mlx": "0.0.1", "jobrunner-code": "000000000000"}
+    manifest_path.write_text(json.dumps(manifest))
+    shutil.copy(output.parent / "spare-1.png", output.parent / "1.png")
+    code, text = cli(*args, "--retry-errors", "--quiet")
+    assert code == 0, text
+    now = f"jobrunner-code {made_with['jobrunner-code']}, mlx {made_with['mlx']}"
+    assert (
+        f"saved rows were made with jobrunner-code 000000000000, mlx 0.0.1; this run has {now}"
+        in text
+    ), text
+    del manifest["made_with"]  # a checkpoint of a jobrunner before it recorded them
+    manifest_path.write_text(json.dumps(manifest))
+    code, text = cli(*args, "--retry-errors")
+    assert code == 0 and "were made with" not in text, text
