@@ -57,6 +57,7 @@ from jobrunner.checkpoint import (
     shard_name,
     shard_rows,
 )
+from jobrunner.readers import ReaderConfigError, kept_column_types
 from jobrunner.spec import input_change
 from jobrunner.writers import (
     INDEX_COLUMN,
@@ -205,6 +206,19 @@ def _collect_parts(directory: Path, n: int, total: int) -> tuple[list[_Part], _K
         for part in parts:
             kinds[name] |= _json_kinds(part, name)
     return parts, kept, keep
+
+
+def _kept_without_parts(manifest: Mapping[str, Any]) -> tuple[list[str], _Kept]:
+    """The kept columns of a job whose input has no rows, from its spec: the output still has
+    them, so that it stacks with the outputs of other files. Typed as the input's (Parquet),
+    or as a JSONL column that no row had a value in: string."""
+    spec = manifest.get("spec") or {}
+    keep = list(spec.get("keep_columns") or ())
+    try:
+        types = kept_column_types(spec.get("input") or "", keep)
+    except (ReaderConfigError, KeyError):  # the input gone since: the columns stay, as text
+        types = {}
+    return keep, _Kept({}, types)
 
 
 def _one_type_each(directory: Path, types: dict[str, set[pa.DataType]]) -> dict[str, pa.DataType]:
@@ -396,6 +410,8 @@ def merge(
                 bytes=output_path.stat().st_size,
             )
         parts, kept, keep = _collect_parts(directory, n, total)
+        if not parts:  # an input of no rows: no part names the kept columns
+            keep, kept = _kept_without_parts(manifest)
         schema = results_schema(keep, {c: kept.output_type(c) for c in keep})
         meta = {
             "spec": manifest.get("spec"),

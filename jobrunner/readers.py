@@ -12,7 +12,8 @@
   stay Arrow values) or an image path outside ``image_root`` give a ``Row`` with
   ``error`` set. Configuration problems found before the first row (``check_input``: missing
   file or column, a Parquet limit column that does not hold numbers, JSONL that is not UTF-8)
-  raise ``ReaderConfigError``; a Parquet file that is damaged partway (a corrupt data page)
+  raise ``ReaderConfigError``; a Parquet file that is damaged partway (a corrupt data page, or
+  one whose checksum does not match)
   raises ``InputReadError`` when the reader gets there, after yielding every row before the
   damage.
 - **Kept columns** (``keep_columns``) land in ``Row.extra``. From JSONL they are the values
@@ -21,7 +22,8 @@
   so the writer copies them exactly (nanoseconds, decimals, unsigned and nested types).
 - **Images** are referenced, not decoded: a path (relative paths resolve against the dataset
   file's folder; absolute paths are kept), raw bytes, or the Hugging Face ``datasets`` struct
-  ``{bytes, path}`` (bytes win when present). ``image_size`` reads only the header;
+  ``{bytes, path}`` (bytes win when present; other fields of the struct are passed over).
+  ``image_size`` reads only the header;
   ``load_image`` decodes. Both raise ``ImageError`` with a message fit for the output's ``error``
   column and check the pixel limit from the header *before* decoding. EXIF orientation is not
   applied and the mode is left as stored (``hd_transform`` converts to RGB), matching the Hugging
@@ -186,7 +188,8 @@ def check_input(path: str | Path, options: ReadOptions | None = None) -> None:
     JSONL rows may each carry different keys, so for JSONL only the file itself is checked.
     For Parquet the schema is: the prompt column must exist unless a template is given; template
     fields and ``keep_columns`` must exist; the id and image columns may be absent only under
-    their default names (rows are then numbered by index / text-only).
+    their default names (rows are then numbered by index / text-only), and not where a column
+    differs from that name only in case (``Image``); no column the job reads may repeat.
 
     Raises:
         ReaderConfigError: with a message that names the file or column and the fix.
@@ -251,18 +254,28 @@ def _parquet_schema(path: Path):
 def _missing_parquet_columns(schema, options: ReadOptions) -> list[str]:
     names = list(schema.names)
     have = set(names)
+    if repeated := _repeated_columns(names, options):
+        return repeated  # the checks below would look at one of them only
     types = dict(zip(names, schema.types, strict=True))
     problems = []
     for flag, column, default in (
         ("--id-column", options.id_column, _DEFAULT_OPTIONS.id_column),
         ("--image-column", options.image_column, _DEFAULT_OPTIONS.image_column),
     ):
+        twin = _case_twin(names, column)
         if column not in have and column != default:
             problems.append(f"no column '{column}' (from {flag}); columns are {names}")
+        elif column not in have and twin:  # 'Image': every row would run without its image
+            problems.append(
+                f"no column '{column}', but there is '{twin}' (column names are case-sensitive); "
+                f"give {flag} '{twin}', or rename the column"
+            )
     problems += _wrong_column_types(types, options)
     if options.prompt_template is None and options.prompt_column not in have:
+        twin = _case_twin(names, options.prompt_column)
+        hint = f" (there is '{twin}': column names are case-sensitive)" if twin else ""
         problems.append(
-            f"no prompt column '{options.prompt_column}' and no --prompt template; "
+            f"no prompt column '{options.prompt_column}'{hint} and no --prompt template; "
             "set --prompt-column or give --prompt"
         )
     for field in options.template_fields:
@@ -280,6 +293,24 @@ def _missing_parquet_columns(schema, options: ReadOptions) -> list[str]:
             "of whole numbers"
         )
     return problems
+
+
+def _case_twin(names: Sequence[str], column: str) -> str | None:
+    """The column whose name is ``column`` but for case (``Image`` for ``image``), if any."""
+    if column in names:
+        return None
+    return next((name for name in names if name.casefold() == column.casefold()), None)
+
+
+def _repeated_columns(names: Sequence[str], options: ReadOptions) -> list[str]:
+    """The columns the job reads that the file holds more than once (pyarrow writes such a
+    file; pandas and SQL engines do not): which one a name means is anyone's guess."""
+    used = [*_row_columns(options), *options.keep_columns]
+    return [
+        f"column '{name}' appears {names.count(name)} times; rename or drop all but one"
+        for name in dict.fromkeys(used)
+        if names.count(name) > 1
+    ]
 
 
 def _is_view(arrow_type, kind: str) -> bool:
@@ -476,7 +507,9 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping
     """Records row group by row group, so a damaged one is named (``InputReadError``)."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    # a page whose checksum (Spark's, or pyarrow's write_page_checksum) does not match is
+    # damaged: unverified, its bytes would decode to wrong values and the job end as if fine
+    parquet = pq.ParquetFile(path, page_checksum_verification=True)
     have = set(parquet.schema_arrow.names)
     python = [name for name in _row_columns(options) if name in have]
     kept = [name for name in options.keep_columns if name in have]
@@ -496,9 +529,10 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[Mapping
             except MemoryError:  # pyarrow's included: the machine's trouble, not the file's
                 raise
             except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... for bad pages
+                why = " ".join(str(exc).split()).rstrip(".")  # pyarrow's may span lines
                 raise InputReadError(
                     f"{path} is damaged: row {start + read} and after (row group {group}, rows "
-                    f"{start}-{start + size - 1}) cannot be read ({str(exc).rstrip('.')})"
+                    f"{start}-{start + size - 1}) cannot be read ({why})"
                 ) from None
             if batch is None:
                 break
@@ -802,7 +836,9 @@ def _image_ref(
         return None  # text-only row
     if isinstance(value, (bytes, bytearray, memoryview)):
         return ImageRef(data=bytes(value))
-    if isinstance(value, dict) and value.keys() <= {"bytes", "path"}:
+    # other fields beside them (an export's width, height, ...) are not the image's, so they
+    # are passed over, as ``check_input`` accepts a struct with either field
+    if isinstance(value, dict) and (not value or value.keys() & {"bytes", "path"}):
         data, path = value.get("bytes"), value.get("path")
         if isinstance(data, (bytes, bytearray)):
             return ImageRef(path=path if isinstance(path, str) else None, data=bytes(data))

@@ -604,7 +604,13 @@ class _Session:
         if not self.rows_read:
             return []
         warnings = []
-        if spec.image_column != ReadOptions.image_column and not self.rows_with_image:
+        if self.rows_with_null_image and not self.rows_with_image:
+            # the column is there (a Parquet one of nulls only), so its name is not the cause
+            warnings.append(
+                f"warning: every row's image (column '{spec.image_column}') was null, so every "
+                "row ran as text only; where rows should have images, give them some"
+            )
+        elif spec.image_column != ReadOptions.image_column and not self.rows_with_image:
             warnings.append(
                 f"warning: no row had an image in column '{spec.image_column}' (from "
                 "--image-column / image_column); every row ran as text only. Check the column "

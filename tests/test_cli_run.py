@@ -716,6 +716,39 @@ def test_rows_with_a_null_image_among_rows_with_one_are_counted_in_a_warning(
     assert "(ids 'c')" in text, text
 
 
+def test_an_image_column_of_nulls_only_warns_that_every_row_ran_text_only(tiny_model_dir, tmp_path):
+    """A Parquet image column that holds no image at all (an export whose images were left
+    out) runs every row text only: the run says so, where it used to end silently (exit 0)."""
+    source = tmp_path / "pics.parquet"
+    for images in (pa.array([None, None], pa.binary()), pa.nulls(2)):
+        pq.write_table(pa.table({"id": ["a", "b"], "image": images}), source)
+        args = ["--prompt", "Describe.", "--max-tokens", "2", "--overwrite"]
+        code, text = run_to(source, tiny_model_dir, tmp_path / "out.parquet", *args)
+        assert code == 0, text
+        assert "every row's image (column 'image') was null, so every row ran" in text, text
+        assert "Check the column name" not in text, text
+
+
+def test_an_input_of_no_rows_keeps_its_kept_columns(tiny_model_dir, tmp_path):
+    """No part is written for no rows, and the merge took the kept columns from the parts: the
+    output lacked them, so it did not stack with the outputs of the dataset's other files."""
+    source = tmp_path / "empty.parquet"
+    day = pa.timestamp("ms", tz="UTC")
+    schema = pa.schema([("prompt", pa.string()), ("n", pa.int8()), ("t", day), ("c", pa.string())])
+    pq.write_table(schema.empty_table(), source)
+    output = tmp_path / "empty.out.parquet"
+    code, text = run_to(source, tiny_model_dir, output, "--keep-columns", "n,t")
+    assert code == 0, text
+    kept = pq.read_schema(output)
+    assert kept.names[-3:] == ["n", "t", "row_index"] and pq.read_table(output).num_rows == 0
+    assert (kept.field("n").type, kept.field("t").type) == (pa.int8(), day)
+    jsonl = tmp_path / "empty.jsonl"
+    jsonl.write_text("")
+    code, text = run_to(jsonl, tiny_model_dir, tmp_path / "j.parquet", "--keep-columns", "n")
+    assert code == 0, text
+    assert pq.read_schema(tmp_path / "j.parquet").field("n").type == pa.string()
+
+
 def test_misspelt_max_tokens_column_warns_that_every_row_took_max_tokens(tiny_model_dir, tmp_path):
     """JSONL rows may leave out their limit, so a wrong --max-tokens-column is no error; the run
     says that no row had a value in the named column (a row with a bad value had one)."""

@@ -310,6 +310,28 @@ def test_damaged_parquet_page_names_where_after_the_rows_before(tmp_path: Path) 
     assert f"{source} is damaged: row 20 and after (row group 2, rows 20-29)" in str(caught.value)
 
 
+def test_damaged_page_is_found_by_its_checksum(tmp_path: Path) -> None:
+    """A page written with a checksum (Spark's default, pyarrow's write_page_checksum) whose
+    bytes changed decodes to wrong values without complaint: its checksum tells."""
+    source = tmp_path / "rows.parquet"
+    table = pa.table({"id": [f"r{i}" for i in range(20)], "prompt": ["p"] * 20, "k": range(20)})
+    pq.write_table(
+        table, source, row_group_size=10, compression="none", use_dictionary=False,
+        write_page_checksum=True,
+    )  # fmt: skip
+    chunk = pq.ParquetFile(source).metadata.row_group(1).column(2)
+    data = bytearray(source.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 8] ^= 0xFF  # row 19's k
+    source.write_bytes(bytes(data))
+    rows = iter_rows(source, ReadOptions(keep_columns=("k",)))
+    assert [next(rows).extra["k"].as_py() for _ in range(10)] == list(range(10))
+    with pytest.raises(InputReadError) as caught:
+        next(rows)
+    message = str(caught.value)
+    assert "row 10 and after (row group 1, rows 10-19) cannot be read" in message
+    assert "CRC checksum verification failed" in message and "\n" not in message
+
+
 def test_parquet_bytes_column(tmp_path: Path) -> None:
     source = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"image": pa.array([png_bytes((5, 4))], pa.binary())}), source)
@@ -382,6 +404,24 @@ def test_hf_struct_prefers_bytes_over_path(tmp_path: Path) -> None:
     assert load_image(row.image, LIMIT).size == (3, 3)
 
 
+def test_image_struct_with_other_fields_too(tmp_path: Path) -> None:
+    """check_input takes a struct with a 'bytes' or 'path' field; its rows read the image
+    whatever other fields the struct has (an export's width, height), not an error each."""
+    source = tmp_path / "rows.parquet"
+    save_image(tmp_path / "b.png", (2, 9))
+    images = pa.array(
+        [
+            {"bytes": png_bytes((3, 3)), "path": None, "width": 3},
+            {"bytes": None, "path": "b.png", "width": 2},
+        ]
+    )
+    pq.write_table(pa.table({"image": images, "prompt": ["p", "q"]}), source)
+    check_input(source)
+    rows = rows_of(source)
+    assert [r.error for r in rows] == [None, None]
+    assert [load_image(r.image, LIMIT).size for r in rows] == [(3, 3), (2, 9)]
+
+
 def test_rows_own_token_limits(tmp_path: Path) -> None:
     """A row's limit is a whole number from 1 to the job's; missing, null or NaN (pandas' null
     in a float column) takes the job's; anything else makes the row an error record that says
@@ -452,6 +492,39 @@ def test_check_input_accepts_default_columns_absent(tmp_path: Path) -> None:
     # no 'id' (rows numbered) and no 'image' (text-only): both fine under their default names
     check_input(parquet_with(tmp_path, prompt=["p"]))
     check_input(parquet_with(tmp_path, caption=["c"]), ReadOptions(prompt_template="{caption}"))
+
+
+@pytest.mark.parametrize(("column", "flag"), [("Image", "--image-column"), ("ID", "--id-column")])
+def test_check_input_refuses_a_default_column_that_differs_in_case(
+    tmp_path: Path, column: str, flag: str
+) -> None:
+    """'Image' is not 'image': absent under the default name, every row would run text only
+    (or be numbered) and exit 0. A column that differs only in case is named instead."""
+    source = parquet_with(tmp_path, prompt=["p"], **{column: ["a.png"]})
+    with pytest.raises(ReaderConfigError) as refused:
+        check_input(source)
+    assert f"no column '{column.lower()}', but there is '{column}'" in str(refused.value)
+    assert f"give {flag} '{column}'" in str(refused.value)
+    check_input(source, ReadOptions(**{flag[2:].replace("-", "_"): column}))
+    source = parquet_with(tmp_path, Prompt=["p"])
+    with pytest.raises(ReaderConfigError, match="no prompt column 'prompt' \\(there is 'Prompt'"):
+        check_input(source)
+
+
+def test_check_input_refuses_a_column_the_file_holds_twice(tmp_path: Path) -> None:
+    """pyarrow writes a file with one name twice; which column a flag means is then a guess
+    (a kept one failed with a KeyError, an image one was judged by the other's type)."""
+    source = tmp_path / "rows.parquet"
+    arrays = [pa.array(["a.png"]), pa.array(["p"]), pa.array([1]), pa.array([2])]
+    pq.write_table(pa.Table.from_arrays(arrays, ["image", "prompt", "k", "k"]), source)
+    with pytest.raises(ReaderConfigError, match="column 'k' appears 2 times; rename or drop"):
+        check_input(source, ReadOptions(keep_columns=("k",)))
+    check_input(source)  # a column the job does not read may repeat
+    arrays[2] = pa.array([3])
+    pq.write_table(pa.Table.from_arrays(arrays, ["image", "prompt", "image", "k"]), source)
+    with pytest.raises(ReaderConfigError) as refused:
+        check_input(source)
+    assert str(refused.value).endswith("column 'image' appears 2 times; rename or drop all but one")
 
 
 def test_check_input_files(tmp_path: Path) -> None:
