@@ -356,7 +356,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         )
         for note in info.cleaned:
             reporter.event(f"checkpoint: {note}")
-        if info.resumed and (changes := version_changes(info.made_with, made_with)):
+        if info.resumed and (changes := _version_changes(info.made_with, made_with)):
             reporter.warning(
                 f"this job's saved rows were made with {changes[0]}; this run has {changes[1]}: "
                 "the rows it makes may differ from theirs in the last digits (--overwrite makes "
@@ -1389,7 +1389,7 @@ _ROW_MAKERS = (
 )
 
 
-def version_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> tuple[str, str] | None:
+def _version_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> tuple[str, str] | None:
     """What of ``_ROW_MAKERS`` differs between the versions a checkpoint was started with
     (``before``; None for a checkpoint that did not record them) and ``now``, in words: the
     old ones and the new ones, or None."""
