@@ -42,11 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from ._blas import single_threaded_numpy_blas
 from .batching import JOIN_AT, PlanStats, joining, plan_batches
 from .checkpoint import (
+    MERGE_LOCK,
     CheckpointError,
     CheckpointStore,
+    _manifest_lock,
     describe_changes,
     is_same_job,
     read_json,
@@ -98,7 +102,9 @@ from .writers import (
     ParquetOutputMetadata,
     PartWriter,
     collect_versions,
+    error_rows,
     merged_metadata,
+    remove_orphan_temps,
     write_summary,
 )
 
@@ -327,6 +333,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         reporter.event(f"nothing to do: {spec.output} is this job's finished output")
         owed = shard_rows(total, store.k, store.n)
         errors = output_error_rows(spec.output)
+        mend_finished_output(spec.output, spec.parts_dir)
         note = _retry_refusal(spec, print_, fields, store.n, total) if errors else None
         return RunResult(total, owed, 0, errors, True, nothing_to_do=True, retry_note=note)
     if (
@@ -335,6 +342,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
         and _done_in_another_split(spec, print_, fields, store.n)
     ):
         info = merge(spec.parts_dir, spec.output, total)  # as `jobrunner merge` would
+        mend_finished_output(spec.output, spec.parts_dir)
         reporter.event(f"nothing to run: every shard of this job is done; wrote {spec.output}")
         owed = shard_rows(total, store.k, store.n)
         return RunResult(total, owed, 0, info.errors, True, nothing_to_do=True)
@@ -378,6 +386,7 @@ def run_job(spec: JobSpec, reporter: Reporter | None = None) -> RunResult:
                 note = f"; this shard holds no error rows, {_shards_with_errors(counts)} do"
             reporter.event(f"nothing to do: {spec.output} is complete ({total} rows){note}")
             errors = output_error_rows(spec.output)  # the output's, as the message says
+            mend_finished_output(spec.output, spec.parts_dir)
             return RunResult(total, info.rows_done, 0, errors, True, nothing_to_do=True)
         elif merged and not all_shards_complete(spec.parts_dir):  # another shard is retrying
             reporter.event(
@@ -1207,18 +1216,47 @@ def write_output_summary(
     a summary of another job (of the output an --overwrite run replaced) is not kept. Without
     a session or a summary there, nothing is written. Returns the output's counts."""
     path = output.with_name(output.name + ".summary.json")
-    counts = {
-        "rows_total": rows,
-        "rows_ok": rows - errors,
-        "rows_error": errors,
-        "fingerprint": (merged_metadata(output) or {}).get("fingerprint"),
-    }
+    counts = _summary_counts(output, rows, errors)
     earlier = read_json(path) if not session or session.get("rows_run") == 0 else None
     if earlier is not None and _summary_of_job(earlier, counts["fingerprint"], parts_dir):
         session = earlier
     if session is not None or earlier is not None:
         write_summary(path, (session or {}) | counts)
     return counts
+
+
+def _summary_counts(output: Path, rows: int, errors: int) -> dict[str, Any]:
+    """What ``OUTPUT.summary.json`` says of the output itself: its rows and its job."""
+    return {
+        "rows_total": rows,
+        "rows_ok": rows - errors,
+        "rows_error": errors,
+        "fingerprint": (merged_metadata(output) or {}).get("fingerprint"),
+    }
+
+
+def mend_finished_output(output: Path, parts_dir: Path) -> None:
+    """Tidy what a merge killed midway left beside the job's finished output, which the next
+    run finds with nothing to merge: the temp file of a merge killed before its rename (a
+    `jobrunner merge` over the current output), and ``OUTPUT.summary.json`` where a kill after
+    the rename left it missing, of the rows before a retry or of the output an --overwrite run
+    replaced (or a temp of it). A summary of this job keeps its other figures; otherwise only
+    the output's counts are written. Under ``merge.lock`` where there is a checkpoint, so that
+    it does not overwrite the summary of a merge that replaced the output meanwhile with the
+    counts of the file before."""
+    path = output.with_name(output.name + ".summary.json")
+    lock = _manifest_lock(parts_dir, MERGE_LOCK) if parts_dir.is_dir() else contextlib.nullcontext()
+    # the output is finished (and was read): a summary is a side note
+    with contextlib.suppress(OSError, ValueError), lock:
+        remove_orphan_temps(output)  # of this host's merges that were killed
+        counts = _summary_counts(output, pq.read_metadata(output).num_rows, error_rows(output))
+        earlier = read_json(path)
+        if earlier is not None and not _summary_of_job(earlier, counts["fingerprint"], parts_dir):
+            earlier = None
+        if earlier is not None and all(earlier.get(k) == v for k, v in counts.items()):
+            remove_orphan_temps(path)  # a write of it killed before its rename
+            return
+        write_summary(path, (earlier or {}) | counts)  # its killed temps go too
 
 
 def _summary_of_job(summary: dict[str, Any], fingerprint: str | None, parts_dir: Path) -> bool:

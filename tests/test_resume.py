@@ -57,6 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
 import jobrunner.checkpoint as checkpoint
+import jobrunner.merge as merge
 import jobrunner.runner as runner
 import jobrunner.writers as writers
 from jobrunner.cli import main
@@ -86,6 +87,10 @@ class PausingOs:
     def replace(self, src, dst):
         if Path(dst).name.startswith("part-") and due("tmp"):
             pause()
+        if Path(dst).name.endswith(".summary.json") and due("summary"):
+            pause()  # the output merged and renamed into place, its summary's temp written
+        if Path(dst).name == "out.parquet" and due("merged"):
+            pause()  # the merge's temp file written in full, not renamed over the output
         os.replace(src, dst)
 
 
@@ -117,6 +122,7 @@ def holding_admit(self, decoder, items):
 
 
 writers.os = PausingOs()
+merge.os = PausingOs()
 checkpoint._append_record = pausing_append_record
 runner._Session._admit = holding_admit
 sys.argv = ["jobrunner", *sys.argv[5:]]
@@ -710,6 +716,70 @@ def test_a_summary_of_an_older_version_beside_the_replaced_output_is_not_kept(
     assert code == 0 and "wrote" in text, text
     written = json.loads(summary.read_text())
     assert written["rows_run"] == 0 and "fingerprint" in written
+
+
+@pytest.mark.parametrize("before", ["none", "the replaced output's"])
+def test_a_run_killed_before_its_summary_is_written_leaves_it_to_the_next_run(
+    tmp_path, dataset, tiny_model_dir, greedy, before
+):
+    """SIGKILL after the final merge renamed the output into place, its summary's temp file
+    written but not renamed: the next run finds the output current and nothing to do, and
+    still leaves OUTPUT.summary.json the output's (not missing, not the replaced output's job's)
+    and no temp file of it."""
+    output = tmp_path / "out.parquet"
+    summary = output.with_name(output.name + ".summary.json")
+    base = job_args(dataset, tiny_model_dir, output)
+    if before == "none":
+        copy_checkpoint(greedy[0], output)  # every row done, not merged
+    else:
+        assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
+        shutil.rmtree(parts_dir(output))
+        copy_checkpoint(greedy[0], output)  # the --overwrite run's rows, all done, not merged
+        manifest_path = parts_dir(output) / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["spec"]["overwrite"] = True
+        manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+    job = Job(tmp_path, base, stage="summary", nth=1)
+    assert job.wait_until(job.paused), job.output()
+    job.signal(signal.SIGKILL)
+    assert job.wait()[0] == -signal.SIGKILL
+    assert_same_output(output, greedy[1])  # merged before the kill
+    code, text = cli("run", *base)
+    assert code == 0 and "nothing to do" in text, text
+    assert_same_output(output, greedy[1])
+    fingerprint = json.loads(pq.read_schema(output).metadata[b"jobrunner"])["fingerprint"]
+    written = json.loads(summary.read_text())
+    assert written["fingerprint"] == fingerprint, written
+    assert (written["rows_total"], written["rows_error"]) == (ROWS, 0), written
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert status_json(output)["output_current"] is True
+
+
+def test_a_merge_by_hand_killed_before_its_rename_leaves_no_temp_to_the_next_run(
+    tmp_path, dataset, tiny_model_dir, greedy
+):
+    """`jobrunner merge` over the job's current output, SIGKILLed with its temp file written
+    and not renamed: the output stays as it was, and the next run, which has nothing to do,
+    removes the temp file."""
+    output = tmp_path / "out.parquet"
+    base = job_args(dataset, tiny_model_dir, output)
+    copy_checkpoint(greedy[0], output)
+    assert cli("run", *base)[0] == 0
+    kept = output.read_bytes()
+    marker = tmp_path / "paused"
+    driver = [sys.executable, "-c", DRIVER, str(ROOT), "merged", "1", str(marker)]
+    proc = subprocess.Popen([*driver, "merge", str(output)], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.003)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    assert output.read_bytes() == kept and list(tmp_path.glob(".out.parquet.*.tmp"))
+    code, text = cli("run", *base)
+    assert code == 0 and "nothing to do" in text, text
+    assert output.read_bytes() == kept
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_overwrite_run_whose_final_merge_fails_advises_resuming_not_overwriting(
