@@ -669,6 +669,19 @@ def test_overwrite_of_one_shard_records_that_it_found_no_file(
     assert output.read_bytes() == kept
 
 
+def overwrite_job_over_old_output(output: Path, base: list[str], checkpoint: Path) -> None:
+    """An old job's finished output, and beside it an --overwrite run's checkpoint (copied from
+    ``checkpoint``) with every row done but not merged, recording the old output as the file it
+    replaces."""
+    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
+    shutil.rmtree(parts_dir(output))
+    copy_checkpoint(checkpoint, output)
+    manifest_path = parts_dir(output) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["spec"]["overwrite"] = True
+    manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+
+
 def test_merge_of_an_overwrite_job_leaves_no_summary_of_the_old_one(
     tmp_path, dataset, tiny_model_dir, greedy
 ):
@@ -677,13 +690,7 @@ def test_merge_of_an_overwrite_job_leaves_no_summary_of_the_old_one(
     output = tmp_path / "out.parquet"
     summary = output.with_name(output.name + ".summary.json")
     base = job_args(dataset, tiny_model_dir, output)
-    assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
-    shutil.rmtree(parts_dir(output))
-    copy_checkpoint(greedy[0], output)  # the --overwrite run's rows, all done, not merged
-    manifest_path = parts_dir(output) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["spec"]["overwrite"] = True
-    manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+    overwrite_job_over_old_output(output, base, greedy[0])
     code, text = cli("status", str(output))
     assert "`jobrunner merge` writes the job's" in text and "same command" not in text, text
     code, text = cli("merge", str(output))
@@ -732,13 +739,7 @@ def test_a_run_killed_before_its_summary_is_written_leaves_it_to_the_next_run(
     if before == "none":
         copy_checkpoint(greedy[0], output)  # every row done, not merged
     else:
-        assert cli("run", *base, "--max-tokens", "3", "--quiet")[0] == 0  # the old job
-        shutil.rmtree(parts_dir(output))
-        copy_checkpoint(greedy[0], output)  # the --overwrite run's rows, all done, not merged
-        manifest_path = parts_dir(output) / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest["spec"]["overwrite"] = True
-        manifest_path.write_text(json.dumps({**manifest, "replaces": file_identity(output)}))
+        overwrite_job_over_old_output(output, base, greedy[0])
     job = Job(tmp_path, base, stage="summary", nth=1)
     assert job.wait_until(job.paused), job.output()
     job.signal(signal.SIGKILL)
