@@ -1215,7 +1215,7 @@ def write_output_summary(
     merge``): a session that only merged keeps the figures of the run that made the rows, and
     a summary of another job (of the output an --overwrite run replaced) is not kept. Without
     a session or a summary there, nothing is written. Returns the output's counts."""
-    path = output.with_name(output.name + ".summary.json")
+    path = _summary_path(output)
     counts = _summary_counts(output, rows, errors)
     earlier = read_json(path) if not session or session.get("rows_run") == 0 else None
     if earlier is not None and _summary_of_job(earlier, counts["fingerprint"], parts_dir):
@@ -1223,6 +1223,10 @@ def write_output_summary(
     if session is not None or earlier is not None:
         write_summary(path, (session or {}) | counts)
     return counts
+
+
+def _summary_path(output: Path) -> Path:
+    return output.with_name(output.name + ".summary.json")
 
 
 def _summary_counts(output: Path, rows: int, errors: int) -> dict[str, Any]:
@@ -1244,7 +1248,7 @@ def mend_finished_output(output: Path, parts_dir: Path) -> None:
     the output's counts are written. Under ``merge.lock`` where there is a checkpoint, so that
     it does not overwrite the summary of a merge that replaced the output meanwhile with the
     counts of the file before."""
-    path = output.with_name(output.name + ".summary.json")
+    path = _summary_path(output)
     lock = _manifest_lock(parts_dir, MERGE_LOCK) if parts_dir.is_dir() else contextlib.nullcontext()
     # the output is finished (and was read): a summary is a side note
     with contextlib.suppress(OSError, ValueError), lock:
